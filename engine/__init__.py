@@ -1,0 +1,3 @@
+"""stc-engine: compress speech-translation audio-language models by layer pruning, QLoRA and KD."""
+
+__version__ = "0.1.0"

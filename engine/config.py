@@ -1,0 +1,495 @@
+"""Typed stage configs: frozen dataclasses, YAML recipes as data, ``section.key=value`` overrides.
+
+A recipe YAML has one section per stage (``shards``, ``finetune``, ``importance``, ``prune``, ``cache``,
+``distill``, ``export``, ``evaluate``, ``report``) plus the shared ``model``, ``data`` and ``run``
+sections. Every problem (unknown key, wrong type, bad choice) is collected and raised once in a
+:class:`ConfigError` naming the key and, for a misspelt key, the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        head = f"invalid config{f' {source}' if source else ''} ({len(problems)} problem{'s' * (len(problems) != 1)}):"
+        super().__init__("\n".join([head] + [f"  - {p}" for p in problems]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections. Every field has a default and a comment: the comment is the documentation.
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 64                      # LoRA rank (paper: 64)
+    alpha: int = 128                 # LoRA alpha (paper: 128)
+    dropout: float = 0.0             # LoRA dropout (paper: 0)
+    rslora: bool = True              # rank-stabilised scaling alpha/sqrt(r) (paper: on)
+    target: str = "all-linear"       # "all-linear" or comma-separated module names
+    include_audio_tower: bool = True  # paper counts 2.41% trainable incl. the audio tower
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""                   # local Hugging Face directory (never downloaded)
+    kind: Literal["auto", "qwen2audio", "causal_lm"] = "auto"
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    quant: Literal["none", "nf4"] = "none"
+    double_quant: bool = True        # bitsandbytes nested quantisation of the nf4 scales
+    trust_remote_code: bool = False  # off unless a recipe turns it on
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""                 # directory written by `stc shards build`
+    train_split: str = "train"
+    dev_split: str = "dev"
+    test_split: str = "test"
+    batch_size: int = 4              # per-rank micro batch (samples)
+    bucket_window: int = 64          # samples sorted by length together (length bucketing)
+    num_workers: int = 0             # DataLoader workers per rank
+    shuffle: bool = True
+    max_audio_s: float = 30.0        # the encoder's window
+    system_prompt: str = "You are a professional translator."
+    instruction: str = "Translate the {src} speech into {tgt}:"
+    text_instruction: str = "Translate the following {src} text into {tgt}:"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = "runs/default"    # every stage writes under here unless given its own out
+    seed: int = 0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0                 # torch threads per rank (0: leave torch's default)
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    manifest: str = ""               # JSONL or TSV manifest (DESIGN 2b)
+    out: str = ""                    # output directory (default: <run.out_dir>/shards)
+    split: str = ""                  # only rows of this split (empty: all, one shard set per split)
+    samples_per_shard: int = 256
+    sample_rate: int = 16000
+    max_audio_s: float = 30.0
+    long_audio: Literal["truncate", "reject"] = "truncate"
+    min_audio_s: float = 0.05        # shorter (or empty) audio is rejected
+    silence_dbfs: float = -70.0      # peak below this: rejected as silent
+    flac_compression: int = 5
+    corpus: str = ""                 # corpus name stored with each sample
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    out: str = ""
+    epochs: float = 3.0
+    lr: float = 1e-5
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.001
+    global_batch: int = 4
+    grad_clip: float = 1.0
+    zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"
+    ds_config: str = ""              # path to a ds_configs/*.json; "" = chosen by the engine
+    offload: bool = False
+    gradient_checkpointing: bool = False
+    save_every: int = 200
+    keep_last: int = 2
+    eval_every: int = 0
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    out: str = ""
+    scorer: Literal["task", "nll", "block_influence"] = "task"
+    selector: Literal["auto", "chrf++", "chrf", "bleu"] = "auto"  # auto: chrF for spaceless targets
+    method: Literal["iterative", "oneshot", "middle_block"] = "iterative"
+    target_layers: int = 0           # layers to keep (0: use remove)
+    remove: float = 0.25             # fraction (<1) or count (>=1) of decoder layers to remove
+    force_remove: tuple[int, ...] = ()
+    protect: tuple[int, ...] = (0, -1)
+    stop_below: float = 0.0          # stop when score falls below this fraction of the unpruned score
+    max_dev_samples: int = 0         # 0: all
+    max_new_tokens: int = 128
+    decode_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ranking: str = ""
+    layers: tuple[int, ...] = ()
+    out: str = ""
+    prune_audio_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    out: str = ""
+    teacher: str = ""                # teacher model dir (default: model.path)
+    k: int = 64
+    targets: tuple[str, ...] = ("ref", "teacher")
+    teacher_topk: bool = False       # also store top-k for the teacher's own translation
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    encoding: Literal["auto", "packed"] = "auto"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    out: str = ""
+    student: str = ""                # pruned model dir
+    cache: str = ""                  # teacher cache dir ("" with teacher_mode=online)
+    teacher_mode: Literal["cache", "online"] = "cache"
+    mode: Literal["full", "lora", "qlora"] = "qlora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    kd: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    seq_kd: bool = True              # also train on teacher translations (de-duplicated)
+    epochs: float = 4.0
+    lr: float = 1e-5
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    global_batch: int = 4
+    grad_clip: float = 1.0
+    zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"
+    ds_config: str = ""
+    offload: bool = False
+    gradient_checkpointing: bool = False
+    save_every: int = 200
+    keep_last: int = 2
+    eval_every: int = 0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    out: str = ""
+    quant: Literal["none", "nf4"] = "nf4"
+    merge_lora: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    out: str = ""
+    models: tuple[str, ...] = ()
+    split: str = "test"
+    batch_size: int = 16
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    comet_model: str = ""            # local COMET checkpoint path; "" = skip
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    out: str = ""
+    title: str = "stc-engine compression report"
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, collecting every problem.
+# --------------------------------------------------------------------------------------------------
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            problems.append(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            return tp()
+        return _build(tp, value, key, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        # YAML reads `zero_stage: 2` as int: accept the int form of string choices.
+        if value not in choices and str(value) in choices:
+            return str(value)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{key}: {value!r} is not {_type_name(tp)}{hint}")
+            return choices[0]
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        sub: list[str] = []
+        for a in args:
+            if a is type(None):
+                continue
+            trial: list[str] = []
+            out = _coerce(value, a, key, trial)
+            if not trial:
+                return out
+            sub.extend(trial)
+        problems.append(f"{key}: {value!r} is not {_type_name(tp)}")
+        return None
+    if origin is tuple:
+        (elem,) = typing.get_args(tp)[:1]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            # "3,13,20" or a single value from the command line
+            value = [v.strip() for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return ()
+        return tuple(_coerce(v, elem, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        problems.append(f"{key}: expected true or false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+            return 0
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected an integer, got {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return 0.0
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected a number, got {value!r}")
+        return 0.0
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+        problems.append(f"{key}: expected a string, got {value!r}")
+        return ""
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else \
+                f"; valid keys: {', '.join(names)}"
+            problems.append(f"unknown key {key!r}{hint}")
+            continue
+        kwargs[k] = _coerce(v, hints[k], key, problems)
+    return cls(**kwargs)
+
+
+def _check_values(recipe: Recipe, problems: list[str]) -> None:
+    """Value rules that types cannot express."""
+    def positive(key: str, v: float, strict: bool = True) -> None:
+        if (v <= 0) if strict else (v < 0):
+            problems.append(f"{key}: must be {'> 0' if strict else '>= 0'}, got {v!r}")
+
+    positive("data.batch_size", recipe.data.batch_size)
+    positive("data.bucket_window", recipe.data.bucket_window)
+    positive("data.num_workers", recipe.data.num_workers, strict=False)
+    positive("data.max_audio_s", recipe.data.max_audio_s)
+    positive("shards.samples_per_shard", recipe.shards.samples_per_shard)
+    positive("shards.sample_rate", recipe.shards.sample_rate)
+    positive("shards.max_audio_s", recipe.shards.max_audio_s)
+    if not 0 <= recipe.shards.flac_compression <= 8:
+        problems.append(f"shards.flac_compression: must be 0..8, got {recipe.shards.flac_compression}")
+    positive("cache.k", recipe.cache.k)
+    for sec in ("finetune", "distill"):
+        c = getattr(recipe, sec)
+        positive(f"{sec}.lr", c.lr)
+        positive(f"{sec}.global_batch", c.global_batch)
+        positive(f"{sec}.epochs", c.epochs)
+        positive(f"{sec}.keep_last", c.keep_last)
+    positive("distill.lora.r", recipe.distill.lora.r)
+    positive("distill.temperature", recipe.distill.temperature)
+    if recipe.importance.remove < 0:
+        problems.append(f"importance.remove: must be >= 0, got {recipe.importance.remove}")
+    bad_t = [t for t in recipe.cache.targets if t not in ("ref", "teacher")]
+    if bad_t:
+        problems.append(f"cache.targets: {bad_t} not in ('ref', 'teacher')")
+    for key in ("data.instruction", "data.text_instruction"):
+        sec, name = key.split(".")
+        tmpl = getattr(getattr(recipe, sec), name)
+        try:
+            tmpl.format(src="English", tgt="German")
+        except (KeyError, IndexError, ValueError) as e:
+            problems.append(f"{key}: template {tmpl!r} may use only {{src}} and {{tgt}} ({e})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as a YAML scalar/list)."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected section.key=value"])
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError([f"override {text!r}: the key must name a section, e.g. data.batch_size=8"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _set_path(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError([f"recipe {p} does not exist (recipes live in configs/)"])
+    try:
+        with open(p, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p}: not valid YAML: {e}"], source=str(p)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{p}: the top level must be a mapping of sections"], source=str(p))
+    return data
+
+
+def resolve(data: Mapping[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = (),
+            source: str | None = None) -> Recipe:
+    """Build a validated :class:`Recipe` from recipe data plus command-line overrides."""
+    tree: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in (data or {}).items()}
+    problems: list[str] = []
+    for ov in overrides:
+        try:
+            parts, value = parse_override(ov)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        _set_path(tree, parts, value)
+    for sec, val in tree.items():
+        if sec in SECTIONS and not isinstance(val, Mapping) and val is not None:
+            problems.append(f"{sec}: expected a mapping of keys, got {val!r}")
+    tree = {k: (v if v is not None else {}) for k, v in tree.items()
+            if not (k in SECTIONS and not isinstance(v, Mapping) and v is not None)}
+    recipe = _build(Recipe, tree, "", problems)
+    _check_values(recipe, problems)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return recipe
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    data = load_yaml(path) if path else {}
+    return resolve(data, overrides, source=str(path) if path else None)
+
+
+def replace(recipe: Recipe, **sections: Mapping[str, Any]) -> Recipe:
+    """A copy of ``recipe`` with some keys of some sections changed (validated like overrides)."""
+    ovs = [f"{sec}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+           for sec, kv in sections.items() for k, v in kv.items()]
+    return resolve(to_dict(recipe), ovs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def save_resolved(recipe: Recipe, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to an output (atomically)."""
+    from .io import atomic_write_text
+
+    p = Path(out_dir) / name
+    atomic_write_text(p, dump_yaml(recipe))
+    return p
+
+
+def field_docs(cls: type = Recipe) -> dict[str, str]:
+    """Dotted key -> type description (for ``stc config --keys``)."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            for k, v in field_docs(tp).items():
+                out[f"{f.name}.{k}"] = v
+        else:
+            out[f.name] = _type_name(tp)
+    return out

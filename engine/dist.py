@@ -1,0 +1,223 @@
+"""The distributed layer: the only module that knows about ranks.
+
+Ranks come from whichever launcher started us: torchrun (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``GROUP_RANK``), the deepspeed launcher (same variables), or a bare ``srun`` (``SLURM_PROCID``,
+``SLURM_LOCALID``, ``SLURM_NTASKS``, ``SLURM_NNODES``, ``SLURM_NODEID``, first host of
+``SLURM_JOB_NODELIST``). Explicit torch variables win over SLURM ones, so ``srun torchrun ...`` works.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # single | torchrun | deepspeed | slurm
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist such as ``gpu[01-03,7],login-a`` into host names (order kept)."""
+    hosts: list[str] = []
+    # split on commas that are not inside brackets
+    parts, depth, cur = [], 0, ""
+    for ch in nodelist.strip():
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    for part in parts:
+        m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-", 1)
+                width = len(lo)
+                for i in range(int(lo), int(hi) + 1):
+                    hosts.append(f"{prefix}{str(i).zfill(width)}{suffix}")
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    v = env.get(key)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={v!r} is not an integer") from None
+
+
+def detect(env: Mapping[str, str] | None = None) -> DistEnv:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed" if "DEEPSPEED_ENVIRONMENT_NAME" in env or env.get("DS_LAUNCHER") else "torchrun"
+        world = _int(env, "WORLD_SIZE", 1)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        rank = _int(env, "RANK", 0)
+        node_rank = _int(env, "GROUP_RANK", _int(env, "NODE_RANK", rank // max(local_world, 1)))
+        return DistEnv(
+            rank=rank, local_rank=_int(env, "LOCAL_RANK", 0), world_size=world,
+            local_world_size=local_world, node_rank=node_rank,
+            num_nodes=max(1, _int(env, "NNODES", (world + local_world - 1) // max(local_world, 1))),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=_int(env, "MASTER_PORT", 29500),
+            launcher=launcher,
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _int(env, "SLURM_NTASKS", 1)
+        nnodes = _int(env, "SLURM_NNODES", 1)
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        hosts = expand_nodelist(nodelist)
+        master = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
+        # One port per job, derived rather than configured, so two jobs on a node do not collide.
+        port = _int(env, "MASTER_PORT", 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000)
+        local_world = _int(env, "SLURM_NTASKS_PER_NODE", 0) or _int(env, "SLURM_TASKS_PER_NODE_INT", 0) \
+            or max(1, world // max(nnodes, 1))
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID", 0), local_rank=_int(env, "SLURM_LOCALID", 0), world_size=world,
+            local_world_size=local_world, node_rank=_int(env, "SLURM_NODEID", 0), num_nodes=nnodes,
+            master_addr=master, master_port=port, launcher="slurm",
+        )
+    return DistEnv()
+
+
+_STATE: dict[str, Any] = {"env": None}
+
+
+def export_torch_env(d: DistEnv) -> None:
+    """Mirror the detected ranks into the variables torch, deepspeed and webdataset read."""
+    os.environ.update({
+        "RANK": str(d.rank), "LOCAL_RANK": str(d.local_rank), "WORLD_SIZE": str(d.world_size),
+        "LOCAL_WORLD_SIZE": str(d.local_world_size), "MASTER_ADDR": d.master_addr,
+        "MASTER_PORT": str(d.master_port),
+    })
+
+
+def backend_for_device() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(timeout_s: float = 1800.0) -> DistEnv:
+    """Detect ranks and, when more than one, start the process group (idempotent)."""
+    if _STATE["env"] is not None:
+        return _STATE["env"]
+    d = detect()
+    if d.distributed:
+        export_torch_env(d)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(d.local_rank % max(torch.cuda.device_count(), 1))
+        if not tdist.is_initialized():
+            tdist.init_process_group(backend=backend_for_device(), rank=d.rank, world_size=d.world_size,
+                                     timeout=datetime.timedelta(seconds=timeout_s))
+    _STATE["env"] = d
+    return d
+
+
+def env() -> DistEnv:
+    return _STATE["env"] if _STATE["env"] is not None else detect()
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return env().rank
+
+
+def world_size() -> int:
+    return env().world_size
+
+
+def is_main() -> bool:
+    return env().rank == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env().local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_initialized():
+        tdist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_initialized():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x
+
+
+def any_flag(flag: bool) -> bool:
+    """True on every rank when any rank passes True (used to agree on stop requests)."""
+    if not is_initialized():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64,
+                     device="cuda" if backend_for_device() == "nccl" else "cpu")
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def provenance() -> dict[str, Any]:
+    """Who computed a unit of work: stored with every journal line, cache shard and checkpoint."""
+    d = env()
+    return {"host": socket.gethostname(), "rank": d.rank, "pid": os.getpid(), "world_size": d.world_size}
+
+
+def finalize() -> None:
+    if is_initialized():
+        tdist.destroy_process_group()
+    _STATE["env"] = None

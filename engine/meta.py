@@ -1,0 +1,215 @@
+"""``meta.json``: what every stage output says about itself, and the fingerprint rules (DESIGN 2b).
+
+Schema (version 1)::
+
+    {
+      "schema": 1,
+      "kind": "shards" | "journal" | "cache" | "checkpoint" | "model" | "eval" | "report",
+      "created": ISO-8601 UTC time,
+      "fingerprints": {name: "sha256:<hex>", ...},   # inputs this output depends on
+      "libraries": {"python": ..., "torch": ..., "transformers": ..., ...},
+      "command": [argv ...],
+      "host": ..., "pid": ...,
+      "config": {resolved config of the stage},
+      ...kind-specific fields (counts, per-unit provenance, ...)
+    }
+
+Fingerprint rules (each is ``sha256:`` + hex of a canonical JSON document):
+
+* model: ``config.json`` (parsed and re-serialised with sorted keys, so formatting does not matter)
+  plus, for every ``*.safetensors`` file: its name, size and its JSON header (tensor names, dtypes,
+  shapes, offsets). Weights are not read, so a 16 GB model is fingerprinted in milliseconds; two
+  checkpoints with identical shapes but different values are told apart by ``full=True``, which adds
+  the sha256 of every file's content.
+* tokenizer: the content of each tokenizer file present (``tokenizer.json``, ``tokenizer_config.json``,
+  ``vocab.json``, ``merges.txt``, ``special_tokens_map.json``, ``added_tokens.json``,
+  ``chat_template.jinja``/``.json``, ``*.tiktoken``) plus the special tokens.
+* feature extractor: ``preprocessor_config.json`` parsed and re-serialised.
+* prompt: the rendered chat template (text and token ids) of one fixed example.
+* data: the shard names with their sha256 (as recorded by ``stc shards build``).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .io import atomic_write_json, sha256_file
+
+SCHEMA_VERSION = 1
+KINDS = ("shards", "journal", "cache", "checkpoint", "model", "eval", "report", "pipeline")
+META_NAME = "meta.json"
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+)
+
+
+class MetaError(RuntimeError):
+    pass
+
+
+def _digest(doc: Any) -> str:
+    blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def _json_file(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), without the weights."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise MetaError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        size = os.path.getsize(path)
+        if n > size - 8 or n > 100 * (1 << 20):
+            raise MetaError(f"{path}: corrupt safetensors header (claims {n} bytes)")
+        return json.loads(f.read(n))
+
+
+def fingerprint_model(model_dir: str | os.PathLike, full: bool = False) -> str:
+    d = Path(model_dir)
+    cfg = d / "config.json"
+    if not cfg.exists():
+        raise MetaError(f"{d}: no config.json; is this a Hugging Face model directory?")
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise MetaError(f"{d}: no *.safetensors weights (only safetensors are read; convert .bin first)")
+    doc: dict[str, Any] = {"config": _json_file(cfg), "weights": []}
+    for p in files:
+        entry = {"name": p.name, "size": p.stat().st_size, "header": safetensors_header(p)}
+        if full:
+            entry["sha256"] = sha256_file(p)
+        doc["weights"].append(entry)
+    return _digest(doc)
+
+
+def fingerprint_tokenizer(tok_or_dir: Any) -> str:
+    """Fingerprint a tokenizer directory, or a loaded tokenizer (vocab + specials + template)."""
+    if isinstance(tok_or_dir, (str, os.PathLike)):
+        d = Path(tok_or_dir)
+        doc: dict[str, Any] = {"files": {}}
+        for name in TOKENIZER_FILES:
+            p = d / name
+            if p.exists():
+                doc["files"][name] = sha256_file(p)
+        for p in sorted(d.glob("*.tiktoken")):
+            doc["files"][p.name] = sha256_file(p)
+        if not doc["files"]:
+            raise MetaError(f"{d}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+        stm = d / "special_tokens_map.json"
+        doc["special"] = _json_file(stm) if stm.exists() else None
+        return _digest(doc)
+    tok = tok_or_dir
+    vocab = tok.get_vocab()
+    doc = {
+        "vocab": sorted(vocab.items(), key=lambda kv: kv[1]),
+        "special": {k: str(v) for k, v in sorted(getattr(tok, "special_tokens_map", {}).items())},
+        "chat_template": getattr(tok, "chat_template", None),
+    }
+    return _digest(doc)
+
+
+def fingerprint_feature_extractor(model_dir: str | os.PathLike) -> str | None:
+    p = Path(model_dir) / "preprocessor_config.json"
+    if not p.exists():
+        return None
+    return _digest(_json_file(p))
+
+
+def fingerprint_prompt(render: Callable[[], Any]) -> str:
+    """``render()`` returns the rendered template of a fixed example (text, ids, or both)."""
+    out = render()
+    if hasattr(out, "tolist"):
+        out = out.tolist()
+    return _digest(out)
+
+
+def fingerprint_data(shards: Iterable[Mapping[str, Any]]) -> str:
+    """``shards``: records with at least ``name`` and ``sha256`` (as in shards meta.json)."""
+    doc = sorted((s["name"], s["sha256"]) for s in shards)
+    if not doc:
+        raise MetaError("no shards to fingerprint")
+    return _digest(doc)
+
+
+def fingerprint_obj(obj: Any) -> str:
+    return _digest(obj)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "webdataset",
+                 "sacrebleu", "stc-engine"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_meta(kind: str, *, fingerprints: Mapping[str, str | None] | None = None,
+               config: Any = None, **fields: Any) -> dict:
+    if kind not in KINDS:
+        raise MetaError(f"unknown meta kind {kind!r}; one of {', '.join(KINDS)}")
+    from .config import to_dict  # local: config imports nothing from here
+
+    meta: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "kind": kind,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "fingerprints": {k: v for k, v in (fingerprints or {}).items() if v is not None},
+        "libraries": library_versions(),
+        "command": list(sys.argv),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "config": to_dict(config) if config is not None else None,
+    }
+    meta.update(fields)
+    return meta
+
+
+def write_meta(directory: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+    path = Path(directory) / META_NAME
+    atomic_write_json(path, dict(meta))
+    return path
+
+
+def read_meta(directory: str | os.PathLike, kind: str | None = None) -> dict:
+    path = Path(directory) / META_NAME
+    if not path.exists():
+        raise MetaError(f"{path} is missing: {directory} is not a finished stage output"
+                        + (f" of kind {kind!r}" if kind else "") + "; run the stage that makes it first")
+    try:
+        meta = _json_file(path)
+    except json.JSONDecodeError as e:
+        raise MetaError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); delete it and rerun the stage")
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise MetaError(f"{path}: schema {meta.get('schema')!r}, this engine reads {SCHEMA_VERSION}")
+    if kind is not None and meta.get("kind") != kind:
+        raise MetaError(f"{path}: kind is {meta.get('kind')!r}, expected {kind!r} (wrong directory?)")
+    return meta
+
+
+def compare_fingerprints(expected: Mapping[str, str], actual: Mapping[str, str], *, what: str) -> list[str]:
+    """Names of fingerprints present in both and different, as readable lines."""
+    diffs = []
+    for k in sorted(set(expected) & set(actual)):
+        if expected[k] != actual[k]:
+            diffs.append(f"{what}: {k} differs ({expected[k][:19]}... vs {actual[k][:19]}...)")
+    return diffs
