@@ -6,10 +6,6 @@ Exit codes: 0 finished; 1 failed; 2 bad usage or config; 75 stopped on request a
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -111,30 +107,18 @@ def _not_available(name: str, issue: str) -> Callable[[argparse.Namespace], int]
 
 # ----------------------------------------------------------------------------------------- launcher
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun_command(nproc: int, stage_argv: list[str], master_port: int | None = None) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(master_port or _free_port()),
-            "-m", "engine.cli", *stage_argv]
-
-
 def _run(args: argparse.Namespace) -> int:
+    from launchers.local import launch
+
     if args.nproc < 1:
         print("stc run: --nproc must be >= 1", file=sys.stderr)
         return EXIT_USAGE
-    if not args.stage_argv:
+    argv = [a for a in args.stage_argv if a != "--"]
+    if not argv:
         print("stc run: name a stage, e.g. stc run --nproc 2 importance --config configs/demo.yaml",
               file=sys.stderr)
         return EXIT_USAGE
-    cmd = torchrun_command(args.nproc, args.stage_argv)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.call(cmd, env=env)
+    return launch(args.nproc, argv)
 
 
 # ----------------------------------------------------------------------------------------- parser

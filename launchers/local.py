@@ -1,0 +1,36 @@
+"""Local launcher: run a stage on N processes of this machine through torchrun.
+
+``stc run --nproc N <stage> ...`` is how every multi-rank test and laptop run starts; the SLURM
+launcher (``launchers/slurm.py``) maps SLURM's variables to the same ranks instead.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Mapping
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int, stage_argv: list[str], master_port: int | None = None,
+                     nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1") -> list[str]:
+    """The torchrun command line that starts ``python -m engine.cli <stage_argv>`` on ``nproc`` ranks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+            "--node_rank", str(node_rank), "--nproc_per_node", str(nproc),
+            "--master_addr", master_addr, "--master_port", str(master_port or free_port()),
+            "-m", "engine.cli", *stage_argv]
+
+
+def launch(nproc: int, stage_argv: list[str], env: Mapping[str, str] | None = None) -> int:
+    """Run the stage; returns the worst exit code of the ranks (torchrun's own rule)."""
+    e = dict(os.environ if env is None else env)
+    # One BLAS thread pool per rank sized to the cores, instead of every rank grabbing all cores.
+    e.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".torch_extensions"))
+    return subprocess.call(torchrun_command(nproc, stage_argv), env=e)

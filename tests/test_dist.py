@@ -1,0 +1,83 @@
+"""Rank detection from torchrun, deepspeed and SLURM variables; a real 2-rank gloo run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engine import dist
+
+
+def test_single_process_defaults():
+    d = dist.detect({})
+    assert (d.rank, d.world_size, d.local_rank, d.launcher, d.is_main, d.distributed) == (0, 1, 0, "single", True, False)
+
+
+def test_torchrun_env():
+    d = dist.detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                     "GROUP_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1234"})
+    assert (d.rank, d.world_size, d.local_rank, d.node_rank, d.num_nodes, d.master_addr, d.master_port) == \
+        (3, 8, 1, 1, 4, "n0", 1234)
+    assert d.launcher == "torchrun"
+
+
+def test_slurm_env():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NNODES": "4",
+           "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-09,12],login", "SLURM_JOB_ID": "123456"}
+    d = dist.detect(env)
+    assert (d.rank, d.local_rank, d.world_size, d.num_nodes, d.node_rank) == (5, 1, 8, 4, 2)
+    assert d.master_addr == "gpu07" and d.launcher == "slurm"
+    assert d.master_port == 20000 + 123456 % 20000
+    assert d.local_world_size == 2
+    # explicit torch variables win (srun torchrun ...)
+    d2 = dist.detect({**env, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert d2.launcher == "torchrun" and d2.world_size == 2
+
+
+def test_bad_env_value():
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        dist.detect({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+@pytest.mark.parametrize("text,hosts", [
+    ("node1", ["node1"]),
+    ("node[1-3]", ["node1", "node2", "node3"]),
+    ("gpu[007-009,12]", ["gpu007", "gpu008", "gpu009", "gpu12"]),
+    ("a[1-2],b,c[5]", ["a1", "a2", "b", "c5"]),
+    ("rack[1-2]-n", ["rack1-n", "rack2-n"]),
+])
+def test_expand_nodelist(text, hosts):
+    assert dist.expand_nodelist(text) == hosts
+
+
+SCRIPT = r"""
+import json, sys, torch
+from engine import dist
+d = dist.init()
+got = dist.all_gather_object(dist.provenance())
+x = torch.tensor([float(d.rank + 1)])
+dist.all_reduce_sum(x)
+flag = dist.any_flag(d.rank == 1)
+b = dist.broadcast_object({"from": d.rank})
+if d.rank == 0:
+    print(json.dumps({"world": d.world_size, "ranks": [g["rank"] for g in got], "sum": x.item(),
+                      "flag": flag, "bcast": b, "launcher": d.launcher}))
+dist.barrier()
+dist.finalize()
+"""
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_via_torchrun(tmp_path, stc_env):
+    from launchers.local import torchrun_command
+
+    script = tmp_path / "s.py"
+    script.write_text(SCRIPT)
+    cmd = torchrun_command(2, [])
+    cmd = cmd[:cmd.index("-m", 3)] + [str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=stc_env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"world": 2, "ranks": [0, 1], "sum": 3.0, "flag": True, "bcast": {"from": 0}, "launcher": "torchrun"}
