@@ -60,6 +60,20 @@ def _shards_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK if not summary.get("problems") else EXIT_FAIL
 
 
+def _shards_stream(args: argparse.Namespace) -> int:
+    from .data import prompt, stream
+
+    recipe = _recipe(args)
+    try:
+        stream.run_diagnostic(recipe, shards=args.shards or recipe.data.shards,
+                              split=args.split or recipe.data.train_split, model=args.model,
+                              max_batches=args.max_batches, state_in=args.state_in, state_out=args.state_out,
+                              dump=args.dump, verify_sha256=args.verify)
+    except (stream.StreamError, prompt.PromptError) as e:
+        raise StageError(str(e)) from None
+    return EXIT_OK
+
+
 def _config_show(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     print(cfg.dump_yaml(recipe), end="")
@@ -73,14 +87,21 @@ def _config_keys(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from shards_recipe import main as demo_main  # type: ignore[import-not-found]
+    from pathlib import Path
 
-    return demo_main(args.overrides or [])
+    from .data import demo
+
+    ovs = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "config", None):  # --config picks the engine recipe the demo builds shards with
+        ovs.insert(0, f"demo.recipe={Path(args.config).resolve()}")
+    return demo.main(ovs)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("shards build", "manifest -> WebDataset audio shards", _shards_build),
     Stage("shards inspect", "summarise (and verify) a shard directory", _shards_inspect),
+    Stage("demo", "the embedded default: build the demo data (the whole chain once #6 lands)", _demo),
+    Stage("shards stream", "iterate the training stream as a trainer would (diagnostic)", _shards_stream),
     Stage("finetune", "teacher fine-tuning (CE on references)", None, "#5"),
     Stage("importance", "score decoder layers and rank them for removal", None, "#3"),
     Stage("prune", "remove decoder layers and save the smaller model", None, "#3"),
@@ -147,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--manifest", "-m", help="manifest (JSONL or TSV)")
             sp.add_argument("--out", "-o", help="output directory")
             sp.add_argument("--split", help="only rows of this split")
+            with_config(sp)
+        elif name == "shards stream":
+            sp.add_argument("--shards", help="shard directory (default: data.shards)")
+            sp.add_argument("--split", help="split to stream (default: data.train_split)")
+            sp.add_argument("--model", help="model dir: build prompts and features with its processor")
+            sp.add_argument("--max-batches", type=int, help="stop after this many batches per rank")
+            sp.add_argument("--state-in", help="resume from this stream state (JSON)")
+            sp.add_argument("--state-out", help="write the stream state here at the end (rank 0)")
+            sp.add_argument("--dump", help="write <dump>/rank<r>.jsonl, one line per batch")
+            sp.add_argument("--verify", action="store_true", help="check each shard's sha256 when opened")
             with_config(sp)
         elif name in ("shards inspect", "cache verify"):
             sp.add_argument("dir")
