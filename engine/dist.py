@@ -12,10 +12,22 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-import torch.distributed as tdist
+if TYPE_CHECKING:  # torch is imported lazily: `stc shards ...` and `stc config` need no torch
+    import torch
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _tdist():
+    import torch.distributed as tdist
+
+    return tdist
 
 
 @dataclass(frozen=True)
@@ -129,7 +141,7 @@ def export_torch_env(d: DistEnv) -> None:
 
 
 def backend_for_device() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if _torch().cuda.is_available() else "gloo"
 
 
 def init(timeout_s: float = 1800.0) -> DistEnv:
@@ -138,6 +150,7 @@ def init(timeout_s: float = 1800.0) -> DistEnv:
         return _STATE["env"]
     d = detect()
     if d.distributed:
+        torch, tdist = _torch(), _tdist()
         export_torch_env(d)
         if torch.cuda.is_available():
             torch.cuda.set_device(d.local_rank % max(torch.cuda.device_count(), 1))
@@ -153,6 +166,11 @@ def env() -> DistEnv:
 
 
 def is_initialized() -> bool:
+    import sys
+
+    if "torch" not in sys.modules:  # nothing can have started a process group
+        return False
+    tdist = _tdist()
     return tdist.is_available() and tdist.is_initialized()
 
 
@@ -168,7 +186,8 @@ def is_main() -> bool:
     return env().rank == 0
 
 
-def device() -> torch.device:
+def device() -> "torch.device":
+    torch = _torch()
     if torch.cuda.is_available():
         return torch.device("cuda", env().local_rank % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
@@ -176,12 +195,13 @@ def device() -> torch.device:
 
 def barrier() -> None:
     if is_initialized():
-        tdist.barrier()
+        _tdist().barrier()
 
 
 def all_gather_object(obj: Any) -> list[Any]:
     if not is_initialized():
         return [obj]
+    tdist = _tdist()
     out: list[Any] = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
@@ -191,12 +211,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized():
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=src)
+    _tdist().broadcast_object_list(box, src=src)
     return box[0]
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(x: "torch.Tensor") -> "torch.Tensor":
     if is_initialized():
+        tdist = _tdist()
         tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
     return x
 
@@ -205,6 +226,7 @@ def any_flag(flag: bool) -> bool:
     """True on every rank when any rank passes True (used to agree on stop requests)."""
     if not is_initialized():
         return bool(flag)
+    torch, tdist = _torch(), _tdist()
     t = torch.tensor([1 if flag else 0], dtype=torch.int64,
                      device="cuda" if backend_for_device() == "nccl" else "cpu")
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
@@ -219,5 +241,5 @@ def provenance() -> dict[str, Any]:
 
 def finalize() -> None:
     if is_initialized():
-        tdist.destroy_process_group()
+        _tdist().destroy_process_group()
     _STATE["env"] = None
