@@ -1,12 +1,13 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
 # Both create .venv, install the pinned set (constraints.txt) and the system packages the
-# engine needs at run time (g++ and ninja for DeepSpeed's JIT ops, espeak-ng for the demo speech).
+# engine needs at run time (g++ and ninja for DeepSpeed's JIT ops, espeak-ng for the demo speech,
+# slurm-wlm and munge for the real-SLURM tests).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := g++ ninja-build espeak-ng
+APT_PACKAGES := g++ ninja-build espeak-ng slurm-wlm munge
 PYTEST_ARGS ?=
 
 export PATH := $(BIN):$(PATH)

@@ -74,6 +74,93 @@ def _shards_stream(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _importance(args: argparse.Namespace) -> int:
+    from .importance import ImportanceError, run_importance
+
+    recipe = _recipe(args)
+    try:
+        run_importance(recipe, dry_run=args.dry_run)
+    except ImportanceError as e:
+        raise StageError(str(e)) from None
+    return EXIT_OK
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .importance import ImportanceError, run_prune
+
+    ovs = list(args.overrides or [])
+    if args.ranking:
+        ovs.append(f"prune.ranking={args.ranking}")
+    if args.layers:
+        ovs.append(f"prune.layers=[{args.layers}]")
+    if args.out:
+        ovs.append(f"prune.out={args.out}")
+    recipe = cfg.load(args.config, ovs)
+    try:
+        run_prune(recipe)
+    except ImportanceError as e:
+        raise StageError(str(e)) from None
+    return EXIT_OK
+
+
+def _cache_build(args: argparse.Namespace) -> int:
+    from . import teacher_cache
+
+    recipe = _recipe(args)
+    if getattr(args, "dry_run", False):
+        teacher_cache.check_options(recipe)
+        print(cfg.dump_yaml(recipe), end="")
+        return EXIT_OK
+    try:
+        summary = teacher_cache.build(recipe)
+    except teacher_cache.CacheError as e:
+        raise StageError(str(e)) from None
+    from . import dist
+
+    if dist.env().rank == 0 and summary:
+        teacher_cache.print_summary({"dir": summary["out"], **summary})
+    return EXIT_OK
+
+
+def _cache_verify(args: argparse.Namespace) -> int:
+    from . import teacher_cache
+
+    summary = teacher_cache.verify(args.dir, deep=args.verify)
+    teacher_cache.print_summary(summary)
+    return EXIT_OK if not summary["problems"] else EXIT_FAIL
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import train
+    from .models.load import ModelLoadError
+    from .train_ckpt import CheckpointError
+    from .train_ds import TrainConfigError
+
+    recipe = _recipe(args)
+    try:
+        code = train.run(recipe, args.stage)
+    except (train.TrainError, TrainConfigError, CheckpointError, ModelLoadError) as e:
+        raise StageError(str(e)) from None
+    except Exception as e:  # stream/cache errors carry a user message too
+        from .data.stream import StreamError
+
+        if isinstance(e, StreamError):
+            raise StageError(str(e)) from None
+        raise
+    return EXIT_RESUMABLE if code == train.EXIT_RESUMABLE else code
+
+
+def _export(args: argparse.Namespace) -> int:
+    from . import export
+
+    recipe = _recipe(args)
+    try:
+        export.run(recipe)
+    except export.ExportError as e:
+        raise StageError(str(e)) from None
+    return EXIT_OK
+
+
 def _config_show(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     print(cfg.dump_yaml(recipe), end="")
@@ -97,24 +184,138 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(ovs)
 
 
+# ----------------------------------------------------------------------------------------- SLURM (#7)
+
+def _slurm_parser() -> argparse.ArgumentParser:
+    """Launcher options of `stc submit`; accepted before or after the stage, the rest goes to the stage."""
+    p = argparse.ArgumentParser(prog="stc submit", add_help=False, allow_abbrev=False)
+    p.add_argument("--config", "-c", help="recipe YAML (also passed to the stage)")
+    p.add_argument("--nodes", type=int, help="nodes per job (default: slurm.nodes)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
+    p.add_argument("--ntasks-per-node", type=int, help="tasks per node without GPUs (CPU slots)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--partition", "-p")
+    p.add_argument("--time", "-t", help="time limit, e.g. 04:00:00")
+    p.add_argument("--account", "-A")
+    p.add_argument("--qos")
+    p.add_argument("--mem", help="memory per node, e.g. 200G")
+    p.add_argument("--signal-seconds", type=int, help="USR1 this many seconds before the time limit")
+    p.add_argument("--stages", help="pipeline only: comma-separated stages (default: the whole chain)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
+    return p
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from launchers import slurm
+
+    head, stage_argv = _slurm_parser().parse_known_args(list(args.stage_argv or []))
+    for k in vars(head):  # options given before the stage name count unless repeated after it
+        before = getattr(args, f"_{k}", None)
+        if before not in (None, False) and getattr(head, k) in (None, False):
+            setattr(head, k, before)
+    stage_argv = [a for a in stage_argv if a != "--"]
+    if not stage_argv:
+        print("stc submit: name a stage or `pipeline`, e.g. stc submit importance --config configs/demo.yaml "
+              "--nodes 2 --gpus-per-node 8", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if stage_argv[0] == "pipeline":
+            overrides = stage_argv[1:]
+            if any(not ("=" in o and not o.startswith("-")) for o in overrides):
+                raise slurm.SubmitError(f"stc submit pipeline takes only section.key=value overrides, got {overrides}")
+            names = [n.strip().replace("-", " ") for n in head.stages.split(",")] if head.stages \
+                else list(slurm.PIPELINE)
+            stages = []
+            for n in names:
+                st = STAGES.get(n)
+                if st is None or n in ("submit", "jobs", "cancel", "pipeline"):
+                    raise slurm.SubmitError(f"--stages: {n!r} is not a stage that runs as a job")
+                if st.func is None:
+                    raise slurm.SubmitError(f"`stc {n}` is not available in this version (issue {st.issue}); "
+                                            f"choose the stages with --stages")
+                stages.append((n, [*n.split(), *(["--config", head.config] if head.config else []), *overrides]))
+            skip_finished = True
+        else:
+            name, rest_argv = slurm.stage_of(stage_argv)
+            if STAGES[name].func is None:
+                raise slurm.SubmitError(f"`stc {name}` is not available in this version (issue {STAGES[name].issue})")
+            argv = [*name.split(), *(["--config", head.config] if head.config else []), *rest_argv]
+            ns = slurm.parse_stage(argv)
+            overrides = list(getattr(ns, "overrides", None) or [])
+            stages, skip_finished = [(name, argv)], False
+        recipe = cfg.load(head.config, [o for o in overrides if "=" in o and not o.startswith("-")])
+        opts = slurm.options_from(recipe, nodes=head.nodes, gpus_per_node=head.gpus_per_node,
+                                  ntasks_per_node=head.ntasks_per_node, cpus_per_task=head.cpus_per_task,
+                                  partition=head.partition, time=head.time, account=head.account, qos=head.qos,
+                                  mem=head.mem, signal_seconds=head.signal_seconds)
+        if not head.dry_run:  # a dry run only shows the script: it needs no reachable cluster
+            slurm._need("sbatch")
+            slurm.check_partition(opts)
+        plan = slurm.plan(stages, recipe, opts, skip_finished=skip_finished)
+        jobs = slurm.submit(plan, dry_run=head.dry_run)
+    except slurm.SubmitError as e:
+        raise StageError(str(e)) from None
+    if not head.dry_run:
+        for j in jobs:
+            print(j["job"])
+        if plan.pipeline and len(plan.items) > 1:
+            print(f"stc submit: pipeline {plan.pipeline}; follow it with `stc jobs --ledger {plan.ledger.parent}`, "
+                  f"stop it with `stc cancel --pipeline {plan.pipeline} --ledger {plan.ledger.parent}`",
+                  file=sys.stderr)
+    return EXIT_OK
+
+
+def _ledgers(args: argparse.Namespace) -> list:
+    from launchers import slurm
+
+    if args.ledger:
+        return slurm._find_ledgers(args.ledger)
+    if args.config:
+        return slurm._find_ledgers(str(slurm.ledger_path(cfg.load(args.config, args.overrides or []))))
+    return slurm._find_ledgers(None)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from launchers import slurm
+
+    try:
+        slurm.print_jobs(_ledgers(args), lines=args.lines)
+    except slurm.SubmitError as e:
+        raise StageError(str(e)) from None
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from launchers import slurm
+
+    try:
+        if args.target and not args.ledger:
+            args.ledger = args.target
+        done = slurm.cancel(_ledgers(args), pipeline=args.pipeline)
+    except slurm.SubmitError as e:
+        raise StageError(str(e)) from None
+    print(f"stc cancel: cancelled {', '.join(done) if done else 'nothing (no unfinished jobs)'}", file=sys.stderr)
+    return EXIT_OK
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("shards build", "manifest -> WebDataset audio shards", _shards_build),
     Stage("shards inspect", "summarise (and verify) a shard directory", _shards_inspect),
     Stage("demo", "the embedded default: build the demo data (the whole chain once #6 lands)", _demo),
     Stage("shards stream", "iterate the training stream as a trainer would (diagnostic)", _shards_stream),
-    Stage("finetune", "teacher fine-tuning (CE on references)", None, "#5"),
-    Stage("importance", "score decoder layers and rank them for removal", None, "#3"),
-    Stage("prune", "remove decoder layers and save the smaller model", None, "#3"),
-    Stage("cache build", "teacher top-k logits and translations as shards", None, "#4"),
-    Stage("cache verify", "check a teacher cache", None, "#4"),
-    Stage("distill", "train the pruned student (CE + KD; full, LoRA, QLoRA)", None, "#5"),
-    Stage("export", "merge adapters, quantise, save the student", None, "#6"),
+    Stage("finetune", "teacher fine-tuning (CE on references)", _train, "#5"),
+    Stage("importance", "score decoder layers and rank them for removal", _importance, "#3"),
+    Stage("prune", "remove decoder layers and save the smaller model", _prune, "#3"),
+    Stage("cache build", "teacher top-k logits and translations as shards", _cache_build, "#4"),
+    Stage("cache verify", "check a teacher cache (--verify: also decode every record)", _cache_verify, "#4"),
+    Stage("distill", "train the pruned student (CE + KD; full, LoRA, QLoRA)", _train, "#5"),
+    Stage("export", "merge adapters, quantise, save the student", _export, "#5"),
     Stage("evaluate", "BLEU / chrF / chrF++, size and speed", None, "#6"),
     Stage("report", "markdown report with tables and plots", None, "#6"),
     Stage("pipeline", "the whole chain, resumable", None, "#6"),
-    Stage("submit", "submit a stage or pipeline to SLURM", None, "#7"),
-    Stage("jobs", "list submitted SLURM jobs", None, "#7"),
-    Stage("cancel", "cancel a pipeline's SLURM jobs", None, "#7"),
+    Stage("submit", "submit a stage or pipeline to SLURM", _submit, "#7"),
+    Stage("jobs", "list submitted SLURM jobs", _jobs, "#7"),
+    Stage("cancel", "cancel a pipeline's SLURM jobs", _cancel, "#7"),
 ]}
 
 
@@ -179,6 +380,26 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dump", help="write <dump>/rank<r>.jsonl, one line per batch")
             sp.add_argument("--verify", action="store_true", help="check each shard's sha256 when opened")
             with_config(sp)
+        elif name == "prune":
+            sp.add_argument("--from", dest="ranking", help="ranking.json (or its directory) from `stc importance`")
+            sp.add_argument("--layers", help="comma-separated decoder layers to remove instead, e.g. 3,13,20")
+            sp.add_argument("--out", "-o", help="output model directory")
+            with_config(sp)
+        elif name == "submit":
+            for a in _slurm_parser()._actions:  # shown in --help; parsed again in _submit
+                sp.add_argument(*a.option_strings, dest=f"_{a.dest}", default=None, help=a.help,
+                                **({"action": "store_true"} if a.nargs == 0 else {"metavar": a.dest.upper()}))
+            sp.add_argument("stage_argv", nargs=argparse.REMAINDER,
+                            help="<stage> [--config C] [overrides] or `pipeline` [overrides]")
+        elif name in ("jobs", "cancel"):
+            if name == "cancel":
+                sp.add_argument("target", nargs="?", help="run directory (or its slurm/ledger.jsonl)")
+                sp.add_argument("--pipeline", help="only this pipeline's jobs (printed by `stc submit`)")
+            else:
+                sp.add_argument("--lines", type=int, default=15, help="log lines shown for a failed job")
+            sp.add_argument("--ledger", help="run directory, its slurm/ folder or the ledger.jsonl")
+            sp.add_argument("--config", "-c", help="recipe YAML: its run.out_dir holds the ledger")
+            sp.set_defaults(overrides=[])
         elif name in ("shards inspect", "cache verify"):
             sp.add_argument("dir")
             sp.add_argument("--verify", action="store_true", help="re-hash every shard")
@@ -215,5 +436,24 @@ def main(argv: list[str] | None = None) -> int:
     return int(code or 0)
 
 
+def _main_recording_exit(argv: list[str] | None = None) -> int:
+    """``main`` plus the rank's exit code for ``stc run`` (torchrun folds every failure into 1)."""
+    from launchers.local import record_exit
+
+    code = EXIT_FAIL
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAIL)
+        raise
+    finally:
+        record_exit(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module, not this __main__ copy: stages raise engine.cli.StageError,
+    # which main() must catch as the same class.
+    from engine.cli import _main_recording_exit
+
+    sys.exit(_main_recording_exit())

@@ -93,6 +93,8 @@ class ShardsConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     out: str = ""
+    mode: Literal["full", "lora", "qlora"] = "full"  # the paper's teacher: full fine-tune
+    lora: LoraConfig = field(default_factory=LoraConfig)  # used when mode is lora/qlora
     epochs: float = 3.0
     lr: float = 1e-5
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -107,6 +109,8 @@ class FinetuneConfig:
     save_every: int = 200
     keep_last: int = 2
     eval_every: int = 0
+    resume: str = "auto"             # auto: newest checkpoint in <out>/checkpoints; never; or a checkpoint path
+    zero3_persistence_threshold: int = -1  # ZeRO-3 stage3_param_persistence_threshold (-1: from hidden size)
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,10 @@ class ImportanceConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    ranking: str = ""
-    layers: tuple[int, ...] = ()
-    out: str = ""
+    ranking: str = ""                # ranking.json (or its directory) written by `stc importance`
+    layers: tuple[int, ...] = ()     # or: decoder layers to remove, indices of the model at model.path
+    count: int = 0                   # remove only the first N of the ranking's removal order (0: all)
+    out: str = ""                    # default: <run.out_dir>/pruned
     prune_audio_layers: tuple[int, ...] = ()
 
 
@@ -143,6 +148,10 @@ class CacheConfig:
     max_new_tokens: int = 128
     batch_size: int = 8
     encoding: Literal["auto", "packed"] = "auto"
+    split: str = ""                  # audio split to cache (default: data.train_split)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # teacher compute dtype (auto: model.dtype)
+    quant: Literal["auto", "none", "nf4"] = "auto"           # teacher weights (auto: model.quant)
+    zero3: bool = False              # ZeRO-3 inference sharding of the teacher: not in this version (refused)
 
 
 @dataclass(frozen=True)
@@ -171,11 +180,14 @@ class DistillConfig:
     save_every: int = 200
     keep_last: int = 2
     eval_every: int = 0
+    resume: str = "auto"             # auto: newest checkpoint in <out>/checkpoints; never; or a checkpoint path
+    zero3_persistence_threshold: int = -1  # ZeRO-3 stage3_param_persistence_threshold (-1: from hidden size)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     out: str = ""
+    source: str = ""                 # trainer output to export (default: <distill.out>/final)
     quant: Literal["none", "nf4"] = "nf4"
     merge_lora: bool = True
 
@@ -199,6 +211,25 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    """Defaults for `stc submit` (launchers/slurm.py); its command-line options win."""
+    partition: str = ""              # "" = the cluster's default partition
+    time: str = ""                   # --time, e.g. "04:00:00" ("" = the partition's default)
+    account: str = ""
+    qos: str = ""
+    mem: str = ""                    # --mem per node, e.g. "200G"
+    nodes: int = 1
+    gpus_per_node: int = 0           # one task per GPU; 0: CPU-only, ntasks_per_node tasks
+    ntasks_per_node: int = 0         # 0: gpus_per_node, or 1 without GPUs
+    cpus_per_task: int = 0           # 0: SLURM's default
+    signal_seconds: int = 300        # USR1 this long before the time limit: checkpoint, requeue
+    requeue: bool = True             # requeue a job whose stage stopped resumably (exit 75)
+    max_restarts: int = 10           # stop requeueing after this many restarts
+    stage_to_local_disk: bool = False  # copy data.shards to node-local disk first (once per node)
+    extra_sbatch: tuple[str, ...] = ()  # further sbatch options, e.g. ["--constraint=a100"]
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -212,6 +243,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
@@ -357,6 +389,8 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
     if not 0 <= recipe.shards.flac_compression <= 8:
         problems.append(f"shards.flac_compression: must be 0..8, got {recipe.shards.flac_compression}")
     positive("cache.k", recipe.cache.k)
+    positive("cache.batch_size", recipe.cache.batch_size)
+    positive("cache.max_new_tokens", recipe.cache.max_new_tokens)
     for sec in ("finetune", "distill"):
         c = getattr(recipe, sec)
         positive(f"{sec}.lr", c.lr)

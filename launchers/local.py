@@ -27,10 +27,39 @@ def torchrun_command(nproc: int, stage_argv: list[str], master_port: int | None 
             "-m", "engine.cli", *stage_argv]
 
 
+EXIT_DIR_ENV = "STC_RANK_EXIT_DIR"
+
+
+def record_exit(code: int) -> None:
+    """Called by ``stc`` in every rank: leave the rank's exit code where :func:`launch` finds it."""
+    d = os.environ.get(EXIT_DIR_ENV)
+    if d and os.path.isdir(d):
+        with open(os.path.join(d, f"rank{os.environ.get('RANK', '0')}.code"), "w") as f:
+            f.write(str(int(code)))
+
+
 def launch(nproc: int, stage_argv: list[str], env: Mapping[str, str] | None = None) -> int:
-    """Run the stage; returns the worst exit code of the ranks (torchrun's own rule)."""
+    """Run the stage on ``nproc`` ranks; returns the stage's exit code.
+
+    torchrun reports any failing rank as 1, which would hide the "stopped on request, rerun to
+    continue" code (75). Each rank records its own code, so when every rank stopped resumably the
+    launcher says so too.
+    """
+    import tempfile
+
     e = dict(os.environ if env is None else env)
     # One BLAS thread pool per rank sized to the cores, instead of every rank grabbing all cores.
     e.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".torch_extensions"))
-    return subprocess.call(torchrun_command(nproc, stage_argv), env=e)
+    with tempfile.TemporaryDirectory(prefix="stc-exit-") as d:
+        e[EXIT_DIR_ENV] = d
+        rc = subprocess.call(torchrun_command(nproc, stage_argv), env=e)
+        codes = []
+        for r in range(nproc):
+            p = os.path.join(d, f"rank{r}.code")
+            if os.path.exists(p):
+                with open(p) as f:
+                    codes.append(int(f.read().strip() or 1))
+    if rc != 0 and len(codes) == nproc and len(set(codes)) == 1:
+        return codes[0]
+    return rc

@@ -41,6 +41,31 @@ the new world. Improvement over the brief, with its reason: the state also recor
 the samples the current plan excluded (empty for a fresh epoch). Without it a run that was re-planned
 once could not be resumed batch-for-batch a second time, because its plan could not be rebuilt.
 
+**Teacher cache join** (``cache_dir``, ``seq_kd``; formats in :mod:`engine.teacher_cache`). The
+join happens here, per sample, before bucketing: cache shard ``X.tar`` mirrors audio shard ``X.tar``
+(same keys, same order), so sample ``i`` of a shard is joined with record ``i`` of its cache shard
+and the key is checked; it is independent of world size, batch size, shard order and workers.
+At construction the cache's ``meta.json`` must list every audio shard of the split with the sha256
+the shard has now (else: "audio shard changed since caching"), and when the featurizer has a
+``builder`` (:class:`engine.data.prompt.Featurizer`) its tokenizer, vocabulary size and rendered
+prompt template must be the cache's (:func:`engine.teacher_cache.check_compatible`; the trainer
+can also pass the teacher dir and the student's embedding row count to that function). Each batch
+then also carries ``targets`` (``"ref"``/``"teacher"`` per sample) and, aligned with ``labels``:
+``kd_ids`` [B,T,k] int64, ``kd_logprobs`` [B,T,k] float32, ``kd_tail`` [B,T] float32 (log of the
+mass outside the top k) and ``kd_mask`` [B,T] bool: ``kd_*[b,t]`` is the teacher's distribution for
+the token ``labels[b,t]``; ``kd_mask`` is False where ``labels == -100``, on pad samples and on
+teacher samples cached without their own top-k (CE only there). The featurizer's label ids must
+equal the ones the cache stored for that sample, else :class:`engine.teacher_cache.CacheJoinError`
+naming the key; a missing key, a truncated or non-mirroring cache shard is an error too, never a
+skip. With ``seq_kd=True`` the epoch also holds the teacher's translations that differ from their
+reference (the paper's de-duplication) as additional samples: for each audio shard ``X.tar`` with
+such samples a *virtual shard* ``X.tar#teacher`` is appended after the real shards, listing them
+with (audio duration, translation length) from the cache's ``meta.json``; the planner, the ranges
+of the state and resume treat it like any shard, so exactly-once and resume hold for both kinds of
+sample. A teacher sample's text and labels are the teacher's (its ``meta["tgt_text"]`` is
+replaced). The shard fingerprint then covers the virtual shards, so a state saved without
+``seq_kd`` is refused by a stream with it and vice versa.
+
 **Split-by-node check.** Like webdataset's ``single_node_only``, a stream that is told
 ``world_size=1`` (or any world or rank that differs from the launcher's) while the dist layer sees
 several ranks refuses, because every rank would read the same samples; pass ``allow_unsplit=True``
@@ -446,7 +471,8 @@ class Stream:
     def __init__(self, shard_dir: str | os.PathLike, split: str, data_cfg: Any,
                  featurizer: Callable[[list[dict]], dict] | None = None, *, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
-                 verify_sha256: bool = False, allow_unsplit: bool = False, sample_rate: int = 16000):
+                 verify_sha256: bool = False, allow_unsplit: bool = False, sample_rate: int = 16000,
+                 cache_dir: str | os.PathLike | None = None, seq_kd: bool = False):
         from .. import dist
 
         self.dir = Path(shard_dir)
@@ -478,6 +504,19 @@ class Stream:
         self.featurizer = featurizer or _collate_plain
         self.reader = ShardReader(self.dir, self.shards, verify_sha256=verify_sha256,
                                   sample_rate=sample_rate, max_audio_s=float(data_cfg.max_audio_s))
+        self.cache = None
+        if seq_kd and cache_dir is None:
+            raise StreamError("seq_kd=True needs a teacher cache (cache_dir): the teacher translations live there")
+        if cache_dir is not None:
+            # The join (module docstring, "Teacher cache join"): checks the cache against these shards
+            # and the featurizer's tokenizer/prompt, then adds the teacher samples as virtual shards.
+            from ..teacher_cache import CacheJoin
+
+            self.cache = CacheJoin(cache_dir, self.shards, seq_kd=seq_kd,
+                                   builder=getattr(self.featurizer, "builder", None))
+            self.shards = self.shards + self.cache.virtual_infos
+            self.reader = self.cache.wrap_reader(self.reader)
+            self.featurizer = self.cache.wrap_featurizer(self.featurizer)
         self.fingerprint = shards_fingerprint(self.shards)
         self.epoch = 0
         self.consumed = 0

@@ -1,0 +1,115 @@
+"""What a finished scan writes next to its journal: ``ranking.json``, ``ranking.md``, ``importance.png``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..io import atomic_write_json, atomic_write_text
+
+RANKING = "ranking.json"
+RANKING_MD = "ranking.md"
+PLOT = "importance.png"
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pct(rel: float | None) -> str:
+    return "-" if rel is None else f"{100 * rel:.1f}%"
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    m = doc["metric"]
+    lines = [f"# Layer importance: {doc['method']} search, scorer `{doc['scorer']}`, metric `{m}` "
+             f"({'higher' if doc['higher_is_better'] else 'lower'} is better)", "",
+             f"- model: `{doc['model']}` ({doc['num_layers']} decoder layers; protected {doc['protected']})",
+             f"- dev: split `{doc['dev']['split']}` of `{doc['dev']['shards']}`, {doc['n_samples']} samples",
+             f"- unpruned: {_fmt((doc.get('baseline') or {}).get('score'))}; pruned "
+             f"({len(doc['removed'])} removed): {_fmt((doc.get('final') or {}).get('score'))} "
+             f"({_pct((doc.get('final') or {}).get('relative'))} of unpruned)"]
+    if doc.get("stopped"):
+        lines.append(f"- stopped early: {doc['stopped']}")
+    lines += ["", "## Removal order", "", "| step | layer | original layer | score | of unpruned | runner-up |",
+              "|---:|---:|---:|---:|---:|---|"]
+    orig = dict(zip(doc["removed"], doc["removed_original"]))
+    step = 0
+    for c in doc["forced"]:
+        step += 1
+        lines.append(f"| {step} | {c} | {orig[c]} | forced | - | - |")
+    for it in doc["iterations"]:
+        scores = {int(k): v for k, v in it["scores"].items()}
+        others = [c for c in it["ranked"] if c not in it["chosen"]]
+        runner = f"{others[0]} ({_fmt(scores[others[0]])})" if others else "-"
+        for c in it["chosen"]:
+            step += 1
+            lines.append(f"| {step} | {c} | {orig[c]} | {_fmt(scores[c])} | "
+                         f"{_pct(it['relative']) if len(it['chosen']) == 1 else '-'} | {runner} |")
+    if doc.get("block"):
+        lines.append(f"| 1..{len(doc['block'])} | {doc['block']} | {[orig[c] for c in doc['block']]} | "
+                     f"{_fmt((doc.get('final') or {}).get('score'))} | {_pct((doc.get('final') or {}).get('relative'))} | - |")
+    if doc["iterations"]:
+        its = doc["iterations"]
+        lines += ["", f"## {m} per candidate and iteration (**chosen**)", "",
+                  "| layer | " + " | ".join(f"it {it['iteration']}" for it in its) + " |",
+                  "|---:|" + "---:|" * len(its)]
+        layers = sorted({int(k) for it in its for k in it["scores"]})
+        for c in layers:
+            cells = []
+            for it in its:
+                v = it["scores"].get(str(c))
+                cell = _fmt(v)
+                cells.append(f"**{cell}**" if c in it["chosen"] else cell)
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    ang = doc.get("block_angular_distance")
+    if ang:
+        for n, vals in ang.items():
+            lines += ["", f"## Angular distance of {n}-layer blocks (unpruned model; lower: the block changes "
+                      f"less)", "", "| first layer | distance |", "|---:|---:|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in vals.items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(doc: Mapping[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    cmap = plt.get_cmap("viridis", max(2, len(doc["iterations"])))
+    for k, it in enumerate(doc["iterations"]):
+        xs = sorted(int(c) for c in it["scores"])
+        ys = [it["scores"][str(c)] for c in xs]
+        ax.plot(xs, ys, marker="o", ms=3, lw=1, color=cmap(k), label=f"iteration {it['iteration']}")
+        for c in it["chosen"]:
+            ax.plot([c], [it["scores"][str(c)]], marker="*", ms=12, color=cmap(k), mec="black")
+    base = (doc.get("baseline") or {}).get("score")
+    if base is not None:
+        ax.axhline(base, ls="--", color="grey", lw=1, label="unpruned")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder layer removed (index in the scanned model)")
+    ax.set_ylabel(f"{doc['metric']} ({'higher' if doc['higher_is_better'] else 'lower'} is better)")
+    ax.set_title(f"{doc['method']} layer importance ({doc['scorer']}), {doc['n_samples']} dev samples; "
+                 f"star = removed")
+    if doc["iterations"]:
+        ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write(out: Path, doc: Mapping[str, Any]) -> None:
+    atomic_write_json(out / RANKING, dict(doc))
+    atomic_write_text(out / RANKING_MD, markdown(doc))
+    plot(doc, out / PLOT)

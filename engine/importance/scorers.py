@@ -1,0 +1,313 @@
+"""Importance scorers: plain functions over (model, prepared dev set, candidate layers).
+
+Layer indices are positions in the decoder of the model as loaded (for a model that was never pruned
+these are the original layer numbers). ``removed`` names layers already taken out in earlier
+iterations; a candidate ``None`` scores the model with just ``removed`` taken out (the baseline when
+``removed`` is empty). The model is never copied: layers are skipped with
+:func:`engine.importance.layers.without_layers` and everything is restored on return.
+
+* :func:`nll_scores`: teacher-forced NLL per reference token without the candidate. The hidden states
+  before layer i are the same with and without layer i, so one forward of the current model stores
+  every layer's input (pre-hooks) and candidate i only runs layers i+1.. from the stored input of
+  layer i. Logits are computed only at positions that predict a label token. A scan over L candidates
+  runs L + L(L-1)/2 layers instead of L^2 (plus no audio encoder and no full-sequence logits).
+* :func:`block_influence`: one forward; for every layer 1 - cos(input, output) of its hidden states at
+  label positions (ShortGPT's Block Influence), and for n-layer blocks the angular distance
+  arccos(cos(h_l, h_{l+n})) / pi (the "unreasonable ineffectiveness of deeper layers" criterion).
+* :func:`task_scores`: the paper's scorer: greedy-translate the dev set without the candidate and
+  score with sacrebleu (chrF++ with word_order=2, chrF, BLEU with the target's tokenizer).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import langs
+from ..data.prompt import IGNORE
+from ..models import surgery
+from . import layers as L
+from .devset import DevSet, ImportanceError
+
+# metric -> higher is better
+METRICS: dict[str, bool] = {"chrf++": True, "chrf": True, "bleu": True, "nll": False, "block_influence": False}
+TASK_METRICS = ("chrf++", "chrf", "bleu")
+SCORERS = ("task", "nll", "block_influence")
+_HEAD_CHUNK = 2048  # label positions per lm_head call: (chunk, V) fp32 logits, 1.3 GB at V=156k
+
+
+@dataclass
+class Score:
+    metric: str
+    score: float
+    metrics: dict[str, float]
+    n_samples: int
+    n_tokens: int = 0
+    seconds: float = 0.0
+    hypotheses: list[str] | None = field(default=None, repr=False)
+
+
+def resolve_metric(scorer: str, selector: str, tgt_langs: Sequence[str]) -> str:
+    """The metric a scorer ranks by. ``auto`` for ``task``: chrF for spaceless targets (zh, ja), chrF++
+    otherwise, as the paper; a dev set mixing both needs an explicit selector."""
+    if scorer not in SCORERS:
+        raise ImportanceError(f"unknown scorer {scorer!r}; one of {', '.join(SCORERS)}")
+    if scorer != "task":
+        return scorer
+    if selector != "auto":
+        if selector not in TASK_METRICS:
+            raise ImportanceError(f"unknown metric {selector!r} for the task scorer; one of auto, "
+                                  f"{', '.join(TASK_METRICS)}")
+        return selector
+    spaceless = {langs.get(t).spaceless for t in set(tgt_langs)}
+    if len(spaceless) > 1:
+        raise ImportanceError(f"the dev set mixes spaceless and space-delimited targets ({', '.join(sorted(set(tgt_langs)))}): "
+                              f"set importance.selector to chrf, chrf++ or bleu")
+    return "chrf" if spaceless == {True} else "chrf++"
+
+
+def check_metric(metric: str) -> bool:
+    """Whether higher is better; an unknown metric name is an error."""
+    if metric not in METRICS:
+        raise ImportanceError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
+    return METRICS[metric]
+
+
+def _positions(n: int, removed: Sequence[int]) -> tuple[list[int], dict[int, int]]:
+    rem = surgery.normalise_indices(removed, n)
+    cur = [i for i in range(n) if i not in set(rem)]
+    return rem, {orig: j for j, orig in enumerate(cur)}
+
+
+def _check_candidates(cands: Sequence[int | None], pos: dict[int, int], n: int) -> None:
+    for c in cands:
+        if c is not None and c not in pos:
+            raise ImportanceError(f"candidate layer {c} is already removed or does not exist (0..{n - 1})")
+
+
+# ---------------------------------------------------------------------------------------------- nll
+
+def _nll_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed NLL of the label tokens: hidden (B, T, H) final-normed, labels (B, T) unshifted."""
+    tgt = labels[:, 1:]
+    m = tgt != IGNORE
+    hs = hidden[:, :-1][m]
+    ys = tgt[m]
+    total = 0.0
+    for a in range(0, hs.shape[0], _HEAD_CHUNK):
+        logits = head(hs[a:a + _HEAD_CHUNK]).float()
+        total += float(F.cross_entropy(logits, ys[a:a + _HEAD_CHUNK], reduction="sum"))
+    return total
+
+
+@torch.inference_mode()
+def nll_scores(model: torch.nn.Module, dev: DevSet, candidates: Sequence[int | None],
+               removed: Sequence[int] = ()) -> dict[int | None, Score]:
+    """Per-token NLL of the references for each candidate (lower keeps more), with prefix reuse."""
+    n = L.num_layers(model)
+    rem, pos = _positions(n, removed)
+    cands = list(dict.fromkeys(candidates))
+    _check_candidates(cands, pos, n)
+    bb, head = L.backbone(model), model.get_output_embeddings()
+    sums = {c: 0.0 for c in cands}
+    secs = {c: 0.0 for c in cands}
+    n_tok = 0
+    with L.without_layers(model, rem):
+        layers = surgery.decoder_layers(model)
+        nc = len(layers)
+        need = sorted({pos[c] for c in cands if c is not None})
+        norm = L.final_norm(model)
+        if need and need[-1] == nc - 1 and norm is None:
+            raise ImportanceError(f"{type(model).__name__}: no final norm module found, so the last layer "
+                                  "cannot be scored by prefix reuse; protect it")
+        for batch in dev.batches:
+            if batch.embeds is None:
+                raise ImportanceError("the dev set was prepared without the teacher-forced view")
+            stored: dict[int, torch.Tensor] = {}
+
+            def keeper(j: int):
+                def pre(mod, args, kwargs):
+                    stored[j] = L.first_arg(args, kwargs)
+                return pre
+
+            hooks = [layers[j].register_forward_pre_hook(keeper(j), with_kwargs=True) for j in need]
+            t0 = time.perf_counter()
+            try:
+                h = bb(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            base = _nll_sum(head, h, batch.labels) if None in sums else 0.0
+            share = (time.perf_counter() - t0) / max(1, len(cands))
+            del h
+            for c in cands:
+                t1 = time.perf_counter()
+                if c is None:
+                    sums[c] += base
+                else:
+                    j = pos[c]
+                    target = layers[j + 1] if j + 1 < nc else norm
+                    with L.without_layers(model, range(j + 1)), L.replace_input(target, stored[j]):
+                        hc = bb(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
+                                use_cache=False).last_hidden_state
+                    sums[c] += _nll_sum(head, hc, batch.labels)
+                secs[c] += time.perf_counter() - t1 + share
+            n_tok += batch.n_label_tokens
+    if n_tok == 0:
+        raise ImportanceError("the dev set has no label tokens to score")
+    return {c: Score("nll", sums[c] / n_tok, {"nll": sums[c] / n_tok}, dev.n_samples, n_tok, secs[c]) for c in cands}
+
+
+# ---------------------------------------------------------------------------------------------- block influence
+
+@dataclass
+class BlockInfluence:
+    """``layer``: original layer -> mean 1 - cos(input, output); ``angular``: n -> {first layer of the
+    block: mean arccos(cos(h_in(first), h_out(last))) / pi} over blocks of n consecutive current layers."""
+    layer: dict[int, float]
+    angular: dict[int, dict[int, float]]
+    n_tokens: int
+    seconds: float
+
+
+@torch.inference_mode()
+def block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence[int] = (),
+                    block_sizes: Sequence[int] = ()) -> BlockInfluence:
+    n = L.num_layers(model)
+    rem, pos = _positions(n, removed)
+    orig = {j: o for o, j in pos.items()}
+    bb = L.backbone(model)
+    t0 = time.perf_counter()
+    with L.without_layers(model, rem):
+        layers = surgery.decoder_layers(model)
+        nc = len(layers)
+        sizes = [s for s in dict.fromkeys(int(b) for b in block_sizes) if 1 <= s <= nc]
+        bi = [0.0] * nc
+        ang = {s: [0.0] * (nc - s + 1) for s in sizes}
+        n_tok = 0
+        for batch in dev.batches:
+            if batch.embeds is None:
+                raise ImportanceError("the dev set was prepared without the teacher-forced view")
+            m = batch.labels[:, 1:] != IGNORE
+            ins: list[torch.Tensor | None] = [None] * (nc + 1)   # ins[nc] = output of the last layer
+
+            def pre_for(j: int):
+                def pre(mod, args, kwargs):
+                    ins[j] = L.first_arg(args, kwargs)[:, :-1][m].float()
+                return pre
+
+            def post(mod, args, out):
+                ins[nc] = L.first_out(out)[:, :-1][m].float()
+
+            hooks = [layers[j].register_forward_pre_hook(pre_for(j), with_kwargs=True) for j in range(nc)]
+            hooks.append(layers[nc - 1].register_forward_hook(post))
+            try:
+                bb(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, use_cache=False)
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            for j in range(nc):
+                bi[j] += float((1 - F.cosine_similarity(ins[j], ins[j + 1], dim=-1)).sum())
+            for s in sizes:
+                for j in range(nc - s + 1):
+                    cos = F.cosine_similarity(ins[j], ins[j + s], dim=-1).clamp(-1.0, 1.0)
+                    ang[s][j] += float((torch.arccos(cos) / math.pi).sum())
+            n_tok += int(m.sum())
+    if n_tok == 0:
+        raise ImportanceError("the dev set has no label tokens to score")
+    return BlockInfluence(layer={orig[j]: bi[j] / n_tok for j in range(nc)},
+                          angular={s: {orig[j]: v / n_tok for j, v in enumerate(vals)} for s, vals in ang.items()},
+                          n_tokens=n_tok, seconds=time.perf_counter() - t0)
+
+
+def block_influence_scores(model: torch.nn.Module, dev: DevSet, candidates: Sequence[int | None],
+                           removed: Sequence[int] = ()) -> dict[int | None, Score]:
+    """Block influence of each candidate in the current model (lower: the layer changes its input less)."""
+    if any(c is None for c in candidates):
+        raise ImportanceError("block_influence scores layers, not a whole model: it has no baseline")
+    n = L.num_layers(model)
+    _, pos = _positions(n, removed)
+    _check_candidates(candidates, pos, n)
+    res = block_influence(model, dev, removed)
+    share = res.seconds / max(1, len(candidates))
+    return {c: Score("block_influence", res.layer[c], {"block_influence": res.layer[c]}, dev.n_samples,
+                     res.n_tokens, share) for c in candidates}
+
+
+# ---------------------------------------------------------------------------------------------- task
+
+def corpus_metrics(hyps: Sequence[str], refs: Sequence[str], tgt_langs: Sequence[str]) -> dict[str, float]:
+    """chrF++ (word_order=2), chrF and BLEU (tokenize "zh" for Chinese, the language table's otherwise)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    codes = set(tgt_langs)
+    tok = langs.get(next(iter(codes))).bleu_tokenize if len(codes) == 1 else "13a"
+    hyps, refs = list(hyps), [list(refs)]
+    try:
+        bleu = BLEU(tokenize=tok).corpus_score(hyps, refs).score
+    except Exception as e:  # e.g. ja-mecab without its dictionary installed
+        raise ImportanceError(f"sacrebleu BLEU with tokenize={tok!r} failed ({e}); install its extra or "
+                              f"select chrf/chrf++") from None
+    return {"chrf++": CHRF(word_order=2).corpus_score(hyps, refs).score,
+            "chrf": CHRF().corpus_score(hyps, refs).score, "bleu": bleu}
+
+
+def generation_config(model: torch.nn.Module, end_id: int, pad_id: int, max_new_tokens: int) -> Any:
+    """Plain greedy decoding (the paper's), stopping at ``<|im_end|>`` or the model's own eos ids.
+    A fresh config on purpose: a checkpoint's sampling defaults (top_p, repetition penalty) must not
+    leak into the selection."""
+    from transformers import GenerationConfig
+
+    eos = [end_id]
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in (own if isinstance(own, (list, tuple)) else [own]):
+        if e is not None and e not in eos:
+            eos.append(int(e))
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
+                            pad_token_id=pad_id)
+
+
+def decode_new_tokens(tokenizer: Any, seqs: torch.Tensor, eos: Sequence[int]) -> list[str]:
+    """Generated ids (B, N) -> text, cut at the first stop token."""
+    out = []
+    stop = set(int(e) for e in eos)
+    for row in seqs.tolist():
+        cut = next((k for k, t in enumerate(row) if t in stop), len(row))
+        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return out
+
+
+@torch.inference_mode()
+def translate(model: torch.nn.Module, tokenizer: Any, dev: DevSet, gen_cfg: Any) -> list[str]:
+    """Greedy translations of the dev set (in dev order) from the cached prompt embeddings."""
+    hyps: list[str] = []
+    for batch in dev.batches:
+        if batch.gen_embeds is None:
+            raise ImportanceError("the dev set was prepared without the prompt-only view")
+        seqs = model.generate(inputs_embeds=batch.gen_embeds, attention_mask=batch.gen_mask,
+                              generation_config=gen_cfg)
+        # With inputs_embeds only, generate returns just the new tokens (B, N).
+        hyps.extend(decode_new_tokens(tokenizer, seqs, gen_cfg.eos_token_id))
+    return hyps
+
+
+def task_scores(model: torch.nn.Module, tokenizer: Any, dev: DevSet, candidates: Sequence[int | None],
+                removed: Sequence[int] = (), *, metric: str, gen_cfg: Any) -> Iterator[tuple[int | None, Score]]:
+    """Yields (candidate, Score) as each candidate finishes (so a journal can record it at once)."""
+    if metric not in TASK_METRICS:
+        raise ImportanceError(f"unknown metric {metric!r} for the task scorer; one of {', '.join(TASK_METRICS)}")
+    n = L.num_layers(model)
+    rem, pos = _positions(n, removed)
+    _check_candidates(candidates, pos, n)
+    refs = [r for b in dev.batches for r in b.refs]
+    for c in dict.fromkeys(candidates):
+        t0 = time.perf_counter()
+        drop = rem + ([c] if c is not None else [])
+        with L.without_layers(model, drop):
+            hyps = translate(model, tokenizer, dev, gen_cfg)
+        mets = corpus_metrics(hyps, refs, dev.tgt_langs)
+        yield c, Score(metric, mets[metric], mets, dev.n_samples, 0, time.perf_counter() - t0, hyps)

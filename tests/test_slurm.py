@@ -1,0 +1,504 @@
+"""The SLURM launcher: rendering and bad input without a cluster, then real jobs on a real one-node SLURM.
+
+The real-SLURM tests use ``slurm_fixture.slurm_cluster`` (slurm-wlm + munge started for the session);
+they prove what only a scheduler can: ranks from ``SLURM_PROCID`` in a 2-task job, ``afterok`` chains
+and what ``--kill-on-invalid-dep`` does to a failed chain, the USR1 -> exit 75 -> requeue -> resume
+loop, and the ledger that ``stc jobs`` reads once jobs vanish from ``scontrol``.
+Tests that need a stage another issue delivers skip only while ``STAGES[name].func is None``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from engine import cli
+from engine import config as cfg
+from launchers import slurm
+from slurm_fixture import job_info, slurm_cluster, wait_job  # noqa: F401  (slurm_cluster: fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN = Path(__file__).resolve().parent / "slurm_standin_counter.py"
+
+
+def needs_stage(name: str):
+    st = cli.STAGES[name]
+    return pytest.mark.skipif(st.func is None, reason=f"`stc {name}` not available yet (issue {st.issue})")
+
+
+def run_stc(*argv: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    e = dict(os.environ if env is None else env)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, "-m", "engine.cli", *argv], env=e, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def ledger_of(run: Path) -> list[dict]:
+    p = run / "slurm" / "ledger.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    """19 train + 3 dev samples in shards of 4 (uneven), built by the engine's shard builder."""
+    import numpy as np
+    import soundfile as sf
+
+    from engine.data import shards
+
+    root = tmp_path_factory.mktemp("slurm_data")
+    write_manifest(root, np, sf)
+    shards.build(cfg.load(None, [f"shards.manifest={root / 'm.jsonl'}", f"shards.out={root / 'sh'}",
+                                 "shards.samples_per_shard=4"]), workers=1)
+    return root / "sh"
+
+
+def write_manifest(root: Path, np, sf, n: int = 22) -> Path:
+    rows = []
+    for i in range(n):
+        sr, dur = 16000, 0.2 + 0.05 * (i % 7)
+        t = np.arange(int(dur * sr)) / sr
+        sf.write(root / f"a{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 20 * i) * t)).astype("float32"), sr)
+        rows.append({"id": f"u{i:02d}", "audio": f"a{i}.wav", "src_text": "hello", "tgt_text": "Hallo Welt",
+                     "src_lang": "en", "tgt_lang": "de", "split": "train" if i < n - 3 else "dev"})
+    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "m.jsonl"
+
+
+STREAM = ["--split", "train", "data.batch_size=3", "data.bucket_window=6", "data.num_workers=0"]
+
+
+# ===================================================================================== no cluster needed
+
+def test_no_sbatch_on_path_suggests_stc_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
+    code = cli.main(["submit", "shards", "stream", f"run.out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAIL
+    assert "`sbatch` not found on PATH" in err and "stc run --nproc" in err
+    assert not (tmp_path / "run" / "slurm" / "ledger.jsonl").exists()
+    # --dry-run needs no SLURM: it only shows what would be submitted
+    assert cli.main(["submit", "shards", "stream", f"run.out_dir={tmp_path / 'run'}", "--dry-run"]) == 0
+    assert "#SBATCH --requeue" in capsys.readouterr().out
+
+
+def test_dry_run_prints_exactly_the_rendered_script(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
+    run = tmp_path / "run"
+    argv = ["shards", "stream", "--shards", "S", f"run.out_dir={run}"]
+    assert cli.main(["submit", *argv, "--nodes", "2", "--ntasks-per-node", "3", "--time", "01:00:00",
+                     "--signal-seconds", "120", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    head, text = out.split("\n", 1)
+    assert head == f"# sbatch --parsable {run.resolve() / 'slurm' / 'shards-stream.sbatch'}"
+    opts = slurm.JobOptions(nodes=2, ntasks_per_node=3, time="01:00:00", signal_seconds=120)
+    want = slurm.render("shards stream", slurm.stage_command(argv), opts, run / "slurm")
+    assert text == want.text
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=3", "#SBATCH --time=01:00:00",
+                 "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
+        assert line in text.splitlines()
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in text
+    assert "--nodes" not in text.split("#SBATCH --nodes=2", 1)[1]  # the node count is written once
+    assert "SLURM_NNODES" in text
+    assert not run.exists()  # a dry run writes nothing
+    r = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_recipe_section_gives_defaults_and_cli_wins(tmp_path, capsys):
+    y = tmp_path / "r.yaml"
+    y.write_text(f"run: {{out_dir: {tmp_path / 'run'}}}\nslurm: {{partition: gpu, time: '02:00:00', "
+                 "signal_seconds: 600, stage_to_local_disk: true, extra_sbatch: ['--constraint=a100']}\n"
+                 f"data: {{shards: {tmp_path / 'sh'}}}\n")
+    assert cli.main(["submit", "--config", str(y), "importance", "--time", "00:30:00", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "#SBATCH --partition=gpu" in text and "#SBATCH --time=00:30:00" in text
+    assert "#SBATCH --signal=B:USR1@600" in text and "#SBATCH --constraint=a100" in text
+    assert 'data.shards="$LOCAL_SHARDS"' in text and "cp -a" in text
+    assert "--config " + str(y) in text
+
+
+def test_gpus_imply_one_task_per_gpu_and_single_task_stages(tmp_path):
+    opts = slurm.JobOptions(nodes=2, gpus_per_node=8)
+    assert opts.tasks_per_node == 8
+    with pytest.raises(slurm.SubmitError, match="one task per GPU"):
+        slurm.JobOptions(gpus_per_node=8, ntasks_per_node=2).check()
+    recipe = cfg.load(None, [f"run.out_dir={tmp_path}"])
+    p = slurm.plan([("shards build", ["shards", "build"]), ("importance", ["importance"])], recipe, opts,
+                   skip_finished=True)
+    build, imp = (r.text for _, r, _ in p.items)
+    assert "#SBATCH --nodes=1" in build and "#SBATCH --ntasks-per-node=1" in build
+    assert "#SBATCH --nodes=2" in imp and "#SBATCH --ntasks-per-node=8" in imp and "--gpus-per-node=8" in imp
+
+
+def test_pipeline_skips_finished_stages(tmp_path):
+    recipe = cfg.load(None, [f"run.out_dir={tmp_path}"])
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "meta.json").write_text("{}")
+    p = slurm.plan([(n, n.split()) for n in slurm.PIPELINE], recipe, slurm.JobOptions(), skip_finished=True)
+    skipped = [n for n, r, why in p.items if r is None]
+    assert skipped == ["shards build"] and "meta.json exists" in p.items[0][2]
+
+
+def test_gpu_count_of_sinfo_gres():
+    assert slurm._gpu_count("(null)") == 0
+    assert slurm._gpu_count("gpu:8") == 8
+    assert slurm._gpu_count("gpu:a100:4(S:0-1)") == 4
+    assert slurm._gpu_count("gpu:h100:4(S:0),shard:8") == 4
+
+
+def test_jobs_from_the_ledger_alone(tmp_path):
+    """Finished jobs vanish from scontrol (MinJobAge) and accounting may be off: the ledger decides."""
+    led = tmp_path / "slurm" / "ledger.jsonl"
+    log = tmp_path / "slurm" / "x-1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(f"line {i}\n" for i in range(30)) + "Traceback: boom\n")
+    ids = ["990000001", "990000002", "990000003", "990000004"]  # not known to any scontrol
+    for i, (job, stage, dep) in enumerate(zip(ids, ["shards build", "importance", "prune", "finetune"],
+                                               [None, ids[0], ids[1], None])):
+        slurm.append(led, "submitted", job=job, stage=stage, pipeline="p1" if i < 3 else "p2", dependency=dep,
+                     log=str(log) if i == 1 else str(tmp_path / f"none-{i}.log"))
+    slurm.append(led, "started", job=ids[0], restarts=0)
+    slurm.append(led, "finished", job=ids[0], restarts=0, exit=0)
+    slurm.append(led, "started", job=ids[1], restarts=0)
+    slurm.append(led, "requeued", job=ids[1], restarts=0, exit=75)
+    slurm.append(led, "started", job=ids[1], restarts=1)
+    slurm.append(led, "finished", job=ids[1], restarts=1, exit=1)
+    with open(led, "a") as f:
+        f.write('{"event": "fini')  # a line cut by a crash: skipped
+    views = {v.job: v for v in slurm.job_views(led)}
+    assert views[ids[0]].state == "COMPLETED"
+    assert (views[ids[1]].state, views[ids[1]].restarts, views[ids[1]].exit) == ("FAILED", 1, 1)
+    assert views[ids[2]].state == "CANCELLED" and f"dependency {ids[1]}" in views[ids[2]].why
+    assert views[ids[3]].state == "UNKNOWN"
+    buf = io.StringIO()
+    slurm.print_jobs([led], lines=5, out=buf)
+    text = buf.getvalue()
+    assert f"log: {log}" in text and "| Traceback: boom" in text and "| line 26" in text and "| line 25" not in text
+    assert "never ran" in text
+
+
+# ===================================================================================== a real SLURM
+
+def test_daemons_are_live(slurm_cluster):
+    for name in ("slurmctld", "slurmd", "munged"):
+        pid = slurm_cluster.pids[name]
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == name
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T %c"], capture_output=True, text=True)
+    assert r.stdout.split()[:2] == [slurm_cluster.node, "idle"]
+
+
+def submit_ok(*argv: str) -> list[str]:
+    r = run_stc("submit", *argv)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.split()
+
+
+def test_two_task_job_ranks_from_slurm(slurm_cluster, tiny_shards, tmp_path):
+    """`stc submit shards stream` on 2 tasks: SLURM_PROCID 0 and 1 in distinct processes, each sample
+    delivered once, the same samples as a local 1-rank run; the script on disk is the dry-run's."""
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    argv = ["shards", "stream", "--shards", str(tiny_shards), "--dump", str(dump), *STREAM, f"run.out_dir={run}",
+            "--ntasks-per-node", "2"]
+    dry = run_stc("submit", *argv, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    (job,) = submit_ok(*argv)
+    info = wait_job(job)
+    log = run / "slurm" / f"shards-stream-{job}.log"
+    assert info["JobState"] == "COMPLETED", log.read_text()
+    assert (run / "slurm" / "shards-stream.sbatch").read_text() == dry.stdout.split("\n", 1)[1]
+    ranks = {r: [json.loads(x) for x in (dump / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    assert {b["rank"] for r in ranks for b in ranks[r]} == {0, 1}
+    assert all(b["rank"] == r for r in ranks for b in ranks[r])
+    assert len({ranks[0][0]["pid"], ranks[1][0]["pid"]}) == 2
+    keys = [k for r in ranks for b in ranks[r] for k, p in zip(b["keys"], b["pad"]) if not p]
+    assert len(keys) == 19 and max(Counter(keys).values()) == 1
+    local = run_stc("shards", "stream", "--shards", str(tiny_shards), "--dump", str(tmp_path / "one"), *STREAM)
+    assert local.returncode == 0, local.stderr
+    one = [k for x in (tmp_path / "one" / "rank0.jsonl").read_text().splitlines()
+           for k, p in zip(json.loads(x)["keys"], json.loads(x)["pad"]) if not p]
+    assert sorted(one) == sorted(keys)
+    events = [e["event"] for e in ledger_of(run)]
+    assert events == ["submitted", "started", "finished"]
+    jobs = run_stc("jobs", "--ledger", str(run))
+    assert jobs.returncode == 0 and f"{job}" in jobs.stdout and "COMPLETED" in jobs.stdout
+
+
+def pipeline_recipe(tmp_path: Path, manifest: Path) -> Path:
+    y = tmp_path / "chain.yaml"
+    sh = tmp_path / "built"
+    y.write_text(f"run: {{out_dir: {tmp_path / 'run'}}}\nshards: {{manifest: {manifest}, out: {sh}, "
+                 f"samples_per_shard: 4}}\ndata: {{shards: {sh}, batch_size: 3, bucket_window: 6}}\n")
+    return y
+
+
+def test_chain_afterok_second_uses_first_output(slurm_cluster, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    y = pipeline_recipe(tmp_path, write_manifest(tmp_path, np, sf))
+    job1, job2 = submit_ok("pipeline", "--config", str(y), "--stages", "shards build,shards stream")
+    assert job_info(job2).get("Dependency", "").startswith(f"afterok:{job1}")
+    assert wait_job(job2)["JobState"] == "COMPLETED"
+    assert job_info(job1).get("JobState", "COMPLETED") == "COMPLETED"
+    run = tmp_path / "run"
+    ev = ledger_of(run)
+    t_end1 = next(e["time"] for e in ev if e["event"] == "finished" and e["job"] == job1)
+    t_start2 = next(e["time"] for e in ev if e["event"] == "started" and e["job"] == job2)
+    assert t_start2 >= t_end1
+    assert (tmp_path / "built" / "meta.json").exists()
+    log2 = (run / "slurm" / f"shards-stream-{job2}.log").read_text()
+    assert "stream train: 1 rank(s)" in log2, log2
+    assert re.search(r"│\s+all\s+│.*│\s+7\s+│\s+19\s+│", log2), log2  # all 19 train samples streamed
+    # resubmitting the pipeline skips the finished shard build and only chains what is left
+    again = run_stc("submit", "pipeline", "--config", str(y), "--stages", "shards build,shards stream")
+    assert again.returncode == 0, again.stderr
+    assert "skip `stc shards build`" in again.stderr and len(again.stdout.split()) == 1
+    wait_job(again.stdout.split()[0])
+
+
+def test_failing_first_stage_never_runs_the_second(slurm_cluster, tmp_path):
+    y = pipeline_recipe(tmp_path, tmp_path / "missing.jsonl")  # fails before writing anything
+    job1, job2 = submit_ok("pipeline", "--config", str(y), "--stages", "shards build,shards stream")
+    assert wait_job(job1)["JobState"] == "FAILED"
+    info2 = wait_job(job2, timeout=60)
+    assert info2 == {} or info2["JobState"] == "CANCELLED"
+    run = tmp_path / "run"
+    assert not (run / "slurm" / f"shards-stream-{job2}.log").exists()  # it never started
+    assert [e["event"] for e in ledger_of(run) if e["job"] == job2] == ["submitted"]
+    r = run_stc("jobs", "--config", str(y))  # the recipe's run.out_dir holds the ledger
+    assert r.returncode == 0, r.stderr
+    log1 = run / "slurm" / f"shards-build-{job1}.log"
+    assert f"log: {log1}" in r.stdout and "missing.jsonl does not exist" in r.stdout  # the log's last lines
+    assert f"never ran: dependency {job1}" in r.stdout
+
+
+def test_bad_partition_shows_slurms_message(slurm_cluster, tmp_path):
+    run = tmp_path / "run"
+    r = run_stc("submit", "shards", "stream", f"run.out_dir={run}", "--partition", "nope")
+    assert r.returncode == 1 and "partition 'nope'" in r.stderr and "not found" in r.stderr.lower()
+    assert "debug" in r.stderr  # the partitions that exist
+    assert not ledger_of(run)
+
+
+def test_half_submitted_chain_is_cancelled(slurm_cluster, tmp_path, monkeypatch):
+    """The second sbatch of a chain fails (SLURM rejects the partition): the first job is cancelled."""
+    real = slurm.sbatch
+    calls: list[str] = []
+
+    def flaky(script: Path, dependency: str | None = None) -> str:
+        calls.append(str(script))
+        if len(calls) == 2:
+            bad = script.with_name("bad.sbatch")
+            bad.write_text(script.read_text().replace("#SBATCH --nodes=1", "#SBATCH --partition=nope\n#SBATCH --nodes=1"))
+            return real(bad, dependency)
+        return real(script, dependency)
+
+    monkeypatch.setattr(slurm, "sbatch", flaky)
+    recipe = cfg.load(None, [f"run.out_dir={tmp_path / 'run'}"])
+    p = slurm.plan([("shards build", ["shards", "build"]), ("shards stream", ["shards", "stream"])], recipe,
+                   slurm.JobOptions(), skip_finished=False,
+                   command_for=lambda n, a: ["sleep", "30"])
+    with pytest.raises(slurm.SubmitError) as e:
+        slurm.submit(p)
+    assert "invalid partition" in str(e.value).lower() and "cancelled the jobs already submitted" in str(e.value)
+    first = next(x["job"] for x in ledger_of(tmp_path / "run") if x["event"] == "submitted")
+    assert wait_job(first, timeout=30).get("JobState", "CANCELLED") == "CANCELLED"
+    assert [v.state for v in slurm.job_views(tmp_path / "run" / "slurm" / "ledger.jsonl")] == ["CANCELLED"]
+
+
+def test_gpus_on_a_cpu_only_partition_are_refused(slurm_cluster, tmp_path):
+    r = run_stc("submit", "shards", "stream", f"run.out_dir={tmp_path}", "--gpus-per-node", "1")
+    assert r.returncode == 1 and "has no GPUs" in r.stderr and "debug" in r.stderr
+    assert not ledger_of(tmp_path)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """USR1 to the batch script (what SLURM does at --signal=B:USR1@s or on preemption) with the
+    test-only stand-in stage: forwarded to both tasks, exit 75, requeued, resumed, each step once."""
+    work, steps = tmp_path / "work", 30
+    recipe = cfg.load(None, [f"run.out_dir={tmp_path / 'run'}"])
+    p = slurm.plan([("finetune", ["finetune"])], recipe, slurm.JobOptions(ntasks_per_node=2), skip_finished=False,
+                   command_for=lambda n, a: [sys.executable, str(STANDIN), str(work), str(steps)])
+    (rec,) = slurm.submit(p)
+    job = rec["job"]
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        data = work / "data.rank1.jsonl"
+        if data.exists() and len(data.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    info = wait_job(job, timeout=90)
+    log = Path(rec["log"]).read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert int(info["Restarts"]) >= 1
+    starts = [json.loads(x) for x in (work / "starts.jsonl").read_text().splitlines()]
+    assert sorted((s["rank"], s["restart"]) for s in starts) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(s["from"] > 0 for s in starts if s["restart"] == 1)  # resumed, not restarted
+    for rank in (0, 1):
+        got = [json.loads(x)["step"] for x in (work / f"data.rank{rank}.jsonl").read_text().splitlines()]
+        assert got == list(range(steps))  # exactly once
+    assert "forwarding to the tasks" in log and "requeueing job" in log
+    events = [e["event"] for e in ledger_of(tmp_path / "run")]
+    assert events == ["submitted", "started", "signal", "requeued", "started", "finished"]
+    (view,) = slurm.job_views(tmp_path / "run" / "slurm" / "ledger.jsonl")
+    assert (view.state, view.restarts) == ("COMPLETED", 1)
+
+
+def test_cancel_a_pipeline(slurm_cluster, tmp_path):
+    recipe = cfg.load(None, [f"run.out_dir={tmp_path / 'run'}"])
+    p = slurm.plan([("shards build", ["shards", "build"]), ("shards stream", ["shards", "stream"])], recipe,
+                   slurm.JobOptions(), skip_finished=False, command_for=lambda n, a: ["sleep", "60"])
+    jobs = [d["job"] for d in slurm.submit(p)]
+    r = run_stc("cancel", "--pipeline", p.pipeline, "--ledger", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert all(j in r.stderr for j in jobs)
+    for j in jobs:
+        assert wait_job(j, timeout=30).get("JobState", "CANCELLED") == "CANCELLED"
+    assert {v.state for v in slurm.job_views(tmp_path / "run" / "slurm" / "ledger.jsonl")} == {"CANCELLED"}
+
+
+# ===================================================================================== real stages
+
+@pytest.fixture(scope="module")
+def imp_one(tmp_path_factory) -> dict:
+    """A tiny model + dev shards and its local 1-rank importance scan: the reference for both tests below."""
+    from test_importance import SCAN, build_env
+
+    root = tmp_path_factory.mktemp("imp")
+    env = build_env(root / "env")
+    common = [f"model.path={env['model']}", "model.dtype=fp32", f"data.shards={env['shards']}", *SCAN,
+              "importance.remove=2"]
+    r = run_stc("importance", *common, f"importance.out={root / 'one'}", f"run.out_dir={root / 'r1'}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"common": common, "ranking": json.loads((root / "one" / "ranking.json").read_text())}
+
+
+def same_scan_both_ranks_once(imp_one: dict, out: Path) -> None:
+    from test_importance import units_of
+
+    from engine.importance import journal as J
+
+    a, b = imp_one["ranking"], json.loads((out / "ranking.json").read_text())
+    assert b["removed"] == a["removed"] and b["baseline"] == a["baseline"]
+    assert [it["scores"] for it in b["iterations"]] == [it["scores"] for it in a["iterations"]]
+    units = units_of(out)
+    assert {u["rank"] for u in units} == {0, 1} and len({u["pid"] for u in units}) == 2
+    keys = [J.record_key(u) for u in units]
+    assert len(keys) == len(set(keys)) == 1 + 4 + 3  # baseline + the candidates of two iterations, each once
+
+
+@needs_stage("importance")
+def test_two_task_importance_equals_one_rank(slurm_cluster, imp_one, tmp_path):
+    """`stc importance` on a tiny model as a 2-task SLURM job: both SLURM_PROCIDs computed units, each
+    unit once, and the ranking equals the local 1-rank scan."""
+    two, run = tmp_path / "two", tmp_path / "run"
+    (job,) = submit_ok("importance", *imp_one["common"], f"importance.out={two}", f"run.out_dir={run}",
+                       "--ntasks-per-node", "2")
+    info = wait_job(job, timeout=240)
+    assert info["JobState"] == "COMPLETED", (run / "slurm" / f"importance-{job}.log").read_text()[-3000:]
+    same_scan_both_ranks_once(imp_one, two)
+
+
+@needs_stage("importance")
+def test_two_node_rendezvous_without_slurm(imp_one, tmp_path):
+    """Multi-node rendezvous as two `torchrun --nnodes 2 --node_rank i` processes on 127.0.0.1."""
+    from launchers.local import free_port, torchrun_command
+
+    out = tmp_path / "nodes"
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    argv = ["importance", *imp_one["common"], f"importance.out={out}", f"run.out_dir={tmp_path / 'run'}"]
+    procs = [subprocess.Popen(torchrun_command(1, argv, master_port=port, nnodes=2, node_rank=i), env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    same_scan_both_ranks_once(imp_one, out)
+
+
+def train_workspace(root: Path) -> Path:
+    """16 train + 6 dev samples, a 4-layer teacher and a 2-layer student (the trainer tests' sizes)."""
+    import numpy as np
+    import soundfile as sf
+
+    from engine.data import shards
+    from engine.models.tiny import build_tiny_qwen2audio
+
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(22):
+        sr, dur = 16000, 0.2 + 0.05 * (i % 7)
+        t = np.arange(int(dur * sr)) / sr
+        sf.write(root / f"a{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 20 * i) * t)).astype("float32"), sr)
+        rows.append({"id": f"u{i:02d}", "audio": f"a{i}.wav", "src_text": "hello", "tgt_text": "Hallo Welt " * (1 + i % 3),
+                     "src_lang": "en", "tgt_lang": "de", "split": "train" if i < 16 else "dev"})
+    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards.build(cfg.load(None, [f"shards.manifest={root / 'm.jsonl'}", f"shards.out={root / 'sh'}",
+                                 "shards.samples_per_shard=4"]), workers=1)
+    build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
+    build_tiny_qwen2audio(root / "student", num_layers=2, dtype="fp32", seed=1)
+    return root
+
+
+@needs_stage("distill")
+def test_preempted_trainer_resumes_with_the_same_losses(slurm_cluster, tmp_path):
+    """`stc distill` as a 2-task job gets USR1 (to the batch script, as SLURM sends it) mid-run: all
+    ranks checkpoint the same step, exit 75, the job is requeued (restart 1), resumes and ends with
+    every sample once per epoch and the losses of an uninterrupted run."""
+    ws = train_workspace(tmp_path / "ws")
+
+    def args(out: Path) -> list[str]:
+        kv = {"model.path": ws / "teacher", "model.dtype": "fp32", "data.shards": ws / "sh", "data.batch_size": 2,
+              "distill.student": ws / "student", "distill.mode": "lora", "distill.teacher_mode": "online",
+              "distill.seq_kd": "false", "distill.global_batch": 4, "distill.epochs": 1, "distill.out": out,
+              "distill.lr": "1e-3", "distill.lora.r": 4, "distill.save_every": 100, "distill.zero_stage": 2,
+              "cache.k": 8, "run.threads": 1, "run.out_dir": out.parent / "run"}
+        return [f"{k}={v}" for k, v in kv.items()]
+
+    def metrics(out: Path) -> list[dict]:
+        p = out / "metrics.jsonl"
+        return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+    env = dict(os.environ, STC_TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
+    ref = tmp_path / "ref" / "out"
+    r = run_stc("run", "--nproc", "2", "distill", *args(ref), env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[:6000]
+    out = tmp_path / "slurm" / "out"
+    e = dict(env, PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    sub = subprocess.run([sys.executable, "-m", "engine.cli", "submit", "distill", *args(out), "--ntasks-per-node", "2"],
+                         env=e, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.split()[0]
+    end = time.monotonic() + 240
+    while time.monotonic() < end and not any(m.get("step", 0) >= 1 and "loss" in m for m in metrics(out)):
+        assert job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job_info(job)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = wait_job(job, timeout=300)
+    log = (out.parent / "run" / "slurm" / f"distill-{job}.log").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert int(info["Restarts"]) >= 1 and "requeueing job" in log
+    started = [x for x in ledger_of(out.parent / "run") if x["event"] == "started"]
+    assert [x["restarts"] for x in started] == [0, 1]  # SLURM_RESTART_COUNT as the resumed job saw it
+    m = metrics(out)
+    stops = [x for x in m if x.get("event") == "stopped"]
+    assert len(stops) == 1 and stops[0]["exit"] == 75
+    assert any(x.get("resumed_from") for x in m if x.get("event") == "start")
+    got = [(x["step"], x["loss"]) for x in m if "loss" in x]
+    want = [(x["step"], x["loss"]) for x in metrics(ref) if "loss" in x]
+    assert [s for s, _ in got] == [s for s, _ in want]  # every step once
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    keys = Counter(k for x in m if "loss" in x for k in x["keys"])
+    assert keys == Counter(k for x in metrics(ref) if "loss" in x for k in x["keys"]) and set(keys.values()) == {1}

@@ -1,0 +1,171 @@
+"""Trainer pieces that need no DeepSpeed launch: batch arithmetic, the ZeRO rule, "auto" filling, the
+lr schedule, the loss on cached-style targets built from a live teacher, run identity, checkpoint listing.
+
+The end-to-end runs with real DeepSpeed on 2 ranks are in ``test_train_ds.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import train, train_ckpt
+from engine import train_ds as tds
+
+GiB = 2 ** 30
+
+
+def test_accumulation_and_refusal_names_the_numbers():
+    assert tds.accumulation(8, 2, 2) == 2
+    assert tds.accumulation(4, 2, 2) == 1
+    with pytest.raises(tds.TrainConfigError, match=r"global batch 6 does not divide by micro batch 2 x world size 2 = 4"):
+        tds.accumulation(6, 2, 2)
+
+
+def test_zero_rule_lora_stays_replicated_full_shards_what_it_must():
+    seven_b = dict(n_params=7_000_000_000, weight_bytes=2.0, device_bytes=80 * GiB)
+    # LoRA: 1.7% trainable, base fits replicated -> ZeRO-0 (no gather of the frozen base)
+    c = tds.choose_stage("auto", mode="lora", n_trainable=120_000_000, world_size=8, **seven_b)
+    assert c.stage == 0 and not c.offload
+    c = tds.choose_stage("auto", mode="qlora", n_trainable=120_000_000, world_size=8,
+                         n_params=7_000_000_000, weight_bytes=0.56, device_bytes=80 * GiB)
+    assert c.stage == 0
+    # full 7B on 8 GPUs: 16 B/param replicated is 112 GB -> shard optimizer (1) or also grads (2)
+    c = tds.choose_stage("auto", mode="full", n_trainable=7_000_000_000, world_size=8, **seven_b)
+    assert c.stage in (1, 2)
+    # full 13B on 8 GPUs of 72 GiB: ZeRO-2 needs 45.4 GiB of the 43.2 GiB budget -> ZeRO-3 (24.2 GiB)
+    c = tds.choose_stage("auto", mode="full", n_trainable=13e9, world_size=8, n_params=13e9, weight_bytes=2.0,
+                         device_bytes=72 * GiB)
+    assert c.stage == 3 and not c.offload
+    # full 7B on 2 GPUs: 56 GB even under ZeRO-3 -> offload
+    assert tds.choose_stage("auto", mode="full", n_trainable=7e9, world_size=2, **seven_b).offload
+    # one 24 GB GPU: nothing fits -> ZeRO-3 + offload
+    c = tds.choose_stage("auto", mode="full", n_trainable=7_000_000_000, world_size=1,
+                         n_params=7_000_000_000, weight_bytes=2.0, device_bytes=24 * GiB)
+    assert c.stage == 3 and c.offload
+    # the base does not fit -> LoRA goes to 3; QLoRA is refused rather than sharded
+    c = tds.choose_stage("auto", mode="lora", n_trainable=1e8, world_size=4, n_params=70e9, weight_bytes=2.0,
+                         device_bytes=80 * GiB)
+    assert c.stage == 3
+    with pytest.raises(tds.TrainConfigError, match="qlora"):
+        tds.choose_stage("auto", mode="qlora", n_trainable=1e8, world_size=4, n_params=400e9, weight_bytes=0.56,
+                         device_bytes=80 * GiB)
+
+
+def test_forced_and_unknown_stages():
+    kw = dict(mode="lora", n_params=1000, n_trainable=10, weight_bytes=2.0, world_size=2, device_bytes=GiB)
+    assert tds.choose_stage("3", **kw).stage == 3
+    with pytest.raises(tds.TrainConfigError, match="unknown DeepSpeed ZeRO stage '5'"):
+        tds.choose_stage("5", **kw)
+    with pytest.raises(tds.TrainConfigError, match="qlora under ZeRO-3 is refused"):
+        tds.choose_stage("3", **dict(kw, mode="qlora"))
+
+
+def test_unknown_stage_in_the_config_is_refused(stc_cmd, stc_env):
+    import subprocess
+
+    r = subprocess.run([*stc_cmd, "distill", "distill.zero_stage=4"], env=stc_env, capture_output=True, text=True)
+    assert r.returncode == 2 and "distill.zero_stage: 4 is not one of" in r.stderr
+
+
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (3, True)])
+def test_fill_config_leaves_no_auto(stage, offload):
+    t = tds.load_template(stage, offload)
+    ds = tds.fill_config(t, stage=stage, micro_batch=2, accum=3, world_size=2, dtype="bf16", grad_clip=1.0,
+                         offload=offload, hidden_size=64, on_cpu=True, param_persistence_threshold=0 if stage == 3 else None)
+    assert ds["train_batch_size"] == 12 and ds["gradient_accumulation_steps"] == 3
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == stage
+    assert "auto" not in json.dumps(ds)
+    if stage == 3:
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+        assert ("offload_param" in ds["zero_optimization"]) == offload
+    else:
+        assert not any(k.startswith("stage3_") for k in ds["zero_optimization"])
+
+
+def test_lr_schedules():
+    f = lambda s, sch, w=0: train.lr_factor(s, total=10, warmup=w, schedule=sch)  # noqa: E731
+    assert f(0, "cosine") == 1.0 and f(5, "cosine") == pytest.approx(0.5) and f(10, "cosine") == pytest.approx(0.0)
+    assert f(5, "linear") == pytest.approx(0.5) and f(7, "constant") == 1.0
+    assert [f(s, "constant", 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_cached_style_targets_from_a_live_teacher_match_full_vocab_kd():
+    """kd_* built like the cache (row t = teacher distribution for labels[t]) with k = V give exactly the
+    full-vocabulary KD, with the causal shift in the right place."""
+    from engine import losses
+
+    torch.manual_seed(0)
+    b, t, v = 2, 7, 11
+    s_logits = torch.randn(b, t, v, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(b, t, v, dtype=torch.float64)
+    labels = torch.full((b, t), -100)
+    labels[0, 3:6] = torch.tensor([1, 2, 3])
+    labels[1, 5:7] = torch.tensor([4, 5])
+    batch = {"labels": labels, **train.topk_targets(t_logits, labels, k=v, vocab_size=v)}
+    assert batch["kd_mask"].sum() == 5 and batch["kd_ids"].shape == (b, t, v)
+    ce, kd, n = train.micro_loss_sums(s_logits, batch, kd=True, kd_kind="forward_kl", temperature=1.0)
+    assert n == 5
+    pos = labels[:, 1:] != -100
+    ref_kd = losses.forward_kl_full(s_logits[:, :-1][pos], t_logits[:, :-1][pos]).total
+    ref_ce = torch.nn.functional.cross_entropy(s_logits[:, :-1][pos], labels[:, 1:][pos], reduction="sum")
+    assert float(kd) == pytest.approx(float(ref_kd), rel=1e-6)
+    assert float(ce) == pytest.approx(float(ref_ce), rel=1e-6)
+    # a pad batch (all labels -100) contributes nothing but keeps the graph
+    pad = {"labels": torch.full((1, 4), -100), **train.topk_targets(t_logits[:1, :4], torch.full((1, 4), -100), 3, v)}
+    ce0, kd0, n0 = train.micro_loss_sums(s_logits[:1, :4], pad, kd=True, kd_kind="forward_kl", temperature=1.0)
+    assert n0 == 0 and float(ce0) == 0.0 and ce0.requires_grad
+
+
+def test_topk_tail_is_the_mass_outside():
+    logits = torch.randn(1, 3, 20)
+    labels = torch.tensor([[-100, 5, 6]])
+    out = train.topk_targets(logits, labels, k=4, vocab_size=20)
+    lp = torch.log_softmax(logits[0, 0], -1)
+    top = lp.topk(4)
+    assert torch.allclose(out["kd_logprobs"][0, 1], top.values)
+    mass = top.values.exp().sum() + out["kd_tail"][0, 1].exp()
+    assert float(mass) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_identity_diff_names_keys():
+    d = train.identity_diff({"distill.lr": 1e-5, "mode": "lora"}, {"distill.lr": 1e-4, "mode": "lora"})
+    assert d == ["distill.lr: checkpoint has 1e-05, this run 0.0001"]
+
+
+def test_half_written_checkpoints_are_never_listed(tmp_path: Path):
+    root = tmp_path / "checkpoints"
+    good = root / "step-00000004"
+    good.mkdir(parents=True)
+    (good / "state.json").write_text(json.dumps({"step": 4}))
+    (good / "meta.json").write_text("{}")
+    (root / ".step-00000006.tmp-123").mkdir()                      # being written / killed mid-write
+    (root / ".step-00000006.tmp-123" / "state.json").write_text(json.dumps({"step": 6}))
+    nometa = root / "step-00000005"                                  # no meta.json: not finished
+    nometa.mkdir()
+    (nometa / "state.json").write_text(json.dumps({"step": 5}))
+    assert [s for s, _ in train_ckpt.list_checkpoints(root)] == [4]
+    for s in (8, 10):
+        d = root / f"step-{s:08d}"
+        d.mkdir()
+        (d / "state.json").write_text(json.dumps({"step": s}))
+        (d / "meta.json").write_text("{}")
+    train_ckpt.prune(root, keep_last=2)
+    assert [s for s, _ in train_ckpt.list_checkpoints(root)] == [8, 10]
+    assert not (root / ".step-00000006.tmp-123").exists()
+
+
+def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    st = train_ckpt.rng_state()
+    torch.save([st], tmp_path / "rng.pt")
+    a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    train_ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)[0])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
+    assert math.isfinite(a[0])

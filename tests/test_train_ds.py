@@ -1,0 +1,287 @@
+"""The trainer end to end with real DeepSpeed: 2 ranks over gloo via ``stc run --nproc 2`` (torchrun).
+
+Tiny Qwen2-Audio teacher (4 layers) and student (2 layers), fp32 so losses compare exactly on CPU,
+16 train + 6 dev samples of short sine WAVs built with ``engine.data.shards.build``. Runs are shared
+between assertions (each DeepSpeed start costs seconds); the first start JIT-builds DeepSpeed's shm op
+into TORCH_EXTENSIONS_DIR (~35 s once).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+N_TRAIN = 16
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    import numpy as np
+    import soundfile as sf
+
+    from engine import config as cfg
+    from engine.data import shards
+    from engine.models.tiny import build_tiny_qwen2audio
+
+    root = tmp_path_factory.mktemp("train")
+    rows = []
+    for i in range(N_TRAIN + 6):
+        sr, dur = 16000, 0.2 + 0.05 * (i % 7)
+        t = np.arange(int(dur * sr)) / sr
+        sf.write(root / f"a{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 20 * i) * t)).astype("float32"), sr)
+        rows.append({"id": f"u{i:02d}", "audio": f"a{i}.wav", "src_text": "hello", "tgt_text": "Hallo Welt " * (1 + i % 3),
+                     "src_lang": "en", "tgt_lang": "de", "split": "train" if i < N_TRAIN else "dev"})
+    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards.build(cfg.load(None, [f"shards.manifest={root / 'm.jsonl'}", f"shards.out={root / 'sh'}",
+                                 "shards.samples_per_shard=4"]), workers=1)
+    build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
+    build_tiny_qwen2audio(root / "student", num_layers=2, dtype="fp32", seed=1)
+    return root
+
+
+def base_args(ws: Path, out: Path, **kw: str) -> list[str]:
+    args = {"model.path": ws / "teacher", "model.dtype": "fp32", "data.shards": ws / "sh", "data.batch_size": 2,
+            "distill.student": ws / "student", "distill.mode": "lora", "distill.teacher_mode": "online",
+            "distill.seq_kd": "false", "distill.global_batch": 4, "distill.epochs": 1, "distill.out": out,
+            "distill.lr": "1e-3", "distill.lora.r": 4, "distill.save_every": 100, "cache.k": 8, "run.threads": 1}
+    args.update(kw)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def stc(stc_cmd, stc_env, stage: str, args: list[str], nproc: int = 1, signal_at: str = "",
+        expect: int | None = 0) -> subprocess.CompletedProcess:
+    env = dict(stc_env)
+    if signal_at:
+        env["STC_SIGNAL_AT_STEP"] = signal_at
+    head = [*stc_cmd, "run", "--nproc", str(nproc)] if nproc > 1 else list(stc_cmd)
+    r = subprocess.run([*head, stage, *args], env=env, capture_output=True, text=True, timeout=400)
+    if expect is not None:
+        assert r.returncode == expect, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def steps(out: Path) -> list[dict]:
+    return [m for m in metrics(out) if "loss" in m]
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in steps(out)]
+
+
+def all_keys(out: Path) -> list[str]:
+    return [k for m in steps(out) for k in m["keys"]]
+
+
+def train_keys(ws: Path) -> set[str]:
+    return {f"u{i:02d}" for i in range(N_TRAIN)}
+
+
+# ============================================================================================ invariance
+
+WORKER = r'''
+import sys, torch
+from dataclasses import replace
+from engine import config as cfg, dist, train, train_ckpt
+from engine.data.stream import Stream
+out = sys.argv[1]
+recipe = cfg.load(None, sys.argv[2:])
+t = train.Trainer(recipe, "distill")
+t.setup()
+# The same two micro batches in both layouts: the first two of an unshuffled one-rank plan.
+s = Stream(recipe.data.shards, "train", replace(recipe.data, shuffle=False), t.featurizer, rank=0, world_size=1,
+           allow_unsplit=True)
+it = iter(s)
+b = [next(it), next(it)]
+window = b if dist.world_size() == 1 else [b[dist.rank()]]
+m = t.train_step(window)
+params = {n: train_ckpt.full_param(p) for n, p in t.named_trainable}
+if dist.is_main():
+    torch.save({"loss": m["loss"], "ce": m["ce"], "kd": m["kd"], "params": params}, out)
+dist.barrier()
+dist.finalize()
+'''
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_one_rank_accum_2_equals_two_ranks_accum_1(ws, tmp_path, stc_env, stage):
+    """DESIGN 2b: the loss and the update are those of the global batch, whatever world size x accumulation."""
+    import torch
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    args = base_args(ws, tmp_path / "o", **{"distill.zero_stage": stage, "distill.zero3_persistence_threshold": 0})
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    r = subprocess.run([sys.executable, str(script), str(one), *args], env=stc_env, capture_output=True, text=True,
+                       timeout=150)
+    assert r.returncode == 0, r.stderr[-4000:]
+    from launchers.local import free_port
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(script), str(two), *args], env=stc_env, capture_output=True, text=True,
+                       timeout=150)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a, b = torch.load(one), torch.load(two)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["kd"] == pytest.approx(b["kd"], rel=1e-5)
+    assert a["params"].keys() == b["params"].keys()
+    for n in a["params"]:
+        assert torch.allclose(a["params"][n], b["params"][n], atol=1e-6, rtol=1e-5), n
+
+
+# ============================================================================================ ZeRO-2 LoRA: stop and resume
+
+@pytest.fixture(scope="module")
+def z2_lora(ws, tmp_path_factory, stc_cmd_m, stc_env_m):
+    d = tmp_path_factory.mktemp("z2lora")
+    ref, cut = d / "ref", d / "cut"
+    stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, ref, **{"distill.zero_stage": 2}), nproc=2)
+    r = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, cut, **{"distill.zero_stage": 2}), nproc=2,
+            signal_at="2:1", expect=None)
+    first = metrics(cut)
+    stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, cut, **{"distill.zero_stage": 2}), nproc=2)
+    return {"ref": ref, "cut": cut, "stop_rc": r.returncode, "first": first}
+
+
+@pytest.fixture(scope="module")
+def stc_env_m() -> dict:
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def stc_cmd_m() -> list[str]:
+    return [sys.executable, "-m", "engine.cli"]
+
+
+def test_sigterm_checkpoints_the_same_step_on_all_ranks_and_exits_resumable(z2_lora):
+    first = z2_lora["first"]
+    # rank 1 alone got the signal; the ranks agreed and checkpointed step 2
+    assert [m["step"] for m in first if m.get("event") == "checkpoint"] == [2]
+    assert [m for m in first if m.get("event") == "stopped"][0]["exit"] == 75
+    assert z2_lora["stop_rc"] != 0  # never 0: torchrun reports the ranks' 75 as a failure
+    meta = json.loads((z2_lora["cut"] / "checkpoints" / "step-00000002" / "meta.json").read_text())
+    assert meta["kind"] == "checkpoint" and sorted(p["rank"] for p in meta["provenance"]) == [0, 1]
+
+
+def test_resume_gives_identical_losses_and_exactly_once_data(ws, z2_lora):
+    ref, cut = losses(z2_lora["ref"]), losses(z2_lora["cut"])
+    assert [s for s, _ in cut] == [1, 2, 3, 4] and len(ref) == 4
+    for (s1, a), (s2, b) in zip(ref, cut):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    keys = all_keys(z2_lora["cut"])
+    assert sorted(keys) == sorted(train_keys(ws)) and len(keys) == N_TRAIN
+    assert all_keys(z2_lora["ref"]) == keys
+    assert any(m.get("resumed_from") for m in metrics(z2_lora["cut"]) if m.get("event") == "start")
+
+
+def test_resume_refuses_another_config_and_names_the_difference(ws, z2_lora, stc_cmd_m, stc_env_m, tmp_path):
+    r = stc(stc_cmd_m, stc_env_m, "distill",
+            base_args(ws, tmp_path / "x", **{"distill.resume": z2_lora["cut"] / "checkpoints", "distill.lr": "2e-3"}),
+            expect=1)
+    assert "belongs to another run or config" in r.stderr and "distill.lr" in r.stderr
+
+
+def test_metrics_and_outputs(z2_lora):
+    out = z2_lora["ref"]
+    s = steps(out)
+    for k in ("loss", "ce", "kd", "lr", "tokens_per_s", "peak_mem_bytes", "device_hours"):
+        assert all(m[k] is not None for m in s), k
+    assert all(m["kd"] > 0 for m in s)
+    start = [m for m in metrics(out) if m.get("event") == "start"][0]
+    assert start["zero_stage"] == 2 and start["world_size"] == 2 and start["accum"] == 1
+    assert (out / "config.yaml").exists()
+    meta = json.loads((out / "final" / "meta.json").read_text())
+    assert meta["kind"] == "model" and meta["trained"]["adapter"] is True
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_export_merges_lora_and_reloads_in_plain_transformers(ws, z2_lora, stc_cmd_m, stc_env_m, tmp_path):
+    out = tmp_path / "export"
+    stc(stc_cmd_m, stc_env_m, "export", [f"export.source={z2_lora['ref'] / 'final'}", f"export.out={out}",
+                                         "export.quant=none", "model.dtype=fp32"])
+    code = (f"import torch; from transformers import Qwen2AudioForConditionalGeneration as M, AutoProcessor as P;"
+            f"m = M.from_pretrained(r'{out}'); p = P.from_pretrained(r'{out}');"
+            f"ids = p.tokenizer('Hallo', return_tensors='pt').input_ids;"
+            f"g = m.generate(ids, max_new_tokens=3, do_sample=False); assert g.shape[1] >= ids.shape[1];"
+            f"assert not any('lora' in k for k in m.state_dict()); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], env=stc_env_m, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    assert not list(out.glob("*.bin")) and list(out.glob("*.safetensors"))
+
+
+# ============================================================================================ ZeRO-3 full: partitioned, resume on 1 rank
+
+def test_zero3_full_partitions_and_resumes_on_one_rank(ws, tmp_path, stc_cmd_m, stc_env_m):
+    out = tmp_path / "z3"
+    args = base_args(ws, out, **{"distill.mode": "full", "distill.zero_stage": 3,
+                                 "distill.zero3_persistence_threshold": 0})
+    stc(stc_cmd_m, stc_env_m, "distill", args, nproc=2, signal_at="2:0", expect=None)
+    start = [m for m in metrics(out) if m.get("event") == "start"][0]
+    assert start["zero_stage"] == 3 and start["zero3_params"] > 0
+    assert start["zero3_partitioned"] == start["zero3_params"]          # threshold 0: every parameter sliced
+    assert start["zero3_local_numel"] * 2 <= start["zero3_numel"] + start["zero3_params"]  # ~half per rank
+    assert [m["step"] for m in steps(out)] == [1, 2]
+    # resume the 2-rank ZeRO-3 checkpoint on 1 rank (ZeRO stage chosen again: auto)
+    stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, out, **{"distill.mode": "full",
+                                                              "distill.zero3_persistence_threshold": 0}))
+    starts = [m for m in metrics(out) if m.get("event") == "start"]
+    assert starts[-1]["world_size"] == 1 and starts[-1]["accum"] == 2 and starts[-1]["resumed_from"]
+    assert [m["step"] for m in steps(out)] == [1, 2, 3, 4]
+    keys = all_keys(out)
+    assert sorted(keys) == sorted(train_keys(ws))                     # every sample once
+    final = out / "final"
+    assert (final / "model.safetensors").exists()
+    meta = json.loads((final / "meta.json").read_text())
+    assert meta["trained"]["adapter"] is False
+
+
+def test_zero3_lora_partitions_frozen_base(ws, tmp_path, stc_cmd_m, stc_env_m):
+    out = tmp_path / "z3l"
+    stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, out, **{"distill.zero_stage": 3, "distill.epochs": 0.5,
+                                                              "distill.zero3_persistence_threshold": 0}), nproc=2)
+    start = [m for m in metrics(out) if m.get("event") == "start"][0]
+    assert start["zero_stage"] == 3 and start["zero3_partitioned"] == start["zero3_params"]
+    assert len(steps(out)) == 2 and all(m["loss"] == m["loss"] for m in steps(out))
+
+
+def test_zero2_full_finetune(ws, tmp_path, stc_cmd_m, stc_env_m):
+    out = tmp_path / "ft"
+    stc(stc_cmd_m, stc_env_m, "finetune", [f"model.path={ws / 'student'}", "model.dtype=fp32", f"data.shards={ws / 'sh'}",
+                                           "data.batch_size=2", "finetune.global_batch=4", "finetune.epochs=0.5",
+                                           f"finetune.out={out}", "finetune.zero_stage=2", "finetune.lr=1e-3",
+                                           "finetune.eval_every=1", "run.threads=1"], nproc=2)
+    s = steps(out)
+    assert len(s) == 2 and all(m["kd"] is None for m in s)
+    assert len([m for m in metrics(out) if m.get("event") == "eval"]) == 2
+    assert (out / "final" / "model.safetensors").exists()
+
+
+# ============================================================================================ bad input
+
+def test_global_batch_that_does_not_divide_the_world(ws, tmp_path, stc_cmd_m, stc_env_m):
+    r = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, tmp_path / "o", **{"distill.global_batch": 6}),
+            nproc=2, expect=None)
+    assert r.returncode != 0
+    assert "global batch 6 does not divide by micro batch 2 x world size 2 = 4" in r.stderr
+
+
+def test_teacher_with_another_vocabulary_is_refused(ws, tmp_path, stc_cmd_m, stc_env_m):
+    from engine.models.tiny import build_bpe_tokenizer, build_tiny_qwen2audio
+
+    other = build_tiny_qwen2audio(tmp_path / "t2", tokenizer=build_bpe_tokenizer(vocab_size=400), num_layers=2,
+                                  dtype="fp32")
+    r = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, tmp_path / "o", **{"model.path": other}), expect=1)
+    assert "teacher/student vocabulary mismatch" in r.stderr
