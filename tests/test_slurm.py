@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from sine_data import build_sine_shards
+
 from engine import cli
 from engine import config as cfg
 from launchers import slurm
@@ -429,23 +431,10 @@ def test_two_node_rendezvous_without_slurm(imp_one, tmp_path):
 
 def train_workspace(root: Path) -> Path:
     """16 train + 6 dev samples, a 4-layer teacher and a 2-layer student (the trainer tests' sizes)."""
-    import numpy as np
-    import soundfile as sf
-
-    from engine.data import shards
     from engine.models.tiny import build_tiny_qwen2audio
 
     root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(22):
-        sr, dur = 16000, 0.2 + 0.05 * (i % 7)
-        t = np.arange(int(dur * sr)) / sr
-        sf.write(root / f"a{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 20 * i) * t)).astype("float32"), sr)
-        rows.append({"id": f"u{i:02d}", "audio": f"a{i}.wav", "src_text": "hello", "tgt_text": "Hallo Welt " * (1 + i % 3),
-                     "src_lang": "en", "tgt_lang": "de", "split": "train" if i < 16 else "dev"})
-    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shards.build(cfg.load(None, [f"shards.manifest={root / 'm.jsonl'}", f"shards.out={root / 'sh'}",
-                                 "shards.samples_per_shard=4"]), workers=1)
+    build_sine_shards(root, 22, 16)
     build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
     build_tiny_qwen2audio(root / "student", num_layers=2, dtype="fp32", seed=1)
     return root

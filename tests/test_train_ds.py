@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from sine_data import build_sine_shards
+
 pytestmark = pytest.mark.slow
 
 N_TRAIN = 16
@@ -21,24 +23,10 @@ N_TRAIN = 16
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    import numpy as np
-    import soundfile as sf
-
-    from engine import config as cfg
-    from engine.data import shards
     from engine.models.tiny import build_tiny_qwen2audio
 
     root = tmp_path_factory.mktemp("train")
-    rows = []
-    for i in range(N_TRAIN + 6):
-        sr, dur = 16000, 0.2 + 0.05 * (i % 7)
-        t = np.arange(int(dur * sr)) / sr
-        sf.write(root / f"a{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 20 * i) * t)).astype("float32"), sr)
-        rows.append({"id": f"u{i:02d}", "audio": f"a{i}.wav", "src_text": "hello", "tgt_text": "Hallo Welt " * (1 + i % 3),
-                     "src_lang": "en", "tgt_lang": "de", "split": "train" if i < N_TRAIN else "dev"})
-    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shards.build(cfg.load(None, [f"shards.manifest={root / 'm.jsonl'}", f"shards.out={root / 'sh'}",
-                                 "shards.samples_per_shard=4"]), workers=1)
+    build_sine_shards(root, N_TRAIN + 6, N_TRAIN)
     build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
     build_tiny_qwen2audio(root / "student", num_layers=2, dtype="fp32", seed=1)
     return root

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from sine_data import build_sine_shards
+
 N_TRAIN = 8
 
 
@@ -42,26 +44,13 @@ def stc(env: dict, *argv, expect: int | None = 0) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, env_m) -> Path:
-    import numpy as np
-    import soundfile as sf
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-    from engine import config as cfg
-    from engine.data import shards
     from engine.models.surgery import drop_layers, save_pruned
     from engine.models.tiny import build_tiny_qwen2audio
 
     root = tmp_path_factory.mktemp("kd")
-    rows = []
-    for i in range(N_TRAIN + 2):
-        sr, dur = 16000, 0.2 + 0.05 * (i % 5)
-        t = np.arange(int(dur * sr)) / sr
-        sf.write(root / f"a{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 20 * i) * t)).astype("float32"), sr)
-        rows.append({"id": f"u{i:02d}", "audio": f"a{i}.wav", "src_text": "hello", "tgt_text": "Hallo Welt " * (1 + i % 3),
-                     "src_lang": "en", "tgt_lang": "de", "split": "train" if i < N_TRAIN else "dev"})
-    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shards.build(cfg.load(None, [f"shards.manifest={root / 'm.jsonl'}", f"shards.out={root / 'sh'}",
-                                 "shards.samples_per_shard=4"]), workers=1)
+    build_sine_shards(root, N_TRAIN + 2, N_TRAIN, period=5)
     build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(root / "teacher")
     assert drop_layers(model, [1, 2]) == [0, 3]

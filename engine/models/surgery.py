@@ -52,23 +52,9 @@ def text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's layer list for Qwen2-Audio-class models and HF decoder-only LMs."""
-    for path in ("model.language_model.layers", "language_model.model.layers", "model.layers",
-                 "transformer.h", "model.decoder.layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise SurgeryError(f"cannot find the decoder layers of {type(model).__name__}; supported: Qwen2-Audio-class "
-                       "models and Hugging Face decoder-only LMs (model.layers)")
-
-
-def audio_layers(model: nn.Module) -> nn.ModuleList | None:
-    for path in ("model.audio_tower.layers", "audio_tower.layers"):
+def _layer_list(model: nn.Module, paths: tuple[str, ...]) -> nn.ModuleList | None:
+    """The first ``nn.ModuleList`` found at one of the dotted ``paths`` (None when none matches)."""
+    for path in paths:
         obj: Any = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -77,6 +63,20 @@ def audio_layers(model: nn.Module) -> nn.ModuleList | None:
         if isinstance(obj, nn.ModuleList):
             return obj
     return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list for Qwen2-Audio-class models and HF decoder-only LMs."""
+    found = _layer_list(model, ("model.language_model.layers", "language_model.model.layers", "model.layers",
+                                "transformer.h", "model.decoder.layers"))
+    if found is None:
+        raise SurgeryError(f"cannot find the decoder layers of {type(model).__name__}; supported: Qwen2-Audio-class "
+                           "models and Hugging Face decoder-only LMs (model.layers)")
+    return found
+
+
+def audio_layers(model: nn.Module) -> nn.ModuleList | None:
+    return _layer_list(model, ("model.audio_tower.layers", "audio_tower.layers"))
 
 
 def normalise_indices(indices: Iterable[int], n: int, what: str = "layer") -> list[int]:

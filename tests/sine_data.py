@@ -1,0 +1,38 @@
+"""Synthetic speech-translation rows for tests: short sine-wave WAVs with German targets.
+
+Several test modules need the same tiny corpus (a train split and a dev split of varied lengths);
+one builder keeps them identical and cheap.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+
+def write_sine_manifest(root: Path, n: int, n_train: int, *, period: int = 7) -> Path:
+    """``n`` rows u00.. (the first ``n_train`` in split train, the rest dev); returns the manifest path."""
+    rows = []
+    for i in range(n):
+        sr, dur = 16000, 0.2 + 0.05 * (i % period)
+        t = np.arange(int(dur * sr)) / sr
+        sf.write(root / f"a{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 20 * i) * t)).astype("float32"), sr)
+        rows.append({"id": f"u{i:02d}", "audio": f"a{i}.wav", "src_text": "hello",
+                     "tgt_text": "Hallo Welt " * (1 + i % 3), "src_lang": "en", "tgt_lang": "de",
+                     "split": "train" if i < n_train else "dev"})
+    manifest = root / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def build_sine_shards(root: Path, n: int, n_train: int, *, period: int = 7, samples_per_shard: int = 4) -> Path:
+    """Write the manifest and build its shards into ``root/sh`` (returned)."""
+    from engine import config as cfg
+    from engine.data import shards
+
+    manifest = write_sine_manifest(root, n, n_train, period=period)
+    shards.build(cfg.load(None, [f"shards.manifest={manifest}", f"shards.out={root / 'sh'}",
+                                 f"shards.samples_per_shard={samples_per_shard}"]), workers=1)
+    return root / "sh"
