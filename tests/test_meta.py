@@ -48,11 +48,23 @@ def test_model_fingerprint_stable_and_sensitive(tmp_path):
     assert meta.fingerprint_model(a) != meta.fingerprint_model(c)
 
 
-def test_model_full_hash_tells_values_apart(tmp_path):
+def test_model_values_are_told_apart(tmp_path):
+    """A fine-tuned checkpoint has its base's headers: the sampled content hash tells them apart."""
     a = _model_dir(tmp_path, "a", payload=bytes(128))
     b = _model_dir(tmp_path, "b", payload=b"\x01" + bytes(127))
-    assert meta.fingerprint_model(a) == meta.fingerprint_model(b)  # headers equal
+    assert meta.fingerprint_model(a, sample=False) == meta.fingerprint_model(b, sample=False)  # headers equal
+    assert meta.fingerprint_model(a) != meta.fingerprint_model(b)
     assert meta.fingerprint_model(a, full=True) != meta.fingerprint_model(b, full=True)
+
+
+def test_sampled_hash_reaches_the_whole_file(tmp_path):
+    """Changes near the start, middle and end of large tensor data all change the fingerprint."""
+    n = 64 * (1 << 16) * 2  # larger than the sample budget, so reads are spread out
+    base = meta.fingerprint_model(_model_dir(tmp_path, "base", layers=1, payload=bytes(n)))
+    for name, pos in (("first", 0), ("last", n - 1)):
+        data = bytearray(n)
+        data[pos] = 1
+        assert meta.fingerprint_model(_model_dir(tmp_path, name, layers=1, payload=bytes(data))) != base
 
 
 def test_model_fingerprint_errors(tmp_path):

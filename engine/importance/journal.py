@@ -51,30 +51,18 @@ def journal_path(out: str | os.PathLike, rank: int) -> Path:
     return Path(out) / f"journal.rank{rank:03d}.jsonl"
 
 
-def weights_probe(model_dir: str | os.PathLike, samples: int = 64, chunk: int = 1 << 16) -> str:
-    """sha256 of ``samples`` evenly spaced ``chunk``-byte reads from the tensor data of each safetensors file.
+def weights_probe(model_dir: str | os.PathLike) -> str:
+    """Sampled content hash of every safetensors file (see :func:`engine.meta.weights_sample_hash`).
 
-    Why besides :func:`engine.meta.fingerprint_model` (config + headers only): a fine-tuned checkpoint has
-    exactly the headers of its base model, and a journal of the base must not be reused for it. Every
-    weight changes in fine-tuning, so a few MB sampled from a 16 GB model tell them apart in milliseconds
-    where hashing everything would take a minute per rank.
+    Kept as its own journal fingerprint so a refusal names "model weights" rather than "model".
     """
     import hashlib
-    import struct
+
+    from ..meta import weights_sample_hash
 
     h = hashlib.sha256()
     for p in sorted(Path(model_dir).glob("*.safetensors")):
-        size = p.stat().st_size
-        with open(p, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                continue
-            start = 8 + struct.unpack("<Q", raw)[0]
-            span = max(0, size - start)
-            h.update(f"{p.name}:{size}".encode())
-            for k in range(samples if span > chunk * samples else 1):
-                f.seek(start + (span - min(chunk, span)) * k // max(1, samples - 1))
-                h.update(f.read(min(chunk, span)))
+        h.update(f"{p.name}:{p.stat().st_size}:{weights_sample_hash(p)}".encode())
     return "sha256:" + h.hexdigest()
 
 
