@@ -151,7 +151,8 @@ class CacheConfig:
     split: str = ""                  # audio split to cache (default: data.train_split)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # teacher compute dtype (auto: model.dtype)
     quant: Literal["auto", "none", "nf4"] = "auto"           # teacher weights (auto: model.quant)
-    zero3: bool = False              # ZeRO-3 inference sharding of the teacher: not in this version (refused)
+    zero3: bool = False              # ZeRO-3 inference sharding of the teacher across ranks (bf16/fp32; never nf4)
+    zero3_persistence_threshold: int = -1  # ZeRO-3 stage3_param_persistence_threshold (-1: from hidden size)
 
 
 @dataclass(frozen=True)

@@ -66,9 +66,34 @@ written to a temporary name and renamed; a done record with the shard's sha256 f
 skips shards whose done record matches the file; a shard without one (killed mid-shard) is
 recomputed from scratch.
 
-ZeRO-3 inference sharding of the teacher is not implemented in this version: ``cache.zero3=true``
-is refused (for an nf4 teacher with a message saying that combination is never supported). The
-teacher must fit one device, in bf16 or nf4.
+**ZeRO-3 teacher** (``cache.zero3=true``, bf16 or fp32 only). For a teacher that does not fit one
+device, the teacher is loaded partitioned (``zero.Init`` through transformers' ``HfDeepSpeedConfig``:
+no rank ever holds all its weights, on the host or the device) and wrapped by ``deepspeed.initialize``
+(ZeRO-3, no optimizer: DeepSpeed's inference path). Each rank keeps ``1/world`` of every parameter
+(``cache.zero3_persistence_threshold``: parameters smaller than it stay whole; 0 slices all of them)
+and gathers each layer's weights for the moment its forward runs; weights a forward reads as
+``.weight`` of a child module (the audio encoder's ``embed_positions``) are registered as external
+parameters so they are gathered too. So every teacher forward is a collective, and the ranks must
+make the same calls in lockstep:
+
+* the work split is unchanged (shard ``i`` -> rank ``i % world``, batches cut per shard), but the
+  ranks agree first on the largest number of batches any rank has to run; a rank with fewer runs
+  *padding batches* (a real sample, results thrown away) until every rank has run that many;
+* every batch makes the same sequence of calls whatever its data: the word-level pass (one forward
+  of the decoder stack, then ``lm_head`` applied once with its weight gathered explicitly, instead of
+  the chunked module call whose count depends on the number of label tokens), ``generate`` with
+  ``synced_gpus=True`` (a rank whose batch has finished keeps stepping until all have), and with
+  ``cache.teacher_topk`` always the teacher-target pass (on the reference batch, discarded, when no
+  sample needs it);
+* the output is the same: same batches, same math, so the shards' bytes equal an unsharded build's
+  (checked byte for byte in fp32 on CPU by the tests; bf16 on GPUs may round differently).
+
+Each done record gets ``zero3`` counts (parameters, how many are held as a slice, local and full
+element counts, whether loading was already partitioned) as evidence of the partitioning. Limits: a rank that fails mid-build leaves the
+others waiting in a collective until the process-group timeout (checks that can fail run before the
+first forward, on all ranks); all samples must take the same model path (audio or none, as the
+featurizer decides). An nf4 teacher is refused under ZeRO-3 (DeepSpeed cannot partition
+bitsandbytes 4-bit weights): use ``cache.quant=nf4`` on one device instead.
 """
 from __future__ import annotations
 
@@ -394,7 +419,23 @@ def topk_from_hidden(hidden: Any, head: Any, k: int, vocab_size: int, chunk: int
     return torch.cat(ids), torch.cat(lps), torch.cat(tails)
 
 
-def word_level(model: Any, batch: Mapping[str, Any], k: int, vocab_size: int, device: Any) -> list[topk_codec.TopK]:
+@contextlib.contextmanager
+def _gathered_head(head: Any, zero3: bool):
+    """``lm_head`` as a callable. Under ZeRO-3 its weight is gathered once (one collective, whatever
+    the number of rows) and applied with ``F.linear`` (what ``nn.Linear.forward`` computes), so the
+    number of collectives does not depend on the data."""
+    if not zero3:
+        yield head
+        return
+    import deepspeed
+    import torch.nn.functional as F
+
+    with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
+        yield lambda x: F.linear(x, head.weight, head.bias)
+
+
+def word_level(model: Any, batch: Mapping[str, Any], k: int, vocab_size: int, device: Any,
+               zero3: bool = False) -> list[topk_codec.TopK]:
     """The teacher's top-k at every label position of a featurized batch, one TopK per sample.
 
     The label at position t is predicted from the hidden state at t-1, so hidden states are
@@ -411,7 +452,8 @@ def word_level(model: Any, batch: Mapping[str, Any], k: int, vocab_size: int, de
         if (pos[:, 1] == 0).any():
             raise CacheError("a label at position 0 has no preceding hidden state")
         h = hidden[pos[:, 0].to(hidden.device), (pos[:, 1] - 1).to(hidden.device)]
-        ids, lp, tail = topk_from_hidden(h, head, k, vocab_size)
+        with _gathered_head(head, zero3) as fn:
+            ids, lp, tail = topk_from_hidden(h, fn, k, vocab_size)
     ids, lp, tail = ids.cpu().numpy(), lp.cpu().numpy(), tail.cpu().numpy()
     counts = (labels != IGNORE).sum(1).tolist()
     res, s = [], 0
@@ -448,15 +490,18 @@ def _left_padded_prompts(featurizer: Any, samples: list[dict]) -> tuple[dict[str
     return {"input_ids": input_ids, "attention_mask": mask, **feats}, prompt_ids
 
 
-def greedy(model: Any, featurizer: Any, samples: list[dict], max_new_tokens: int, device: Any) -> tuple[list[str], list[list[int]]]:
-    """The teacher's greedy translations (text, prompt ids) for decoded samples."""
+def greedy(model: Any, featurizer: Any, samples: list[dict], max_new_tokens: int, device: Any,
+           zero3: bool = False) -> tuple[list[str], list[list[int]]]:
+    """The teacher's greedy translations (text, prompt ids) for decoded samples (``zero3``: generate with
+    ``synced_gpus=True``, so every rank steps until all ranks' batches are done)."""
     import torch
 
     inputs, prompt_ids = _left_padded_prompts(featurizer, samples)
     tok = featurizer.builder.tokenizer
     with torch.inference_mode():
         out = model.generate(**model_inputs(inputs, device), max_new_tokens=max_new_tokens, do_sample=False,
-                             num_beams=1, pad_token_id=featurizer.builder.pad_id)
+                             num_beams=1, pad_token_id=featurizer.builder.pad_id,
+                             **({"synced_gpus": True} if zero3 else {}))
     new = out[:, inputs["input_ids"].shape[1]:].cpu()
     texts = [tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in new]
     return texts, prompt_ids
@@ -478,21 +523,22 @@ def _dirs(recipe: Any) -> tuple[Path, str, Path, Path]:
 
 
 def check_options(recipe: Any) -> None:
-    """Refusals that need no model: ZeRO-3 (never with nf4; not implemented for bf16 either)."""
+    """Refusals that need no model: ZeRO-3 never with nf4, and only for a bf16 or fp32 teacher."""
     c = recipe.cache
     quant = recipe.model.quant if c.quant == "auto" else c.quant
+    dtype = recipe.model.dtype if c.dtype == "auto" else c.dtype
     if c.zero3 and quant == "nf4":
         raise CacheError("cache.zero3=true with an nf4 teacher is not supported: ZeRO-3 partitions "
-                         "bf16/fp16 parameters and cannot shard bitsandbytes 4-bit weights. Use "
+                         "bf16/fp32 parameters and cannot shard bitsandbytes 4-bit weights. Use "
                          "cache.quant=nf4 on one device (it needs ~1/4 of the bf16 memory) or a bf16 teacher")
-    if c.zero3:
-        raise CacheError("cache.zero3=true: ZeRO-3 inference sharding of the teacher is not implemented in "
-                         "this version; the teacher must fit one device. Use cache.quant=nf4 to shrink it, "
-                         "or run on a device with enough memory")
+    if c.zero3 and dtype not in ("bf16", "fp32"):
+        raise CacheError(f"cache.zero3=true with a {dtype} teacher: the ZeRO-3 teacher runs in bf16 or fp32; "
+                         f"set cache.dtype=bf16 (or fp32)")
 
 
 def teacher_vocab_rows(model: Any) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
+    w = model.get_output_embeddings().weight
+    return int(getattr(w, "ds_shape", w.shape)[0])          # ds_shape: the full shape of a ZeRO-3 slice
 
 
 def prompt_fingerprint(builder: Any) -> str:
@@ -581,7 +627,8 @@ def _done_ok(out: Path, info: ShardInfo) -> dict | None:
     return rec
 
 
-def _load_teacher(recipe: Any, teacher: Path, device: Any) -> Any:
+def _load_teacher(recipe: Any, teacher: Path, device: Any, zero3: bool = False) -> Any:
+    """The teacher, eval mode, on ``device`` (``zero3``: left on the host; :func:`_zero3_teacher` shards it)."""
     from .config import ModelConfig
     from .models.load import load_model
 
@@ -590,9 +637,64 @@ def _load_teacher(recipe: Any, teacher: Path, device: Any) -> Any:
                      quant=c.quant if c.quant != "auto" else m.quant, double_quant=m.double_quant,
                      trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
     model = load_model(mc, device=device if mc.quant == "nf4" else None)
-    if mc.quant != "nf4":
+    if mc.quant != "nf4" and not zero3:
         model.to(device)
     return model.eval()
+
+
+def _zero3_teacher(recipe: Any, teacher: Path, vocab: int, env: Any, device: Any) -> tuple[Any, dict[str, int]]:
+    """Load the teacher partitioned (``zero.Init`` through transformers' ``HfDeepSpeedConfig``: no rank
+    ever holds all weights) and wrap it with ``deepspeed.initialize`` (ZeRO-3, no optimizer): the module
+    (its ZeRO hooks gather each layer's weights around its forward) and the partitioning counts."""
+    import dataclasses
+    import socket
+
+    import deepspeed
+    import torch
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from . import dist
+    from .train_ds import fill_config, load_template
+
+    c = recipe.cache
+    dtype = c.dtype if c.dtype != "auto" else recipe.model.dtype
+    mcfg = AutoConfig.from_pretrained(teacher, local_files_only=True,
+                                      trust_remote_code=recipe.model.trust_remote_code)
+    text_cfg = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+    ds = fill_config(load_template(3, False), stage=3, micro_batch=c.batch_size, accum=1,
+                     world_size=env.world_size, dtype=dtype, grad_clip=1.0, offload=False,
+                     hidden_size=int(getattr(text_cfg, "hidden_size", 0)),
+                     param_persistence_threshold=c.zero3_persistence_threshold
+                     if c.zero3_persistence_threshold >= 0 else None, on_cpu=device.type == "cpu")
+    if not dist.is_initialized():       # one rank: DeepSpeed still wants a process group
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.export_torch_env(dataclasses.replace(env, master_port=int(os.environ.get("MASTER_PORT", port))))
+    deepspeed.init_distributed(dist_backend=dist.backend_for_device())
+    hf_ds = HfDeepSpeedConfig(ds)       # while alive, from_pretrained loads under zero.Init
+    model = _load_teacher(recipe, teacher, device, zero3=True)
+    rows = teacher_vocab_rows(model)
+    if rows < vocab:
+        raise CacheError(f"teacher {teacher}: its output layer has {rows} rows but the tokenizer has "
+                         f"{vocab} tokens: tokenizer and model do not belong together")
+    zero_init = all(hasattr(p, "ds_id") for p in model.parameters())   # partitioned while loading
+    engine, *_ = deepspeed.initialize(model=model, config=ds, dist_init_required=True)
+    del hf_ds
+    module = engine.module.eval()
+    # Weights read as ``.weight`` in the parent's forward, outside their own module's forward (the audio
+    # encoder's ``embed_positions.weight`` in Qwen2-Audio/Whisper): ZeRO-3 would hand the parent an
+    # empty slice. Registered as the parent's external parameters, they are gathered with it.
+    for sub in list(module.modules()):
+        for child_name, child in sub.named_children():
+            if child_name == "embed_positions" and isinstance(getattr(child, "weight", None), torch.nn.Parameter):
+                deepspeed.zero.register_external_parameter(sub, child.weight)
+    z3 = [(int(p.ds_tensor.numel()), int(p.ds_numel)) for p in module.parameters() if hasattr(p, "ds_numel")]
+    stats = {"params": len(z3), "partitioned": sum(loc < full for loc, full in z3),
+             "local_numel": sum(loc for loc, _ in z3), "numel": sum(f for _, f in z3), "world_size": env.world_size,
+             "zero_init": bool(zero_init)}
+    return module, stats
 
 
 def _featurize(featurizer: Any, samples: list[dict], keys: list[str]) -> dict[str, Any]:
@@ -617,8 +719,10 @@ def _fault_point(shard: str, batch: int) -> None:
 
 
 def process_shard(model: Any, featurizer: Any, samples: list[dict], recipe: Any, vocab: int, device: Any,
-                  timings: dict[str, float], shard: str = "") -> list[bytes]:
-    """Decoded samples of one audio shard -> one record per sample (in order; :func:`shard_bytes` packs them)."""
+                  timings: dict[str, float], shard: str = "", zero3: bool = False) -> list[bytes]:
+    """Decoded samples of one audio shard -> one record per sample (in order; :func:`shard_bytes` packs them).
+
+    ``zero3``: every batch makes the same teacher calls whatever its data (module docstring)."""
     from .data.prompt import PromptError
 
     c = recipe.cache
@@ -634,7 +738,7 @@ def process_shard(model: Any, featurizer: Any, samples: list[dict], recipe: Any,
         per: list[list[Target]] = [[] for _ in chunk]
         ref_ids = [labels[i][labels[i] != IGNORE].numpy().astype(np.int64) for i in range(len(chunk))]
         if "ref" in c.targets:
-            topks = word_level(model, batch, c.k, vocab, device)
+            topks = word_level(model, batch, c.k, vocab, device, zero3)
             for i, tk in enumerate(topks):
                 per[i].append(Target("ref", ref_ids[i], tk))
         t2 = time.perf_counter()
@@ -642,7 +746,8 @@ def process_shard(model: Any, featurizer: Any, samples: list[dict], recipe: Any,
         timings["word_level"] += t2 - t1
         if "teacher" in c.targets:
             t3 = time.perf_counter()
-            texts, prompt_ids = greedy(model, featurizer, chunk, c.max_new_tokens, device)
+            texts, prompt_ids = greedy(model, featurizer, chunk, c.max_new_tokens, device,
+                                       **({"zero3": True} if zero3 else {}))
             timings["generate"] += time.perf_counter() - t3
             tsamples, tidx = [], []
             teach: list[Target] = []
@@ -663,9 +768,11 @@ def process_shard(model: Any, featurizer: Any, samples: list[dict], recipe: Any,
             if tsamples:
                 t4 = time.perf_counter()
                 tb = _featurize(featurizer, tsamples, [s["key"] for s in tsamples])
-                for j, tk in zip(tidx, word_level(model, tb, c.k, vocab, device)):
+                for j, tk in zip(tidx, word_level(model, tb, c.k, vocab, device, zero3)):
                     teach[j].topk = tk
                 timings["word_level_teacher"] += time.perf_counter() - t4
+            elif zero3 and c.teacher_topk:   # keep the collectives in lockstep: same call, result discarded
+                word_level(model, batch, c.k, vocab, device, zero3)
             for i, t in enumerate(teach):
                 per[i].append(t)
         for s, targets in zip(chunk, per):
@@ -755,23 +862,34 @@ def _build(recipe: Any, env: Any) -> dict[str, Any]:
     mine = [s for i, s in enumerate(shards) if i % env.world_size == env.rank]
     todo = [s for s in mine if _done_ok(out, s) is None]
     lg.info(f"rank {env.rank}: {len(mine)} shard(s), {len(mine) - len(todo)} already done, {len(todo)} to compute")
+    zero3 = bool(c.zero3)
+    # ZeRO-3: every forward is a collective; all ranks run the largest rank's number of batches.
+    n_batches = sum(math.ceil(s.n / c.batch_size) for s in todo)
+    rounds = max(dist.all_gather_object(n_batches)) if zero3 else n_batches
     model = None
+    z3stats: dict[str, int] | None = None
     err = None
     try:
-        if todo:
+        if zero3 and rounds:
+            model, z3stats = _zero3_teacher(recipe, teacher, vocab, env, device)
+        elif todo:
             model = _load_teacher(recipe, teacher, device)
             rows = teacher_vocab_rows(model)
             if rows < vocab:
                 raise CacheError(f"teacher {teacher}: its output layer has {rows} rows but the tokenizer has "
                                  f"{vocab} tokens: tokenizer and model do not belong together")
+        if zero3 and rounds:
+            lg.info(f"rank {env.rank}: ZeRO-3 teacher: {z3stats['partitioned']} of {z3stats['params']} "
+                    f"parameters sliced, {z3stats['local_numel']} of {z3stats['numel']} elements held here; "
+                    f"{n_batches} batch(es) of work, {rounds - n_batches} padding")
         reader = ShardReader(shards_dir, shards, sample_rate=16000, max_audio_s=float(recipe.data.max_audio_s))
         pos = {s.name: i for i, s in enumerate(shards)}
-        prov = dist.provenance()
+        prov = dist.provenance() | ({"zero3": z3stats} if z3stats else {})
         for info in todo:
             t0 = time.perf_counter()
             samples = [dict(reader.read((pos[info.name], i)), pad=False) for i in range(info.n)]
             timings = {"featurize": 0.0, "word_level": 0.0, "generate": 0.0, "word_level_teacher": 0.0}
-            recs = process_shard(model, featurizer, samples, recipe, vocab, device, timings, info.name)
+            recs = process_shard(model, featurizer, samples, recipe, vocab, device, timings, info.name, zero3)
             data = shard_bytes([s["key"] for s in samples], recs)
             atomic_write_bytes(out / info.name, data)
             stats = _shard_stats(recs, vocab)
@@ -783,6 +901,11 @@ def _build(recipe: Any, env: Any) -> dict[str, Any]:
             atomic_write_json(_done_path(out, info.name), done)
             lg.info(f"rank {env.rank}: {info.name}: {info.n} samples, {stats['label_tokens']} label tokens, "
                     f"{len(data)} bytes in {time.perf_counter() - t0:.1f}s")
+        if zero3 and rounds > n_batches:    # padding batches: the first sample(s) of shard 0, discarded
+            pad = [dict(reader.read((0, i)), pad=False) for i in range(min(c.batch_size, shards[0].n))]
+            scratch = {"featurize": 0.0, "word_level": 0.0, "generate": 0.0, "word_level_teacher": 0.0}
+            for _ in range(rounds - n_batches):
+                process_shard(model, featurizer, pad, recipe, vocab, device, scratch, "", zero3)
     except (CacheError, StreamError, ModelLoadError) as e:
         err = f"rank {env.rank}: {e}"
     del model

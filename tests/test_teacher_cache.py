@@ -410,13 +410,34 @@ def test_teacher_directory_without_weights(inputs, tmp_path):
         tc.build(cfg.load(None, overrides(sh, t, tmp_path / "c")))
 
 
-def test_zero3_is_refused_and_never_with_nf4(inputs, tmp_path):
+def test_zero3_is_refused_with_nf4_and_fp16(inputs, tmp_path):
     sh, teacher = inputs
     with pytest.raises(tc.CacheError, match="nf4 teacher is not supported"):
         tc.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.zero3=true", "cache.quant=nf4")))
-    with pytest.raises(tc.CacheError, match="not implemented"):
-        tc.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.zero3=true")))
+    with pytest.raises(tc.CacheError, match="fp16 teacher"):
+        tc.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.zero3=true", "cache.dtype=fp16")))
     assert not (tmp_path / "c").exists()           # refused before anything was written
+
+
+@pytest.mark.slow
+def test_zero3_teacher_on_two_ranks_writes_the_same_cache(cache1, inputs, tmp_path, stc_cmd, stc_env):
+    """The teacher partitioned over 2 ranks (ZeRO-3, every parameter sliced) writes the bytes of the
+    unsharded 1-rank build. Rank 0 has 4 batches (shards 0, 2), rank 1 has 3 (shards 1, 3): rank 1
+    runs one padding batch so that both make the same collectives."""
+    sh, teacher = inputs
+    out = tmp_path / "z3"
+    cli(stc_cmd, stc_env, "cache", "build",
+        *overrides(sh, teacher, out, "cache.zero3=true", "cache.zero3_persistence_threshold=0"), nproc=2)
+    assert tars(out) == tars(cache1)                                 # byte for byte, fp32 on CPU
+    meta = json.loads((out / "meta.json").read_text())
+    assert {s["name"]: s["rank"] for s in meta["shards"]} == {
+        "train-000000.tar": 0, "train-000001.tar": 1, "train-000002.tar": 0, "train-000003.tar": 1}
+    for p in (out / "done").iterdir():
+        z = json.loads(p.read_text())["zero3"]
+        assert z["world_size"] == 2 and z["params"] > 0 and z["zero_init"]   # loaded partitioned
+        assert z["partitioned"] == z["params"]                      # threshold 0: every parameter sliced
+        assert z["local_numel"] * 2 <= z["numel"] + z["params"]     # about half of the elements per rank
+    assert tc.verify(out, deep=True)["problems"] == []
 
 
 def test_cli_verify_and_build_errors(cache1, inputs, tmp_path, stc_cmd, stc_env):
