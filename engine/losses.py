@@ -357,6 +357,19 @@ def jsd(student_logits, topk_ids, topk_logprobs, tail_logmass, **kw) -> LossSum:
     return sparse_kd_loss(student_logits, topk_ids, topk_logprobs, tail_logmass, kind="jsd", **kw)
 
 
+def _label_positions(labels: torch.Tensor, n: int, vocab: int, ignore_index: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the counted positions and their labels; labels [...] aligned with n rows."""
+    labels = labels.reshape(-1).to(device)
+    if labels.numel() != n:
+        raise ValueError(f"labels have {labels.numel()} positions, logits have {n}")
+    pos = _positions(n, labels != ignore_index, device)
+    lab = labels.index_select(0, pos).long()
+    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab):
+        raise ValueError(f"labels outside [0, {vocab}) other than {ignore_index}")
+    return pos, lab
+
+
 def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
             chunk: int = DEFAULT_CHUNK) -> LossSum:
     """Cross-entropy on labels, summed over positions whose label is not ``ignore_index``.
@@ -365,13 +378,7 @@ def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, *, ignore_index:
     """
     x = student_logits
     n, vocab = _dims(x)
-    labels = labels.reshape(-1).to(x.device)
-    if labels.numel() != n:
-        raise ValueError(f"labels have {labels.numel()} positions, logits have {n}")
-    pos = _positions(n, labels != ignore_index, x.device)
-    lab = labels.index_select(0, pos).long()
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab):
-        raise ValueError(f"labels outside [0, {vocab}) other than {ignore_index}")
+    pos, lab = _label_positions(labels, n, vocab, ignore_index, x.device)
 
     def fn(xc, lc):
         ce = _ce_rows(xc, lc)
@@ -398,13 +405,7 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: t
     _check_kd_args(kind, temperature, beta)
     x = student_logits
     n, vocab = _dims(x)
-    labels = labels.reshape(-1).to(x.device)
-    if labels.numel() != n:
-        raise ValueError(f"labels have {labels.numel()} positions, logits have {n}")
-    pos = _positions(n, labels != ignore_index, x.device)
-    lab = labels.index_select(0, pos).long()
-    if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= vocab):
-        raise ValueError(f"labels outside [0, {vocab}) other than {ignore_index}")
+    pos, lab = _label_positions(labels, n, vocab, ignore_index, x.device)
     ids = _select(topk_ids, "topk_ids", n, pos, 1)
     lp = _select(topk_logprobs, "topk_logprobs", n, pos, 1)
     tail = _select(tail_logmass, "tail_logmass", n, pos, 0)
