@@ -243,3 +243,36 @@ def finalize() -> None:
     if is_initialized():
         _tdist().destroy_process_group()
     _STATE["env"] = None
+
+
+STALE_BUILD_LOCK_S = 900.0
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove JIT-extension build locks left by a process killed while compiling; returns those removed.
+
+    DeepSpeed JIT-builds its ``deepspeed_shm_comm`` op at every start (torch cpp_extension, under
+    ``$TORCH_EXTENSIONS_DIR``). torch guards the build with a ``lock`` file and every later process
+    *waits for that file to disappear*: a process killed mid-build (SIGKILL, OOM, a preempted job)
+    leaves it behind and every later start hangs silently. A build takes well under a minute, so a lock
+    older than ``max_age_s`` (15 min) is stale. Called before DeepSpeed starts.
+    """
+    import glob
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions")
+    removed = []
+    for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
+        try:
+            if time.time() - os.stat(lock).st_mtime > max_age_s:
+                os.unlink(lock)
+                removed.append(lock)
+        except OSError:
+            continue
+    if removed:
+        from .log import get
+
+        get().warning(f"removed stale JIT build lock(s) {removed} (older than {max_age_s:.0f} s; "
+                                   f"left by a process killed while compiling)")
+    return removed

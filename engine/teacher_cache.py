@@ -672,6 +672,7 @@ def _zero3_teacher(recipe: Any, teacher: Path, vocab: int, env: Any, device: Any
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         dist.export_torch_env(dataclasses.replace(env, master_port=int(os.environ.get("MASTER_PORT", port))))
+    dist.clear_stale_build_locks()  # a build lock left by a killed start would hang us
     deepspeed.init_distributed(dist_backend=dist.backend_for_device())
     hf_ds = HfDeepSpeedConfig(ds)       # while alive, from_pretrained loads under zero.Init
     model = _load_teacher(recipe, teacher, device, zero3=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -81,3 +82,20 @@ def test_two_rank_gloo_via_torchrun(tmp_path, stc_env):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"world": 2, "ranks": [0, 1], "sum": 3.0, "flag": True, "bcast": {"from": 0}, "launcher": "torchrun"}
+
+
+def test_stale_jit_build_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
+    import time
+
+    from engine import dist
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "other_op" / "lock"
+    for p in (stale, fresh):
+        p.parent.mkdir(parents=True)
+        p.write_text("")
+    old = time.time() - 2 * dist.STALE_BUILD_LOCK_S
+    os.utime(stale, (old, old))
+    assert dist.clear_stale_build_locks() == [str(stale)]
+    assert not stale.exists() and fresh.exists()
