@@ -12,13 +12,17 @@
    ``teacher_mode=online`` (frozen teacher forward in the loop).
 3. **ZeRO-2 vs ZeRO-3 vs ZeRO-3 + CPU offload**, 2 ranks (gloo, one thread each): step time and peak
    RSS per rank, same LoRA step.
+4. **ZeRO-3 loading: zero.Init vs whole copies**, 2 ranks, LoRA on the 16-layer model: the trainer
+   loads partitioned under ``deepspeed.zero.Init`` (default) or, with ``STC_ZERO3_INIT=0``, a whole copy
+   per rank that ``deepspeed.initialize`` then partitions. Shown: the peak RSS per rank that setup
+   (load + LoRA + ``deepspeed.initialize``) adds over the process after its imports, and the step time.
 
 Model: tiny-config Qwen2-Audio, student hidden 512 x 8 decoder layers (intermediate 1408, 8 heads, 4
 KV heads; small audio tower), fp32 (CPU), LoRA r=64 alpha=128 rsLoRA all-linear; batch 4 samples of
 2-4 s sine audio with ~3-sentence targets. Every configuration runs in its own process (peak RSS is a
 per-process high-water mark); the median of the timed steps after ``--warmup`` untimed ones is shown.
 
-Usage: ``python bench/train.py [--steps 4] [--warmup 1] [--out runs/bench-train] [--skip zero]``
+Usage: ``python bench/train.py [--steps 4] [--warmup 1] [--out runs/bench-train] [--skip zero zinit]``
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ MODEL = dict(hidden_size=512, intermediate_size=1408, num_heads=8, num_kv_heads=
 
 # ============================================================================================ setup
 
-def prepare(root: Path) -> None:
+def prepare(root: Path, cache: bool = True) -> None:
     import numpy as np
     import soundfile as sf
 
@@ -53,8 +57,10 @@ def prepare(root: Path) -> None:
     from engine.data import shards
     from engine.models.tiny import build_tiny_qwen2audio
 
-    if (root / "ready").exists():
+    if (root / "ready").exists() or (not cache and (root / "models_ready").exists()):
         return
+    if (root / "models_ready").exists():
+        return _prepare_cache(root)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     words = "Hallo Welt, wie geht es dir heute? Mir geht es gut, danke. "
@@ -69,6 +75,14 @@ def prepare(root: Path) -> None:
                                  "shards.samples_per_shard=8"]), workers=1)
     build_tiny_qwen2audio(root / "student", num_layers=8, dtype="fp32", seed=1, **MODEL)
     build_tiny_qwen2audio(root / "teacher", num_layers=16, dtype="fp32", seed=0, **MODEL)
+    (root / "models_ready").write_text("ok")
+    if cache:
+        _prepare_cache(root)
+
+
+def _prepare_cache(root: Path) -> None:
+    """The teacher cache for the KD rows (the slow part of the preparation)."""
+    from engine import config as cfg
     from engine import teacher_cache as tc
 
     t0 = time.perf_counter()
@@ -100,9 +114,15 @@ def worker_engine(argv: list[str], steps: int, warmup: int) -> dict:
     from engine import config as cfg
     from engine import dist, train
 
+    import deepspeed  # noqa: F401  (imports before the baseline: setup's peak is then the model's)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
     recipe = cfg.load(None, argv)
     t = train.Trainer(recipe, "distill")
+    before = rss_peak()
     t.setup()
+    setup_peak = rss_peak()
     windows = t._windows()
     times, ms = [], []
     for i in range(warmup + steps):
@@ -114,7 +134,8 @@ def worker_engine(argv: list[str], steps: int, warmup: int) -> dict:
             ms.append(m)
     res = {"step_s": statistics.median(times), "loss": ms[-1]["loss"], "zero_stage": t.zero.stage,
            "offload": t.zero.offload, "tokens": statistics.median(m["label_tokens"] for m in ms),
-           "rss_per_rank": dist.all_gather_object(rss_peak())}
+           "rss_per_rank": dist.all_gather_object(rss_peak()),
+           "setup_rss_per_rank": dist.all_gather_object(setup_peak - before), "zero_init": t.zero_init}
     dist.barrier()
     return res
 
@@ -184,9 +205,10 @@ def worker_main() -> None:
 
 # ============================================================================================ driver
 
-def launch(kind: str, argv: list[str], *, steps: int, warmup: int, nproc: int, tmp: Path, threads: int) -> dict:
+def launch(kind: str, argv: list[str], *, steps: int, warmup: int, nproc: int, tmp: Path, threads: int,
+           env_extra: dict | None = None) -> dict:
     out = tmp / f"res-{time.monotonic_ns()}.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), **(env_extra or {}))
     argv = [*argv, f"run.threads={threads}"]
     me = [str(Path(__file__).resolve()), "--worker", kind, str(steps), str(warmup), str(out), *argv]
     if nproc > 1:
@@ -218,12 +240,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-train"))
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tax", "kd", "zero"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["tax", "kd", "zero", "zinit"])
     a = ap.parse_args()
     root = Path(a.out)
     tmp = root / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    prepare(root / "ws")
+    prepare(root / "ws", cache="kd" not in a.skip)
     ws = root / "ws"
     threads = os.cpu_count() or 1
     kw = dict(steps=a.steps, warmup=a.warmup, tmp=tmp)
@@ -269,6 +291,20 @@ def main() -> None:
             rows.append((f"{name}, 2 ranks x batch 2 (LoRA)", f"{r['step_s']:.3f}", f"{r['step_s'] / base:.2f}",
                          "/".join(gib(x) for x in r["rss_per_rank"]), f"stage {r['zero_stage']}"
                          f"{' offload' if r['offload'] else ''}"))
+    if "zinit" not in a.skip:
+        base = None
+        for name, init in (("ZeRO-3 loaded whole per rank", "0"), ("ZeRO-3 loaded under zero.Init", "1")):
+            extra = {"distill.zero_stage": 3, "distill.student": ws / "teacher"}
+            r = launch("engine", overrides(ws, tmp / f"zinit{init}", batch=2, **extra), nproc=2,
+                       threads=max(1, threads // 2), env_extra={"STC_ZERO3_INIT": init}, **kw)
+            results[name] = r
+            if "failed" in r:
+                rows.append((f"{name}, 2 ranks (LoRA, 16 layers)", "-", "-", "-", "failed: " + r["failed"][:80]))
+                continue
+            base = base or r["step_s"]
+            rows.append((f"{name}, 2 ranks (LoRA, 16 layers)", f"{r['step_s']:.3f}", f"{r['step_s'] / base:.2f}",
+                         "/".join(gib(x) for x in r["rss_per_rank"]),
+                         "setup adds " + "/".join(f"{x / 2**20:.0f}" for x in r["setup_rss_per_rank"]) + " MiB/rank"))
     head = ("configuration", "step s", "ratio", "peak RSS GiB/rank", "note")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     print(" | ".join(h.ljust(w) for h, w in zip(head, widths)))

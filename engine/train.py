@@ -23,6 +23,22 @@ their label-token count, and only then runs forward/backward; each micro batch's
 off), so the gradient is that of the global mean whatever ``W`` and the accumulation are. Padding
 batches (all labels -100) therefore add nothing.
 
+Only the label rows reach ``lm_head``: a forward pre-hook on the output layer
+(:func:`head_at_label_rows`) keeps the hidden states at positions ``t - 1`` of the labels ``t``, so
+the forward returns ``z`` [N, V] for the N label tokens instead of [B, T, V] (at a 156k vocabulary
+the full-sequence logits of the audio and prompt positions cost more memory than the decoder
+activations). The output layer is still *called* (never its ``.weight`` read), so ZeRO-3 gathers it
+with its own hooks, and LoRA never wraps it (:func:`engine.models.load.lora_targets` skips it). The
+online teacher goes through the same hook.
+
+**ZeRO-3 loading.** When the resolved stage is 3 the model is built inside ``deepspeed.zero.Init``
+(transformers' ``HfDeepSpeedConfig`` alive around ``from_pretrained`` and the LoRA wrapping): every
+rank only ever holds ``1/W`` of the weights, on the host as on the device, instead of a whole copy
+until ``deepspeed.initialize``. The stage is therefore chosen before loading, from parameter counts
+of the model built on the meta device. ``STC_ZERO3_INIT=0`` loads whole copies as before (a
+benchmark and fallback switch). The start record's ``zero3_load_*`` counts show the partitioning as
+loaded, before ``deepspeed.initialize``.
+
 **Teacher.** ``teacher_mode: cache`` reads the top-k targets the stream joins from the teacher cache;
 ``online`` runs the frozen teacher (no grad, never in the optimizer, outside DeepSpeed) on the same
 batch and turns its logits into the same top-k fields (:func:`topk_targets`), so both modes share
@@ -41,6 +57,7 @@ step (rank 0 by default), the way a scheduler would, so tests stop at a known st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -155,7 +172,9 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
 def topk_targets(teacher_logits: Any, labels: Any, k: int, vocab_size: int) -> dict[str, Any]:
     """Live-teacher logits -> the cache's top-k fields, aligned with ``labels``.
 
-    ``teacher_logits`` [B, T, R] (R >= vocab_size rows), ``labels`` [B, T]. Row ``t`` of the result
+    ``teacher_logits`` [B, T, R] (R >= vocab_size rows) or only the label rows [N, R] (as
+    :func:`head_at_label_rows` makes them: row-major over the positions ``t - 1`` of the labels ``t``),
+    ``labels`` [B, T]. Row ``t`` of the result
     comes from logits at ``t - 1`` (the position that predicts ``labels[t]``): ``kd_ids`` [B, T, k],
     ``kd_logprobs`` [B, T, k] (log-softmax over all R rows, top-k over the first ``vocab_size``, as the
     cache builds them), ``kd_tail`` [B, T] (log of the mass outside the top k), ``kd_mask`` [B, T].
@@ -174,7 +193,10 @@ def topk_targets(teacher_logits: Any, labels: Any, k: int, vocab_size: int) -> d
         return out
     src = torch.zeros_like(pos)
     src[:, :-1] = pos[:, 1:]
-    logp = torch.log_softmax(teacher_logits[src].float(), dim=-1)           # [N, R]
+    rows = teacher_logits if teacher_logits.ndim == 2 else teacher_logits[src]
+    if rows.shape[0] != int(pos.sum()):
+        raise TrainError(f"teacher logits have {rows.shape[0]} label rows for {int(pos.sum())} label tokens")
+    logp = torch.log_softmax(rows.float(), dim=-1)                          # [N, R]
     vals, ids = logp[:, :vocab_size].topk(k, dim=-1)                        # [N, k]
     # logsumexp of the complement, not log1p(-sum): the latter underflows for peaked rows
     tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)               # [N]
@@ -186,8 +208,9 @@ def topk_targets(teacher_logits: Any, labels: Any, k: int, vocab_size: int) -> d
 def micro_loss_sums(logits: Any, batch: Mapping[str, Any], *, kd: bool, kd_kind: str, temperature: float) -> tuple[Any, Any, int]:
     """``(sum_CE, sum_KD, n_label_tokens)`` of one micro batch (sums over label positions).
 
-    ``logits`` [B, T, V]; ``batch["labels"]`` [B, T]; KD fields [B, T, k] / [B, T] as in the module doc.
-    Only the N label rows of the logits are passed on ([N, V]), the loss functions chunk them.
+    ``logits`` [B, T, V], or only the N label rows [N, V] (what the trainer's forward returns, see
+    :func:`head_at_label_rows`); ``batch["labels"]`` [B, T]; KD fields [B, T, k] / [B, T] as in the
+    module doc. Only the N label rows are passed on ([N, V]), the loss functions chunk them.
     """
     import torch
 
@@ -196,7 +219,9 @@ def micro_loss_sums(logits: Any, batch: Mapping[str, Any], *, kd: bool, kd_kind:
     labels = batch["labels"]
     pos = labels[:, 1:] != IGNORE                     # [B, T-1]: positions whose next token is a label
     n = int(pos.sum())
-    rows = logits[:, :-1][pos]                        # [N, V]
+    rows = logits if logits.ndim == 2 else logits[:, :-1][pos]   # [N, V]
+    if rows.shape[0] != n:
+        raise TrainError(f"{rows.shape[0]} logit rows for {n} label tokens")
     tgt = labels[:, 1:][pos]                          # [N]
     zero = logits.sum() * 0.0                         # keeps the graph (and ZeRO-3 hooks) alive when N = 0
     if n == 0:
@@ -210,6 +235,76 @@ def micro_loss_sums(logits: Any, batch: Mapping[str, Any], *, kd: bool, kd_kind:
                 rows, batch["kd_ids"][:, 1:][pos], batch["kd_logprobs"][:, 1:][pos],
                 batch["kd_tail"][:, 1:][pos], kind=kd_kind, mask=m, temperature=temperature).total
     return ce_sum, kd_sum, n
+
+
+@contextlib.contextmanager
+def head_at_label_rows(head: Any, labels: Any) -> Iterator[None]:
+    """While active, the output layer ``head`` sees only the hidden states that predict a label.
+
+    A forward pre-hook turns the head's input [B, T, H] into ``hidden[:, :-1][labels[:, 1:] != -100]``
+    [N, H] (row-major: sample by sample, in sequence order), so the model returns logits [N, V] for
+    the N label tokens of ``labels`` [B, T] and never [B, T, V]. The head module itself runs (its
+    ZeRO-3 hooks gather the weight; DeepSpeed and autograd see an ordinary call); only the rows differ.
+    """
+    pos = labels[:, 1:] != IGNORE
+
+    def keep_label_rows(module: Any, args: tuple) -> tuple:
+        h = args[0]
+        if h.ndim != 3 or tuple(h.shape[:2]) != tuple(labels.shape):
+            raise TrainError(f"the output layer got hidden states {tuple(h.shape)} for labels "
+                             f"{tuple(labels.shape)}; expected [B, T, H] aligned with the labels")
+        return (h[:, :-1][pos.to(h.device)], *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_label_rows)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _shape(p: Any) -> tuple[int, ...]:
+    """Full shape of a parameter, also when ZeRO-3 holds only a slice of it (``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def _numel(p: Any) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def zero3_counts(model: Any) -> dict[str, int]:
+    """How the model's parameters are held: ``params`` under ZeRO-3 management, how many of them only
+    as a slice (``partitioned``), the local and full element counts."""
+    z3 = [(int(p.ds_tensor.numel()), int(p.ds_numel)) for p in model.parameters() if hasattr(p, "ds_numel")]
+    return {"params": len(z3), "partitioned": sum(loc < full for loc, full in z3),
+            "local_numel": sum(loc for loc, _ in z3), "numel": sum(f for _, f in z3)}
+
+
+def meta_param_counts(mc: ModelConfig, mode: str, lora: LoraConfig) -> tuple[int, int, Any]:
+    """``(all parameters, trainable parameters, text config)`` of the model as the trainer will build it,
+    counted on the meta device (no weights read or allocated): the ZeRO stage must be known before
+    loading, because ZeRO-3 loads partitioned."""
+    import torch
+    from transformers import AutoConfig
+
+    from .models.load import apply_lora, detect_kind
+
+    config = AutoConfig.from_pretrained(mc.path, local_files_only=True, trust_remote_code=mc.trust_remote_code)
+    with torch.device("meta"):
+        if detect_kind(mc.path) == "qwen2audio":
+            from transformers import Qwen2AudioForConditionalGeneration
+
+            model = Qwen2AudioForConditionalGeneration._from_config(config)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=mc.trust_remote_code)
+        if mode in ("lora", "qlora"):
+            model = apply_lora(model, lora)
+    n_all = sum(p.numel() for p in model.parameters())
+    # full: every parameter (the trainer unfreezes what a fresh module starts frozen, see _load_student)
+    n_train = n_all if mode == "full" else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return n_all, n_train, text_cfg
 
 
 # ============================================================================================ trainer
@@ -272,6 +367,7 @@ class Trainer:
         self._setup_teacher_checks()
         self.stream = self._stream(self.recipe.data.train_split, shuffle=None)
         self.dev_split = self.recipe.data.dev_split if self._has_split(self.recipe.data.dev_split) else ""
+        self._plan_zero()
         self._setup_model()
         self._setup_engine()
         self.resumed_from = self._maybe_resume()
@@ -315,6 +411,7 @@ class Trainer:
         from .models.load import load_processor
 
         self.teacher = None
+        self.teacher_head = None
         if self.spec.teacher_mode == "online":
             t_proc = load_processor(self.spec.teacher)
             t_tok = getattr(t_proc, "tokenizer", t_proc)
@@ -330,21 +427,89 @@ class Trainer:
 
             check_compatible(read_cache_meta(self.spec.cache), builder=self.featurizer.builder)
 
-    def _setup_model(self) -> None:
+    def _plan_zero(self) -> None:
+        """Choose the ZeRO stage and fill the DeepSpeed config before the model exists (ZeRO-3 loads
+        partitioned); parameter counts come from the model built on the meta device."""
+        from .train_ds import choose_stage, device_memory_bytes, fill_config, load_template
+
+        n_params, n_train, text_cfg = meta_param_counts(self.spec.model, self.spec.mode, self.spec.lora)
+        # nf4: ~0.5 byte per weight + scales (the 4-bit base is counted by its real parameter number)
+        wbytes = 0.56 if self.spec.model.quant == "nf4" else {"bf16": 2, "fp16": 2, "fp32": 4}[self.spec.model.dtype]
+        choice = choose_stage(self.cfg.zero_stage, mode=self.spec.mode, n_params=n_params, n_trainable=n_train,
+                              weight_bytes=wbytes, world_size=self.env.world_size,
+                              device_bytes=device_memory_bytes(), offload=self.cfg.offload)
+        template = load_template(choice.stage, choice.offload, self.cfg.ds_config)
+        threshold = getattr(self.cfg, "zero3_persistence_threshold", -1)
+        self.ds_config = fill_config(
+            template, stage=choice.stage, micro_batch=self.recipe.data.batch_size, accum=self.accum,
+            world_size=self.env.world_size, dtype=self.spec.model.dtype, grad_clip=self.cfg.grad_clip,
+            offload=choice.offload, hidden_size=int(getattr(text_cfg, "hidden_size", 0)),
+            param_persistence_threshold=threshold if threshold >= 0 else None, on_cpu=self.device.type == "cpu")
+        self.zero = choice
+        self.zero_init = choice.stage == 3 and os.environ.get("STC_ZERO3_INIT", "1") != "0"
+
+    def _ensure_process_group(self) -> None:
+        """DeepSpeed (``initialize``, ``zero.Init``) wants a process group even on one rank: a 1-rank gloo
+        group on a free port."""
+        import deepspeed
+
+        if not dist.is_initialized():
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.export_torch_env(replace(self.env, master_port=int(os.environ.get("MASTER_PORT", port))))
+        dist.clear_stale_build_locks()  # a build lock left by a killed start would hang us
+        deepspeed.init_distributed(dist_backend=dist.backend_for_device())
+
+    def _load_student(self) -> Any:
         import torch
 
         from .models.load import apply_lora, load_model
 
-        model = load_model(self.spec.model, for_training=True, device=None if self.spec.mode == "qlora" else "cpu")
-        if self.spec.mode in ("lora", "qlora"):
-            model = apply_lora(model, self.spec.lora, gradient_checkpointing=self.cfg.gradient_checkpointing)
-        elif self.cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        rows = model.get_output_embeddings().weight.shape[0]
+        hf_ds = None
+        if self.zero_init:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._ensure_process_group()
+            # while alive, from_pretrained builds the model under deepspeed.zero.Init and loads each
+            # rank's slices directly (no device_map: the partitions are placed by DeepSpeed)
+            hf_ds = HfDeepSpeedConfig(self.ds_config)
+            model = load_model(self.spec.model, for_training=True, device=None)
+        else:
+            model = load_model(self.spec.model, for_training=True,
+                               device=None if self.spec.mode == "qlora" else "cpu")
+        try:
+            self.load_counts = zero3_counts(model)           # before deepspeed.initialize: the evidence
+            if self.spec.mode in ("lora", "qlora"):
+                # the same adapter init whatever the loading path consumed from the RNG
+                torch.manual_seed(self.recipe.run.seed)
+                model = apply_lora(model, self.spec.lora, gradient_checkpointing=self.cfg.gradient_checkpointing)
+            else:
+                # full trains every weight. Said explicitly because the loading path decides otherwise:
+                # from_pretrained returns all parameters trainable, but under zero.Init it keeps what the
+                # module's __init__ froze (Whisper's embed_positions), which would change the run.
+                for prm in model.parameters():
+                    prm.requires_grad_(True)
+                if self.cfg.gradient_checkpointing:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        finally:
+            del hf_ds   # the teacher (and anything else) loads whole again
+        return model
+
+    def _setup_model(self) -> None:
+        import torch
+
+        from .models.load import load_model
+
+        model = self._load_student()
+        rows = _shape(model.get_output_embeddings().weight)[0]
         if rows < self.vocab:
             raise TrainError(f"the model's output layer has {rows} rows, fewer than its tokenizer's {self.vocab} tokens")
         self.out_rows = rows
         self.model = model
+        self.head = model.get_output_embeddings()
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named_trainable:
             raise TrainError("no trainable parameters")
@@ -353,12 +518,13 @@ class Trainer:
                                  for_training=False, device="cpu")
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            t_rows = teacher.get_output_embeddings().weight.shape[0]
+            t_rows = _shape(teacher.get_output_embeddings().weight)[0]
             if t_rows < self.vocab:
                 raise TrainError(f"teacher/student vocabulary mismatch: the teacher's output layer has {t_rows} rows "
                                  f"for a {self.vocab}-token tokenizer")
             self.teacher = teacher.to(self.device).eval()
-        if self.device.type == "cuda" and self.spec.mode != "qlora":
+            self.teacher_head = self.teacher.get_output_embeddings()
+        if self.device.type == "cuda" and self.spec.mode != "qlora" and not self.zero_init:
             self.model.to(self.device)
         _ = torch
 
@@ -366,27 +532,13 @@ class Trainer:
         import deepspeed
         import torch
 
-        from .models.load import is_quantized
-        from .train_ds import choose_stage, device_memory_bytes, fill_config, load_template
-
-        n_params = sum(p.numel() for p in self.model.parameters())
-        n_train = sum(p.numel() for _, p in self.named_trainable)
-        wbytes = 0.56 if is_quantized(self.model) else {"bf16": 2, "fp16": 2, "fp32": 4}[self.spec.model.dtype]
-        choice = choose_stage(self.cfg.zero_stage, mode=self.spec.mode, n_params=n_params, n_trainable=n_train,
-                              weight_bytes=wbytes, world_size=self.env.world_size,
-                              device_bytes=device_memory_bytes(), offload=self.cfg.offload)
-        template = load_template(choice.stage, choice.offload, self.cfg.ds_config)
-        text_cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
-        ds = fill_config(template, stage=choice.stage, micro_batch=self.recipe.data.batch_size, accum=self.accum,
-                         world_size=self.env.world_size, dtype=self.spec.model.dtype, grad_clip=self.cfg.grad_clip,
-                         offload=choice.offload, hidden_size=int(getattr(text_cfg, "hidden_size", 0)),
-                         param_persistence_threshold=getattr(self.cfg, "zero3_persistence_threshold", -1)
-                         if getattr(self.cfg, "zero3_persistence_threshold", -1) >= 0 else None,
-                         on_cpu=self.device.type == "cpu")
-        self.ds_config, self.zero = ds, choice
+        n_params = sum(_numel(p) for p in self.model.parameters())
+        n_train = sum(_numel(p) for _, p in self.named_trainable)
+        ds, choice = self.ds_config, self.zero
         params = [p for _, p in self.named_trainable]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        # by the full shape: a weight loaded under zero.Init is a 1-D slice locally
+        decay = [p for p in params if len(_shape(p)) >= 2]
+        no_decay = [p for p in params if len(_shape(p)) < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -395,19 +547,13 @@ class Trainer:
         sched = lambda s: lr_factor(s, total=self.total_steps, warmup=self.cfg.warmup_steps,  # noqa: E731
                                     schedule=self.cfg.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched)
-        if not dist.is_initialized():
-            # One rank: DeepSpeed still wants a process group; give it a 1-rank gloo group on a free port.
-            import socket
-
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            dist.export_torch_env(replace(self.env, master_port=int(os.environ.get("MASTER_PORT", port))))
+        self._ensure_process_group()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
             model_parameters=params, dist_init_required=True)
-        self.log.info("ZeRO-%d%s (%s); %d trainable of %d params; micro %d x %d ranks x accum %d = %d",
-                      choice.stage, " + offload" if choice.offload else "", choice.reason, n_train, n_params,
+        self.log.info("ZeRO-%d%s%s (%s); %d trainable of %d params; micro %d x %d ranks x accum %d = %d",
+                      choice.stage, " + offload" if choice.offload else "",
+                      ", loaded partitioned (zero.Init)" if self.zero_init else "", choice.reason, n_train, n_params,
                       self.recipe.data.batch_size, self.env.world_size, self.accum, self.cfg.global_batch)
 
     def _plan_total_steps(self) -> int:
@@ -482,9 +628,11 @@ class Trainer:
             out[k] = v
         return out
 
-    def _forward(self, module: Any, batch: Mapping[str, Any]) -> Any:
+    def _forward(self, module: Any, head: Any, batch: Mapping[str, Any]) -> Any:
+        """Logits at the label rows only, [N, V] (see :func:`head_at_label_rows`)."""
         inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
-        return module(**inputs).logits
+        with head_at_label_rows(head, batch["labels"]):
+            return module(**inputs).logits
 
     def _with_teacher(self, batch: dict) -> dict:
         import torch
@@ -492,7 +640,7 @@ class Trainer:
         if self.spec.teacher_mode != "online" or not self.spec.kd:
             return batch
         with torch.no_grad():
-            t_logits = self._forward(self.teacher, batch)
+            t_logits = self._forward(self.teacher, self.teacher_head, batch)
         batch.update(topk_targets(t_logits, batch["labels"], self.recipe.cache.k, self.vocab))
         return batch
 
@@ -516,7 +664,7 @@ class Trainer:
         for i, raw in enumerate(window):
             batch = self._with_teacher(self._to_device(raw))
             self.engine.set_gradient_accumulation_boundary(i == len(window) - 1)
-            logits = self._forward(self.engine, batch)
+            logits = self._forward(self.engine, self.head, batch)
             ce, kd, _ = micro_loss_sums(logits, batch, kd=self.spec.kd, kd_kind=getattr(self.cfg, "kd", "forward_kl"),
                                         temperature=getattr(self.cfg, "temperature", 1.0))
             kd_w = getattr(self.cfg, "kd_weight", 0.0) if self.spec.kd else 0.0
@@ -555,13 +703,14 @@ class Trainer:
         with torch.no_grad():
             for raw in s:
                 b = self._with_teacher(self._to_device(raw))
-                logits = self._forward(self.engine, b)
                 bsz, t = b["input_ids"].shape
-                if tuple(logits.shape[:2]) != (bsz, t) or logits.shape[-1] < self.vocab:
-                    raise TrainError(f"preflight: logits {tuple(logits.shape)} for input {bsz}x{t} with a "
-                                     f"{self.vocab}-token vocabulary")
                 if b["labels"].shape != b["input_ids"].shape:
                     raise TrainError(f"preflight: labels {tuple(b['labels'].shape)} vs input_ids {bsz}x{t}")
+                logits = self._forward(self.engine, self.head, b)
+                n_rows = int((b["labels"][:, 1:] != IGNORE).sum())
+                if logits.ndim != 2 or logits.shape[0] != n_rows or logits.shape[-1] < self.vocab:
+                    raise TrainError(f"preflight: logits {tuple(logits.shape)} for {n_rows} label tokens of input "
+                                     f"{bsz}x{t} with a {self.vocab}-token vocabulary")
                 if self.spec.kd and "kd_ids" in b and tuple(b["kd_ids"].shape[:2]) != (bsz, t):
                     raise TrainError(f"preflight: kd_ids {tuple(b['kd_ids'].shape)} not aligned with labels {bsz}x{t}")
                 ce, kd, n = micro_loss_sums(logits, b, kd=self.spec.kd and "kd_ids" in b,
@@ -586,7 +735,7 @@ class Trainer:
         with torch.no_grad():
             for raw in s:
                 b = self._to_device(raw)
-                ce, _, n = micro_loss_sums(self._forward(self.engine, b), b, kd=False, kd_kind="forward_kl",
+                ce, _, n = micro_loss_sums(self._forward(self.engine, self.head, b), b, kd=False, kd_kind="forward_kl",
                                            temperature=1.0)
                 sums += torch.tensor([float(ce), float(n)], dtype=torch.float64)
         self.engine.train()
@@ -674,12 +823,12 @@ class Trainer:
         if dist.is_main():
             save_resolved(self.recipe, self.spec.out)
         self.preflight()
-        # ZeRO-3 evidence for tests and users: how many parameters hold only a slice locally.
-        z3 = [(int(p.ds_tensor.numel()), int(p.ds_numel)) for p in self.engine.module.parameters()
-              if hasattr(p, "ds_numel")]
+        # ZeRO-3 evidence for tests and users: how many parameters hold only a slice locally, now and as
+        # loaded (before deepspeed.initialize; all zero without zero.Init).
+        z3 = zero3_counts(self.engine.module)
         self._metric({"event": "start", "step": self.step, "world_size": self.env.world_size, "accum": self.accum,
-                      "zero3_params": len(z3), "zero3_partitioned": sum(loc < full for loc, full in z3),
-                      "zero3_local_numel": sum(loc for loc, _ in z3), "zero3_numel": sum(f for _, f in z3),
+                      **{f"zero3_{k}": v for k, v in z3.items()}, "zero3_init": self.zero_init,
+                      **{f"zero3_load_{k}": v for k, v in self.load_counts.items()},
                       "zero_stage": self.zero.stage, "offload": self.zero.offload, "zero_reason": self.zero.reason,
                       "total_steps": self.total_steps, "resumed_from": str(self.resumed_from or "")})
         windows = self._windows()

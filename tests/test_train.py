@@ -169,3 +169,105 @@ def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
     train_ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)[0])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == a
     assert math.isfinite(a[0])
+
+
+# ============================================================================================ label-row logits
+
+def _reference_sums(logits, batch):
+    """The plain full-logits reference: CE and forward KL over every label row of [B, T, V], the teacher
+    distribution read back from the k = V top-k fields (so both sides see the same fp32 targets)."""
+    from engine import losses
+
+    pos = batch["labels"][:, 1:] != -100
+    rows = logits[:, :-1][pos]
+    ce = torch.nn.functional.cross_entropy(rows, batch["labels"][:, 1:][pos], reduction="sum")
+    t_logp = torch.empty(rows.shape, dtype=torch.float64).scatter_(
+        1, batch["kd_ids"][:, 1:][pos], batch["kd_logprobs"][:, 1:][pos].double())
+    kd = losses.forward_kl_full(rows, t_logp).total
+    return ce, kd
+
+
+@pytest.mark.parametrize("kind,mode", [("causal_lm", "full"), ("qwen2audio", "lora")])
+def test_label_row_logits_equal_full_logits_in_loss_and_gradient(kind, mode):
+    """The trainer's forward (hidden states sliced at label positions before lm_head) gives the losses and
+    gradients of full-sequence logits; the online teacher's top-k fields are the same from rows."""
+    from engine.config import LoraConfig
+    from engine.models.load import apply_lora
+    from engine.models.tiny import make_tiny_causal_lm, make_tiny_qwen2audio
+
+    make = make_tiny_causal_lm if kind == "causal_lm" else make_tiny_qwen2audio
+    model, _ = make(num_layers=2, dtype="fp32", seed=0)
+    model = model.double().train()
+    if mode == "lora":
+        torch.manual_seed(0)
+        model = apply_lora(model, LoraConfig(r=4, alpha=8))
+        for n, p in model.named_parameters():          # B = 0 would make the LoRA gradients trivial
+            if ".lora_B." in n:
+                torch.nn.init.normal_(p, std=0.1)
+    head = model.get_output_embeddings()
+    v = head.weight.shape[0]
+    torch.manual_seed(1)
+    b, t = 3, 9
+    ids = torch.randint(5, 200, (b, t))
+    labels = torch.full((b, t), -100)
+    labels[0, 4:9] = ids[0, 4:9]
+    labels[1, 7:9] = ids[1, 7:9]                      # sample 2: no labels at all
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "teacher_logits": torch.randn(b, t, v, dtype=torch.float64)}
+    batch.update(train.topk_targets(batch["teacher_logits"], labels, k=v, vocab_size=v))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    full = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    assert full.shape == (b, t, v)
+    ce_ref, kd_ref = _reference_sums(full, batch)
+    # text-only input: the audio tower's adapters get no gradient on either path
+    g_ref = torch.autograd.grad(ce_ref + 0.5 * kd_ref, trainable, allow_unused=True, materialize_grads=True)
+
+    with train.head_at_label_rows(head, labels):
+        rows = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    assert rows.shape == (7, v)                        # only the label rows reach lm_head
+    ce, kd, n = train.micro_loss_sums(rows, batch, kd=True, kd_kind="forward_kl", temperature=1.0)
+    assert n == 7
+    assert float(ce) == pytest.approx(float(ce_ref), rel=1e-10)
+    assert float(kd) == pytest.approx(float(kd_ref), rel=1e-9, abs=1e-12)
+    g = torch.autograd.grad(ce + 0.5 * kd, trainable, allow_unused=True, materialize_grads=True)
+    assert any(bool(r.abs().sum() > 0) for r in g_ref)
+    for a, r in zip(g, g_ref):
+        assert torch.allclose(a, r, rtol=1e-8, atol=1e-12)
+    assert not head._forward_pre_hooks                # the hook is gone after the block
+
+    # online teacher: top-k fields from label rows == from full logits
+    k = 5
+    with torch.no_grad(), train.head_at_label_rows(head, labels):
+        t_rows = model(input_ids=ids).logits
+    t_full = model(input_ids=ids).logits.detach()
+    a, r = train.topk_targets(t_rows, labels, k, v), train.topk_targets(t_full, labels, k, v)
+    assert torch.equal(a["kd_ids"], r["kd_ids"]) and torch.equal(a["kd_mask"], r["kd_mask"])
+    assert torch.allclose(a["kd_logprobs"], r["kd_logprobs"]) and torch.allclose(a["kd_tail"], r["kd_tail"])
+
+
+def test_label_rows_refuse_unaligned_hidden_states():
+    head = torch.nn.Linear(4, 6)
+    with pytest.raises(train.TrainError, match="expected \\[B, T, H\\] aligned with the labels"):
+        with train.head_at_label_rows(head, torch.zeros(2, 5, dtype=torch.long)):
+            head(torch.zeros(2, 4, 4))
+
+
+def test_meta_param_counts_match_the_loaded_model(tmp_path):
+    """The ZeRO stage is chosen before loading, from counts on the meta device: they equal the real ones."""
+    from engine.config import LoraConfig, ModelConfig
+    from engine.models.load import apply_lora, load_model
+    from engine.models.tiny import build_tiny_qwen2audio
+
+    path = build_tiny_qwen2audio(tmp_path / "m", num_layers=2, dtype="fp32")
+    mc = ModelConfig(path=str(path), dtype="fp32")
+    lora = LoraConfig(r=4)
+    n_all, n_train, text_cfg = train.meta_param_counts(mc, "lora", lora)
+    real = apply_lora(load_model(mc), lora)
+    assert n_all == sum(p.numel() for p in real.parameters())
+    assert n_train == sum(p.numel() for p in real.parameters() if p.requires_grad) > 0
+    assert text_cfg.hidden_size == 64
+    n_full, n_full_train, _ = train.meta_param_counts(mc, "full", lora)
+    full = load_model(mc, for_training=True)
+    assert n_full == sum(p.numel() for p in full.parameters()) == n_all - n_train
+    assert n_full_train == sum(p.numel() for p in full.parameters() if p.requires_grad)

@@ -245,6 +245,33 @@ def test_zero3_lora_partitions_frozen_base(ws, tmp_path, stc_cmd_m, stc_env_m):
     assert len(steps(out)) == 2 and all(m["loss"] == m["loss"] for m in steps(out))
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_zero3_loads_partitioned_with_the_losses_of_whole_loading(ws, tmp_path, stc_cmd_m, stc_env_m, mode):
+    """ZeRO-3 builds the model under zero.Init: already partitioned right after loading (before
+    deepspeed.initialize), and the per-step losses equal those of loading whole copies (STC_ZERO3_INIT=0,
+    the previous path) and of ZeRO-2."""
+    kw = {"distill.mode": mode, "distill.epochs": 0.5, "distill.zero3_persistence_threshold": 0}
+    runs = {}
+    for name, stage, init in (("init", 3, "1"), ("whole", 3, "0"), ("z2", 2, "1")):
+        out = tmp_path / name
+        env = dict(stc_env_m, STC_ZERO3_INIT=init)
+        stc(stc_cmd_m, env, "distill", base_args(ws, out, **kw, **{"distill.zero_stage": stage}), nproc=2)
+        runs[name] = out
+    start = [m for m in metrics(runs["init"]) if m.get("event") == "start"][0]
+    assert start["zero3_init"] is True and start["zero_stage"] == 3
+    assert start["zero3_load_params"] > 0
+    assert start["zero3_load_partitioned"] == start["zero3_load_params"]       # every base weight a slice
+    assert start["zero3_load_local_numel"] * 2 <= start["zero3_load_numel"] + start["zero3_load_params"]
+    assert start["zero3_partitioned"] == start["zero3_params"]
+    whole = [m for m in metrics(runs["whole"]) if m.get("event") == "start"][0]
+    assert whole["zero3_init"] is False and whole["zero3_load_params"] == 0
+    ref = losses(runs["init"])
+    assert [s for s, _ in ref] == [1, 2]
+    for other in ("whole", "z2"):
+        for (s1, a), (s2, b) in zip(ref, losses(runs[other]), strict=True):
+            assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-7), other
+
+
 def test_zero2_full_finetune(ws, tmp_path, stc_cmd_m, stc_env_m):
     out = tmp_path / "ft"
     stc(stc_cmd_m, stc_env_m, "finetune", [f"model.path={ws / 'student'}", "model.dtype=fp32", f"data.shards={ws / 'sh'}",
