@@ -103,6 +103,30 @@ def _prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_import(summary) -> None:
+    for line in summary.lines():
+        print(f"stc import: {line}", file=sys.stderr)
+
+
+def _import_mustc(args: argparse.Namespace) -> int:
+    from .data import importers
+
+    summary = importers.import_mustc(args.root, args.split, args.src, args.tgt, args.out, as_split=args.as_split,
+                                     corpus=args.corpus or importers.MUSTC_CORPUS, check=args.check)
+    _print_import(summary)
+    return EXIT_OK
+
+
+def _import_covost(args: argparse.Namespace) -> int:
+    from .data import importers
+
+    summary = importers.import_covost(args.tsv, args.clips, args.out, src=args.src, tgt=args.tgt,
+                                      split_name=args.split_name, corpus=args.corpus or importers.COVOST_CORPUS,
+                                      check=args.check)
+    _print_import(summary)
+    return EXIT_OK
+
+
 def _cache_build(args: argparse.Namespace) -> int:
     from . import teacher_cache
 
@@ -161,6 +185,58 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate
+    from .importance import ImportanceError
+    from .models.load import ModelLoadError
+
+    ovs = list(args.overrides or [])
+    if getattr(args, "models", None):
+        ovs.append(f"evaluate.models=[{args.models}]")
+    if getattr(args, "out", None):
+        ovs.append(f"evaluate.out={args.out}")
+    if getattr(args, "split", None):
+        ovs.append(f"evaluate.split={args.split}")
+    recipe = cfg.load(args.config, ovs)
+    try:
+        if args.dry_run:
+            syss = evaluate.systems(recipe)
+            print(f"evaluate {', '.join(f'{s.name}={s.path}' for s in syss)} on split "
+                  f"{evaluate.test_split(recipe)!r} of {recipe.data.shards}; out {evaluate.out_dir(recipe)}")
+            return EXIT_OK
+        evaluate.run_evaluate(recipe)
+    except (evaluate.EvalError, ImportanceError, ModelLoadError) as e:
+        raise StageError(str(e)) from None
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import report
+
+    recipe = _recipe(args)
+    try:
+        if getattr(args, "dry_run", False):
+            report.dry_run(recipe)
+            return EXIT_OK
+        doc = report.run(recipe)
+    except report.ReportError as e:
+        raise StageError(str(e)) from None
+    report.print_summary(doc)
+    failed = recipe.report.strict_bars and any(b["status"] == "FAIL" for b in doc["bars"])
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    recipe = _recipe(args)
+    try:
+        return pipeline.main(recipe, dry_run=args.dry_run, nproc=args.nproc)
+    except pipeline.PipelineError as e:
+        print(f"stc pipeline: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def _config_show(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     print(cfg.dump_yaml(recipe), end="")
@@ -181,7 +257,33 @@ def _demo(args: argparse.Namespace) -> int:
     ovs = list(getattr(args, "overrides", None) or [])
     if getattr(args, "config", None):  # --config picks the engine recipe the demo builds shards with
         ovs.insert(0, f"demo.recipe={Path(args.config).resolve()}")
-    return demo.main(ovs)
+    dry = bool(getattr(args, "dry_run", False))
+    if not dry:
+        rc = demo.main(ovs)
+        if rc != EXIT_OK or getattr(args, "data_only", False):
+            return rc
+    # The chain on the demo recipe: the same recipe and overrides the data was built with.
+    from . import pipeline
+
+    demo_ovs, recipe_ovs = demo.split_overrides(ovs)
+    try:
+        spec = demo.load_spec(overrides=demo_ovs)
+    except cfg.ConfigError as e:
+        print(f"stc demo: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    recipe_path = demo._resolve(spec.recipe)
+    recipe = cfg.load(recipe_path, recipe_ovs)
+    teacher = demo._resolve(recipe.model.path) if recipe.model.path else None
+    if not recipe.pipeline.finetune and (teacher is None or not (teacher / "config.json").is_file()):
+        print(f"stc demo: the demo teacher is missing ({recipe.model.path!r} from {recipe_path}: model.path); "
+              f"it ships with the repository in shards/teacher; rebuild it with `make demo-teacher`",
+              file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        return pipeline.main(recipe, dry_run=dry, nproc=getattr(args, "nproc", None))
+    except pipeline.PipelineError as e:
+        print(f"stc demo: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------------------- SLURM (#7)
@@ -301,18 +403,21 @@ def _cancel(args: argparse.Namespace) -> int:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("shards build", "manifest -> WebDataset audio shards", _shards_build),
     Stage("shards inspect", "summarise (and verify) a shard directory", _shards_inspect),
-    Stage("demo", "the embedded default: build the demo data (the whole chain once #6 lands)", _demo),
+    Stage("demo", "the embedded default: build the demo data, then run the whole chain on it", _demo),
     Stage("shards stream", "iterate the training stream as a trainer would (diagnostic)", _shards_stream),
     Stage("finetune", "teacher fine-tuning (CE on references)", _train, "#5"),
     Stage("importance", "score decoder layers and rank them for removal", _importance, "#3"),
     Stage("prune", "remove decoder layers and save the smaller model", _prune, "#3"),
+    Stage("import mustc", "MuST-C-style corpus split (YAML segments + texts + WAVs) -> manifest", _import_mustc,
+          "#6"),
+    Stage("import covost", "CoVoST 2 TSV + Common Voice clips -> manifest", _import_covost, "#6"),
     Stage("cache build", "teacher top-k logits and translations as shards", _cache_build, "#4"),
     Stage("cache verify", "check a teacher cache (--verify: also decode every record)", _cache_verify, "#4"),
     Stage("distill", "train the pruned student (CE + KD; full, LoRA, QLoRA)", _train, "#5"),
     Stage("export", "merge adapters, quantise, save the student", _export, "#5"),
-    Stage("evaluate", "BLEU / chrF / chrF++, size and speed", None, "#6"),
-    Stage("report", "markdown report with tables and plots", None, "#6"),
-    Stage("pipeline", "the whole chain, resumable", None, "#6"),
+    Stage("evaluate", "BLEU / chrF / chrF++, size and speed", _evaluate, "#6"),
+    Stage("report", "markdown report with tables and plots", _report, "#6"),
+    Stage("pipeline", "the whole chain (finetune .. report), resumable step by step", _pipeline, "#6"),
     Stage("submit", "submit a stage or pipeline to SLURM", _submit, "#7"),
     Stage("jobs", "list submitted SLURM jobs", _jobs, "#7"),
     Stage("cancel", "cancel a pipeline's SLURM jobs", _cancel, "#7"),
@@ -385,6 +490,43 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--layers", help="comma-separated decoder layers to remove instead, e.g. 3,13,20")
             sp.add_argument("--out", "-o", help="output model directory")
             with_config(sp)
+        elif name in ("import mustc", "import covost"):
+            if name == "import mustc":
+                sp.add_argument("root", help="corpus root: holds <split>/txt/<split>.yaml (or data/<split>/...), "
+                                             "or the <split> folder itself")
+                sp.add_argument("--split", required=True, help="corpus split, e.g. train, dev, tst-COMMON")
+                sp.add_argument("--src", required=True, help="source language code (the texts' suffix), e.g. en")
+                sp.add_argument("--tgt", required=True, help="target language code, e.g. de")
+                sp.add_argument("--as-split", help="split name in the manifest (default: --split with '-' -> '_')")
+                sp.add_argument("--corpus", help="corpus name written to every row (default: must-c)")
+            else:
+                sp.add_argument("--tsv", required=True, help="covost_v2.<src>_<tgt>.<split>.tsv")
+                sp.add_argument("--clips", required=True, help="the Common Voice clips/ folder")
+                sp.add_argument("--src", help="source language (default: from the TSV's file name)")
+                sp.add_argument("--tgt", help="target language (default: from the TSV's file name)")
+                sp.add_argument("--split-name", help="split name in the manifest (default: from the file name)")
+                sp.add_argument("--corpus", help="corpus name written to every row (default: covost2)")
+            sp.add_argument("--out", "-o", required=True, help="manifest to write (JSONL)")
+            sp.add_argument("--check", action="store_true",
+                            help="check that every audio file exists; missing ones go to <out stem>.rejects.jsonl")
+        elif name == "evaluate":
+            sp.add_argument("--models", help="comma-separated model dirs, each path or name=path "
+                            "(default: evaluate.models, else model.path)")
+            sp.add_argument("--out", "-o", help="output directory (default: evaluate.out)")
+            sp.add_argument("--split", help="shard split to evaluate (default: evaluate.split)")
+            with_config(sp)
+            sp.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan only")
+        elif name == "demo":
+            with_config(sp)
+            sp.add_argument("--data-only", action="store_true", help="build the demo data only (no pipeline)")
+            sp.add_argument("--dry-run", action="store_true", help="print the pipeline plan; build and run nothing")
+            sp.add_argument("--nproc", type=int, default=None, help="ranks per multi-rank step (default: pipeline.nproc)")
+        elif name == "pipeline":
+            with_config(sp)
+            sp.add_argument("--dry-run", action="store_true",
+                            help="print the steps (command, inputs, output, done/todo); run nothing")
+            sp.add_argument("--nproc", type=int, default=None,
+                            help="ranks per multi-rank step via `stc run --nproc` (default: pipeline.nproc)")
         elif name == "submit":
             for a in _slurm_parser()._actions:  # shown in --help; parsed again in _submit
                 sp.add_argument(*a.option_strings, dest=f"_{a.dest}", default=None, help=a.help,

@@ -117,7 +117,7 @@ class FinetuneConfig:
 class ImportanceConfig:
     out: str = ""
     scorer: Literal["task", "nll", "block_influence"] = "task"
-    selector: Literal["auto", "chrf++", "chrf", "bleu"] = "auto"  # auto: chrF for spaceless targets
+    selector: Literal["auto", "chrf++", "chrf", "bleu", "primary"] = "auto"  # auto: chrF (zh), chrF++ (else); mixed: primary (each its own)
     method: Literal["iterative", "oneshot", "middle_block"] = "iterative"
     target_layers: int = 0           # layers to keep (0: use remove)
     remove: float = 0.25             # fraction (<1) or count (>=1) of decoder layers to remove
@@ -195,20 +195,32 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    out: str = ""
-    models: tuple[str, ...] = ()
-    split: str = "test"
-    batch_size: int = 16
+    out: str = ""                    # default: <run.out_dir>/eval; one folder per system under it
+    models: tuple[str, ...] = ()     # model dirs, each "path" or "name=path" (default: model.path)
+    split: str = ""                  # shard split to translate and score ("" = data.test_split)
+    batch_size: int = 16             # samples per generate call (batches are formed before ranks split them)
     max_new_tokens: int = 128
-    num_beams: int = 1
-    comet_model: str = ""            # local COMET checkpoint path; "" = skip
+    num_beams: int = 1               # 1: greedy (the paper's); >1: beam search
+    comet_model: str = ""            # local COMET checkpoint path; "" = skip (never downloaded)
+    max_samples: int = 0             # first N samples of the split in shard order (0: all)
+    bleu_tokenize: Literal["auto", "13a", "intl", "zh", "char", "none", "ja-mecab", "ko-mecab",
+                           "flores101", "flores200"] = "auto"  # auto: zh for Chinese, 13a otherwise
+    shuffle_audio: bool = False      # pair each text with another sample's audio (seed run.seed): ablation
+    dev_split_check: bool = True     # refuse a test split sharing keys/sources with data.dev_split
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    out: str = ""
+    out: str = ""                    # default: <run.out_dir>/report
     title: str = "stc-engine compression report"
-    plots: bool = True
+    plots: bool = True               # PNG plots (quality retained vs size, primary metric per system)
+    eval_dir: str = ""               # <eval_dir>/<system>/scores.json from `stc evaluate` (default: evaluate.out)
+    reference: str = "teacher"       # the system whose scores count as 100%
+    systems: tuple[str, ...] = ()    # systems shown, in this order (default: every one found, sorted)
+    importance: str = ""             # ranking.json or its directory (default: importance.out)
+    runs: tuple[str, ...] = ()       # stage dirs for device-hours, "dir" or "label=dir" (default: the recipe's)
+    bars: tuple[str, ...] = ()       # checks "system[@direction]:field>=value", e.g. "kd-25:retained>=97"
+    strict_bars: bool = False        # exit 1 when a bar fails (n/a does not fail)
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,17 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """`stc pipeline` (engine/pipeline.py): which systems the chain builds; each stage keeps its own section."""
+    finetune: bool = False           # fine-tune the teacher first (finetune.mode full); else model.path is the teacher
+    students: tuple[float, ...] = (0.25, 0.5)  # fractions of decoder layers to remove, one student each (kd-25, kd-50)
+    ablations: bool = True           # for the first fraction: no healing, CE-only healing, contiguous middle block
+    shuffle_check: bool = True       # also score the teacher on shuffled audio (it must drop: the model listens)
+    nproc: int = 1                   # local ranks per multi-rank stage (`stc run --nproc`); --nproc wins
+    report: bool = True              # end with `stc report` over every evaluated system
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -245,6 +268,7 @@ class Recipe:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
@@ -400,6 +424,10 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         positive(f"{sec}.keep_last", c.keep_last)
     positive("distill.lora.r", recipe.distill.lora.r)
     positive("distill.temperature", recipe.distill.temperature)
+    positive("evaluate.batch_size", recipe.evaluate.batch_size)
+    positive("evaluate.max_new_tokens", recipe.evaluate.max_new_tokens)
+    positive("evaluate.num_beams", recipe.evaluate.num_beams)
+    positive("evaluate.max_samples", recipe.evaluate.max_samples, strict=False)
     if recipe.importance.remove < 0:
         problems.append(f"importance.remove: must be >= 0, got {recipe.importance.remove}")
     bad_t = [t for t in recipe.cache.targets if t not in ("ref", "teacher")]

@@ -305,8 +305,12 @@ def test_metrics_and_selector():
     assert S.resolve_metric("nll", "chrf", ["de"]) == "nll"
     with pytest.raises(ImportanceError, match="unknown metric 'comet'"):
         S.resolve_metric("task", "comet", ["de"])
-    with pytest.raises(ImportanceError, match="mixes"):
-        S.resolve_metric("task", "auto", ["de", "zh"])
+    assert S.resolve_metric("task", "auto", ["de", "zh"]) == "primary"
+    hyps, refs, tl = ["Hallo Welt", "今天天气很好"], ["Hallo Welt!", "今天天气很好，我们去公园"], ["de", "zh"]
+    from sacrebleu.metrics import CHRF
+    want = (CHRF(word_order=2).corpus_score(hyps[:1], [refs[:1]]).score
+            + CHRF().corpus_score(hyps[1:], [refs[1:]]).score) / 2
+    assert S.corpus_metrics(hyps, refs, tl)["primary"] == pytest.approx(want)
     with pytest.raises(ImportanceError, match="unknown metric"):
         S.check_metric("wer")
     with pytest.raises(cfg.ConfigError, match="importance.selector"):

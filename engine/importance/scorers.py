@@ -34,8 +34,9 @@ from . import layers as L
 from .devset import DevSet, ImportanceError
 
 # metric -> higher is better
-METRICS: dict[str, bool] = {"chrf++": True, "chrf": True, "bleu": True, "nll": False, "block_influence": False}
-TASK_METRICS = ("chrf++", "chrf", "bleu")
+METRICS: dict[str, bool] = {"chrf++": True, "chrf": True, "bleu": True, "primary": True, "nll": False,
+                            "block_influence": False}
+TASK_METRICS = ("chrf++", "chrf", "bleu", "primary")
 SCORERS = ("task", "nll", "block_influence")
 _HEAD_CHUNK = 2048  # label positions per lm_head call: (chunk, V) fp32 logits, 1.3 GB at V=156k
 
@@ -53,7 +54,10 @@ class Score:
 
 def resolve_metric(scorer: str, selector: str, tgt_langs: Sequence[str]) -> str:
     """The metric a scorer ranks by. ``auto`` for ``task``: chrF for spaceless targets (zh, ja), chrF++
-    otherwise, as the paper; a dev set mixing both needs an explicit selector."""
+    otherwise, as the paper; for a dev set mixing both (one model serving en->de and en->zh),
+    ``primary``: each direction's own paper metric, averaged with the directions' sample counts as
+    weights (one chrF++ over German and Chinese together would score Chinese by word n-grams it has
+    no spaces for)."""
     if scorer not in SCORERS:
         raise ImportanceError(f"unknown scorer {scorer!r}; one of {', '.join(SCORERS)}")
     if scorer != "task":
@@ -65,8 +69,7 @@ def resolve_metric(scorer: str, selector: str, tgt_langs: Sequence[str]) -> str:
         return selector
     spaceless = {langs.get(t).spaceless for t in set(tgt_langs)}
     if len(spaceless) > 1:
-        raise ImportanceError(f"the dev set mixes spaceless and space-delimited targets ({', '.join(sorted(set(tgt_langs)))}): "
-                              f"set importance.selector to chrf, chrf++ or bleu")
+        return "primary"
     return "chrf" if spaceless == {True} else "chrf++"
 
 
@@ -252,8 +255,27 @@ def corpus_metrics(hyps: Sequence[str], refs: Sequence[str], tgt_langs: Sequence
     except Exception as e:  # e.g. ja-mecab without its dictionary installed
         raise ImportanceError(f"sacrebleu BLEU with tokenize={tok!r} failed ({e}); install its extra or "
                               f"select chrf/chrf++") from None
-    return {"chrf++": CHRF(word_order=2).corpus_score(hyps, refs).score,
-            "chrf": CHRF().corpus_score(hyps, refs).score, "bleu": bleu}
+    out = {"chrf++": CHRF(word_order=2).corpus_score(hyps, refs).score,
+           "chrf": CHRF().corpus_score(hyps, refs).score, "bleu": bleu}
+    out["primary"] = primary_metric(hyps, refs[0], tgt_langs)
+    return out
+
+
+def primary_metric(hyps: Sequence[str], refs: Sequence[str], tgt_langs: Sequence[str]) -> float:
+    """Per target language its paper metric (chrF for spaceless targets, chrF++ otherwise), averaged
+    over languages weighted by their sample counts."""
+    from sacrebleu.metrics import CHRF
+
+    if len(set(tgt_langs)) == 1:  # one language for the whole corpus
+        tgt_langs = [next(iter(tgt_langs))] * len(hyps)
+    if len(tgt_langs) != len(hyps):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(tgt_langs)} target languages")
+    total = 0.0
+    for lang in sorted(set(tgt_langs)):
+        idx = [i for i, t in enumerate(tgt_langs) if t == lang]
+        metric = CHRF() if langs.get(lang).spaceless else CHRF(word_order=2)
+        total += len(idx) * metric.corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score
+    return total / max(1, len(tgt_langs))
 
 
 def generation_config(model: torch.nn.Module, end_id: int, pad_id: int, max_new_tokens: int) -> Any:

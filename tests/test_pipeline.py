@@ -1,0 +1,320 @@
+"""`stc pipeline`: the plan, refusals before anything runs, skip/resume logic with a fake runner, and one
+end-to-end run through the CLI on a tiny Qwen2-Audio (4 decoder layers, hidden 64) with sine-wave shards."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import config as cfg
+from engine import pipeline as P
+
+CMD = [sys.executable, "-m", "engine.cli"]
+SYSTEMS = ["teacher", "teacher-shuffled", "kd-25", "pruned-25", "ce-25", "middle-25", "kd-50"]
+ORDER = ["eval-teacher", "eval-teacher-shuffled", "importance", "prune-25", "cache", "distill-kd-25", "export-kd-25",
+         "eval-kd-25", "eval-pruned-25", "distill-ce-25", "export-ce-25", "eval-ce-25", "importance-middle-25",
+         "prune-middle-25", "distill-middle-25", "export-middle-25", "eval-middle-25", "prune-50", "distill-kd-50",
+         "export-kd-50", "eval-kd-50", "report"]
+
+
+def _manifest(root: Path) -> Path:
+    """8 train, 3 dev, 3 test rows with distinct source texts, plus a split `leak` that repeats a dev source."""
+    from sine_data import write_sine_manifest
+
+    m = write_sine_manifest(root, 15, 8, period=5)
+    rows = [json.loads(x) for x in m.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < 8 else "dev" if i < 11 else "test" if i < 14 else "leak"
+        r["src_text"] = f"hello number {i}"
+    rows[14]["src_text"] = rows[9]["src_text"]
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    from engine.data import shards
+    from engine.models.tiny import build_tiny_qwen2audio
+
+    root = tmp_path_factory.mktemp("pipeline")
+    build_tiny_qwen2audio(root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
+    m = _manifest(root)
+    shards.build(cfg.load(None, [f"shards.manifest={m}", f"shards.out={root / 'sh'}", "shards.samples_per_shard=4"]),
+                 workers=1)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{path: {root / 'model'}, dtype: fp32}}\n"
+        f"data: {{shards: {root / 'sh'}, batch_size: 2}}\n"
+        f"run: {{out_dir: {root / 'run'}, threads: 1, device: cpu}}\n"
+        "importance: {max_new_tokens: 4, decode_batch_size: 4}\n"
+        "cache: {k: 8, max_new_tokens: 6, batch_size: 2}\n"
+        "distill: {mode: lora, epochs: 1, global_batch: 4, lr: 1.0e-3, lora: {r: 4}, save_every: 100, zero_stage: 2}\n"
+        "evaluate: {max_new_tokens: 6, batch_size: 4}\n")
+    return {"root": root, "recipe": recipe}
+
+
+def _env() -> dict:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["COLUMNS"] = "250"
+    return env
+
+
+def stc(*argv, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CMD, *map(str, argv)], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def plan_for(tiny, *ovs) -> P.Plan:
+    return P.build_plan(cfg.load(tiny["recipe"], [f"run.out_dir={tiny['root'] / 'run'}", *ovs]))
+
+
+# ============================================================================================ plan
+
+def test_plan_steps_dirs_and_overrides(tiny):
+    plan = plan_for(tiny)
+    assert [s.name for s in plan.steps] == ORDER
+    run = tiny["root"] / "run"
+    by = {s.name: s for s in plan.steps}
+    assert "importance.remove=2" in by["importance"].overrides            # the largest fraction: 0.5 of 4
+    assert "prune.count=1" in by["prune-25"].overrides and "prune.count=2" in by["prune-50"].overrides
+    assert by["prune-25"].out == run / "students" / "r25" / "pruned"
+    assert by["distill-kd-25"].out == run / "students" / "r25" / "kd" / "distill"
+    assert by["export-kd-50"].out == run / "students" / "r50" / "kd" / "export"
+    assert by["eval-kd-25"].marker == run / "eval" / "kd-25" / "scores.json"
+    # CE-only healing reads no cache; the KD students do
+    ce = by["distill-ce-25"]
+    assert {"distill.kd_weight=0", "distill.seq_kd=false", "distill.cache="} <= set(ce.overrides)
+    assert "cache" not in ce.deps and "cache" in by["distill-kd-25"].deps
+    mid = by["importance-middle-25"]
+    assert "importance.method=middle_block" in mid.overrides and "importance.remove=1" in mid.overrides
+    assert by["eval-teacher-shuffled"].overrides[-1] == "evaluate.shuffle_audio=true"
+    assert by["eval-pruned-25"].deps == ("prune-25",)
+    assert [i.made_by for i in by["report"].inputs] == [f"eval-{s}" for s in SYSTEMS]
+    # every step's command is the stage through the engine CLI with the pipeline's resolved config
+    for s in plan.steps:
+        argv = P.command(plan, s)
+        assert argv[1:3] == ["-m", "engine.cli"] and argv[3:3 + len(s.stage.split())] == s.stage.split()
+        assert argv[argv.index("--config") + 1] == str(run / "pipeline" / "config.yaml")
+        cfg.resolve(plan.tree, list(s.overrides))                          # every override is a valid key
+    two = P.build_plan(plan.recipe, nproc=2)
+    assert P.command(two, two.steps[2])[3:6] == ["run", "--nproc", "2"]    # importance on 2 ranks
+    assert "run" not in P.command(two, next(s for s in two.steps if s.stage == "prune"))  # one process
+    assert P.check(plan) == []
+
+
+def test_plan_options(tiny):
+    plan = plan_for(tiny, "pipeline.finetune=true", "pipeline.ablations=false", "pipeline.shuffle_check=false",
+                    "pipeline.students=[0.5]", "pipeline.report=false")
+    assert [s.name for s in plan.steps] == ["finetune", "eval-teacher", "importance", "prune-50", "cache",
+                                            "distill-kd-50", "export-kd-50", "eval-kd-50"]
+    teacher = tiny["root"] / "run" / "teacher" / "final"
+    assert f"model.path={teacher}" in plan.steps[2].overrides and plan.steps[2].deps == ("finetune",)
+    bad = plan_for(tiny, "pipeline.students=[0.25, 1.5]", "pipeline.nproc=0", "pipeline.finetune=true",
+                   "finetune.mode=lora")
+    text = "\n".join(P.check(bad))
+    assert "pipeline.students" in text and "pipeline.nproc" in text and "finetune.mode=full" in text
+
+
+def test_dry_run_prints_the_table_and_runs_nothing(tiny):
+    r = stc("pipeline", "--config", tiny["recipe"], "--dry-run", "--nproc", "2")
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    for name in ORDER:
+        assert name in out
+    assert "todo" in out and "run --nproc 2 importance" in out
+    assert not (tiny["root"] / "run").exists()
+
+
+# ============================================================================================ refusals
+
+def test_missing_model_dir_is_refused_naming_path_and_step(tiny, tmp_path):
+    r = stc("pipeline", "--config", tiny["recipe"], f"model.path={tmp_path / 'nope'}", f"run.out_dir={tmp_path / 'r'}")
+    assert r.returncode == 2, r.stderr
+    assert str(tmp_path / "nope") in r.stderr and "model.path" in r.stderr and "eval-teacher" in r.stderr
+    assert not (tmp_path / "r").exists()                                   # refused before running anything
+
+
+def test_missing_shards_refused(tiny, tmp_path):
+    r = stc("pipeline", "--config", tiny["recipe"], f"data.shards={tmp_path / 'none'}", f"run.out_dir={tmp_path / 'r'}")
+    assert r.returncode == 2 and "data.shards" in r.stderr and "stc shards build" in r.stderr
+
+
+@pytest.mark.parametrize("ovs, names", [(["evaluate.split=leak"], ["'dev'", "'leak'"]),
+                                        (["evaluate.split=dev"], ["'dev'"])])
+def test_test_split_overlapping_dev_split_is_refused(tiny, tmp_path, ovs, names):
+    r = stc("pipeline", "--config", tiny["recipe"], f"run.out_dir={tmp_path / 'r'}", *ovs)
+    assert r.returncode == 2, r.stderr
+    for n in names:
+        assert n in r.stderr
+    assert "data.dev_split" in r.stderr and not (tmp_path / "r").exists()
+
+
+# ============================================================================================ skip / resume
+
+class FakeRunner:
+    """Writes each step's marker as the stage would (meta.json with the resolved config), unless told to fail."""
+
+    def __init__(self, plan: P.Plan, fail: dict[str, int] | None = None, write: bool = True):
+        self.plan, self.fail, self.write, self.ran = plan, dict(fail or {}), write, []
+
+    def __call__(self, step: P.Step, argv: list[str], log: Path) -> int:
+        self.ran.append(step.name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(" ".join(argv))
+        if step.name in self.fail:
+            return self.fail.pop(step.name)
+        if not self.write:
+            return 0
+        step.marker.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"schema": 1, "config": cfg.to_dict(cfg.resolve(self.plan.tree, list(step.overrides)))}
+        if step.stage == "prune":
+            doc["pruned"] = {"removed_original": [2] if "count=1" in " ".join(step.overrides) else [2, 1]}
+        step.marker.write_text(json.dumps(doc))
+        return 0
+
+
+def _status(plan: P.Plan) -> dict:
+    return json.loads(plan.status_path.read_text())
+
+
+def test_runs_in_order_then_skips_everything(tiny, tmp_path):
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
+    fake = FakeRunner(plan)
+    assert P.run(plan, runner=fake, echo=lambda m: None) == 0
+    assert fake.ran == ORDER
+    st = _status(plan)
+    assert st["state"] == "done" and all(s["state"] == "done" and s["exit"] == 0 for s in st["steps"])
+    assert (tmp_path / "r" / "pipeline" / "config.yaml").exists()
+    sysj = json.loads((tmp_path / "r" / "eval" / "kd-25" / "system.json").read_text())
+    assert sysj["removed_layers"] == [2] and sysj["removal"] == 0.25 and sysj["healing"] == "ce+kd"
+    assert sysj["quant"] == "nf4" and sysj["label"]
+    assert json.loads((tmp_path / "r" / "eval" / "pruned-25" / "system.json").read_text())["healing"] == "none"
+    assert json.loads((tmp_path / "r" / "eval" / "teacher" / "system.json").read_text())["removed_layers"] == []
+
+    again = FakeRunner(plan)
+    assert P.run(P.build_plan(plan.recipe), runner=again, echo=lambda m: None) == 0
+    assert again.ran == []
+    assert {s["state"] for s in _status(plan)["steps"]} == {"skipped"}
+
+
+@pytest.mark.parametrize("code, expect", [(1, 1), (75, 75)])
+def test_failure_or_stop_then_rerun_resumes_at_the_first_unfinished_step(tiny, tmp_path, code, expect):
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
+    first = FakeRunner(plan, fail={"distill-kd-25": code})
+    assert P.run(plan, runner=first, echo=lambda m: None) == expect
+    assert first.ran == ORDER[:ORDER.index("distill-kd-25") + 1]            # nothing after the failed step
+    st = _status(plan)
+    assert st["state"] == ("failed" if code == 1 else "stopped")
+    rec = {s["name"]: s for s in st["steps"]}
+    assert rec["distill-kd-25"]["exit"] == code and rec["export-kd-25"]["state"] == "todo"
+    assert Path(rec["distill-kd-25"]["log"]).exists()
+    second = FakeRunner(plan)
+    assert P.run(P.build_plan(plan.recipe), runner=second, echo=lambda m: None) == 0
+    assert second.ran == ORDER[ORDER.index("distill-kd-25"):]
+
+
+def test_a_step_that_writes_no_marker_fails(tiny, tmp_path):
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
+    fake = FakeRunner(plan, write=False)
+    assert P.run(plan, runner=fake, echo=lambda m: None) == 1 and fake.ran == ["eval-teacher"]
+
+
+def test_changed_config_reruns_that_step_and_what_reads_it(tiny, tmp_path):
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
+    assert P.run(plan, runner=FakeRunner(plan), echo=lambda m: None) == 0
+    plan2 = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}", "distill.lr=0.5", "distill.save_every=7")
+    st = P.states(plan2)
+    assert st["distill-kd-25"].startswith("stale: distill.lr") and st["importance"] == "done"
+    assert st["export-kd-25"].startswith("todo (after distill-kd-25")
+    fake = FakeRunner(plan2)
+    assert P.run(plan2, runner=fake, echo=lambda m: None) == 0
+    assert fake.ran == [n for n in ORDER if n.split("-")[0] in ("distill", "export") or
+                        n in ("eval-kd-25", "eval-ce-25", "eval-middle-25", "eval-kd-50", "report")]
+
+
+def test_missing_input_of_a_step_names_the_step_that_makes_it(tiny, tmp_path):
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
+    step = next(s for s in plan.steps if s.name == "distill-kd-25")
+    msgs = P.missing_inputs(plan, step)
+    assert any("students/r25/pruned/meta.json" in m and "'prune-25'" in m for m in msgs)
+    assert any("cache/meta.json" in m and "'cache'" in m for m in msgs)
+
+
+def test_subprocess_runner_logs_streams_and_passes_the_exit_code(tmp_path, capsys):
+    step = P.Step("fake", "prune", (), tmp_path, tmp_path / "meta.json")
+    code = P.subprocess_runner(step, [sys.executable, "-c", "print('hello from the step'); raise SystemExit(75)"],
+                               tmp_path / "logs" / "fake.log")
+    assert code == 75
+    assert "hello from the step" in (tmp_path / "logs" / "fake.log").read_text()
+    assert "[fake] hello from the step" in capsys.readouterr().err
+
+
+def test_refuses_to_run_under_a_launcher(tiny, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(P.PipelineError, match="--nproc"):
+        P.main(cfg.load(tiny["recipe"]), dry_run=True)
+
+
+# ============================================================================================ end to end
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_two_ranks(tiny):
+    pytest.importorskip("engine.evaluate")
+    pytest.importorskip("engine.report")
+    import sacrebleu
+
+    run = tiny["root"] / "run"
+    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "2", timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
+    plan = P.build_plan(cfg.load(run / "pipeline" / "config.yaml"))
+    for s in plan.steps:
+        assert s.marker.exists(), s.name
+        assert (run / "pipeline" / "logs" / f"{s.name}.log").exists(), s.name
+    st = _status(plan)
+    assert st["state"] == "done" and [s["name"] for s in st["steps"]] == ORDER
+    assert all(s["exit"] == 0 and s["seconds"] is not None for s in st["steps"])
+    for d in ("students/r25/pruned", "students/r50/pruned", "students/middle-r25/pruned", "cache",
+              "students/r25/kd/export", "students/r25/ce/export", "students/r50/kd/export",
+              "students/middle-r25/kd/export", "importance", "students/middle-r25/importance"):
+        assert (run / d / "meta.json").exists(), d
+    assert json.loads((run / "students/r25/kd/export/meta.json").read_text())["exported"]["quant"] == "nf4"
+    prune25 = json.loads((run / "students/r25/pruned/meta.json").read_text())["pruned"]
+    ranking = json.loads((run / "importance/ranking.json").read_text())
+    assert prune25["removed"] == ranking["removed"][:1]                   # the first of the removal order
+    middle = json.loads((run / "students/middle-r25/pruned/meta.json").read_text())["pruned"]
+    assert len(middle["removed"]) == 1
+
+    for name in SYSTEMS:
+        d = run / "eval" / name
+        sysj = json.loads((d / "system.json").read_text())
+        assert {"label", "removed_layers", "removal", "healing", "quant"} <= set(sysj)
+        scores = json.loads((d / "scores.json").read_text())
+        rows = [json.loads(x) for x in (d / "hypotheses.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and scores["n"] == 3
+        hyps, refs = [x["hyp"] for x in rows], [[x["ref"] for x in rows]]
+        de = scores["directions"]["en-de"]
+        assert de["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs, tokenize="13a").score)
+        assert de["chrf"]["score"] == pytest.approx(sacrebleu.CHRF().corpus_score(hyps, refs).score)
+        assert de["chrfpp"]["score"] == pytest.approx(sacrebleu.CHRF(word_order=2).corpus_score(hyps, refs).score)
+    assert json.loads((run / "eval/teacher-shuffled/scores.json").read_text())["shuffle_audio"] is True
+    assert json.loads((run / "eval/kd-25/system.json").read_text())["removed_layers"] == prune25["removed_original"]
+
+    rep = json.loads((run / "report" / "report.json").read_text())
+    rows = {row["system"]: row for row in rep["systems"]}
+    assert sorted(rows) == sorted(SYSTEMS) and rep["reference"] == "teacher"
+    for name in SYSTEMS:                                                   # the report shows what system.json says
+        sysj = json.loads((run / "eval" / name / "system.json").read_text())
+        for k in ("label", "removed_layers", "removal", "healing"):
+            assert rows[name][k] == sysj[k], (name, k)
+    assert rows["kd-50"]["decoder_layers"] == 2 and rows["kd-25"]["decoder_layers"] == 3
+    assert (run / "report" / "report.md").exists() and (run / "report" / "meta.json").exists()
+
+    again = stc("pipeline", "--config", tiny["recipe"], "--nproc", "2")      # everything done: nothing runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {s["state"] for s in _status(plan)["steps"]} == {"skipped"}
