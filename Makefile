@@ -18,10 +18,19 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test install sysdeps bench clean
+.PHONY: demo demo-teacher test install sysdeps bench clean
 
 demo: install
 	$(BIN)/stc demo
+
+# Rebuild the demo teacher that the repository ships in shards/teacher: random init -> `stc finetune`
+# on the demo's train split (configs/demo.yaml, finetune section) -> copy the final weights there.
+demo-teacher: install
+	$(BIN)/stc demo --data-only
+	rm -rf runs/demo-teacher
+	$(BIN)/python -m engine.models.demo_teacher runs/demo-teacher/init
+	$(BIN)/stc finetune --config configs/demo.yaml model.path=runs/demo-teacher/init data.batch_size=16 run.threads=2
+	$(BIN)/python -m engine.models.demo_teacher --publish runs/demo-teacher/train/final shards/teacher
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS) tests

@@ -131,3 +131,19 @@ def test_cli_reports_config_errors(stc_cmd, stc_env, tmp_path):
                         capture_output=True, text=True, env=stc_env)
     assert ok.returncode == 0, ok.stderr
     assert yaml.safe_load(ok.stdout)["data"]["batch_size"] == 9
+
+
+@pytest.mark.parametrize("name,metric", [("qwen2audio-7b-en-de.yaml", "chrf++"), ("qwen2audio-7b-en-zh.yaml", "chrf")])
+def test_7b_recipes_carry_the_papers_hyperparameters(name, metric):
+    r = cfg.load(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert (r.model.kind, r.model.dtype) == ("qwen2audio", "bf16")
+    assert (r.finetune.mode, r.finetune.epochs, r.finetune.lr, r.finetune.global_batch, r.finetune.schedule,
+            r.finetune.warmup_steps, r.finetune.weight_decay) == ("full", 3, 1e-5, 4, "cosine", 0, 0.001)
+    assert (r.importance.scorer, r.importance.method, r.importance.selector) == ("task", "iterative", metric)
+    d = r.distill
+    assert (d.mode, d.lora.r, d.lora.alpha, d.lora.dropout, d.lora.rslora, d.lora.target) == \
+        ("qlora", 64, 128, 0.0, True, "all-linear")
+    assert (d.epochs, d.lr, d.global_batch, d.seq_kd) == (4, 1e-5, 4, True)
+    assert r.model.double_quant and r.export.quant == "nf4"
+    assert r.pipeline.finetune and 0.25 in r.pipeline.students
+    assert r.data.dev_split != r.data.test_split

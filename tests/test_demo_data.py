@@ -248,3 +248,20 @@ sf.write(sys.argv[sys.argv.index("-w") + 1], np.zeros(22050, np.int16), 22050, f
     assert demo.main(tiny_overrides(tmp_path, **{"demo.espeak": str(fake)})) == 1
     assert "silence" in capsys.readouterr().err
     assert not list((tmp_path / "src" / "wav").glob("*"))  # neither a wav nor a temporary
+
+
+def test_stc_demo_dry_run_prints_the_whole_chain(stc_env, stc_cmd, tmp_path):
+    """`make demo` runs `stc demo`: with --dry-run it builds nothing and prints the pipeline plan on the
+    shipped teacher (every step of the paper's chain, each system evaluated, then the report)."""
+    import subprocess
+
+    teacher = ROOT / "shards" / "teacher"
+    if not (teacher / "config.json").is_file():
+        pytest.fail(f"the demo teacher is not in the repository ({teacher}); `make demo-teacher` builds it")
+    r = subprocess.run([*stc_cmd, "demo", "--dry-run", f"run.out_dir={tmp_path / 'run'}"], cwd=ROOT,
+                       env=stc_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for step in ("importance", "prune-25", "prune-50", "cache", "distill-kd-25", "distill-ce-25", "export-kd-25",
+                 "eval-teacher-shuffled", "eval-middle-25", "eval-kd-50", "report"):
+        assert step in r.stdout, step
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))

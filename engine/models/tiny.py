@@ -251,13 +251,20 @@ def make_tiny_qwen2audio(*, tokenizer: TokenizerArg = "bpe", num_layers: int = 4
                          intermediate_size: int = 128, num_heads: int = 4, num_kv_heads: int = 2,
                          audio_layers: int = 2, audio_d_model: int = 32, audio_heads: int = 2,
                          audio_ffn_dim: int | None = None, vocab_size: int | None = None,
-                         dtype: str = "bf16", seed: int = 0) -> tuple[Any, Any]:
+                         dtype: str = "bf16", seed: int = 0, audio_seconds: int = 30,
+                         audio_hop: int = 160) -> tuple[Any, Any]:
     """In-memory ``(Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor)``, random init.
 
     Shapes: audio ``input_features`` (B, 128 mel bins, 3000 frames) -> conv stride 2 and pooling ->
     (B, 750, audio_d_model) -> projector -> (B, 750, hidden_size), scattered into the ``<|AUDIO|>``
     positions of the decoder input; logits (B, T, vocab_size). ``max_source_positions`` stays 1500 as
     in the real encoder, so the feature extractor's 30 s padding fits.
+
+    ``audio_seconds`` < 30 shrinks the audio window (feature extractor ``chunk_length`` and the
+    encoder's ``max_source_positions`` = 50 per second) for tasks with short utterances: the CPU demo
+    uses 3 s, i.e. 300 mel frames and 75 audio tokens instead of 3000 and 750 (10x less compute).
+    ``audio_hop`` (samples between mel frames, Whisper: 160 = 10 ms) > 160 makes the frames coarser and
+    the audio token sequence shorter in proportion.
     """
     import torch
     from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
@@ -272,13 +279,16 @@ def make_tiny_qwen2audio(*, tokenizer: TokenizerArg = "bpe", num_layers: int = 4
                                  num_kv_heads=num_kv_heads),
         audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=128, d_model=audio_d_model,
                           encoder_layers=audio_layers, encoder_attention_heads=audio_heads,
-                          encoder_ffn_dim=audio_ffn_dim or 2 * audio_d_model, max_source_positions=1500),
+                          encoder_ffn_dim=audio_ffn_dim or 2 * audio_d_model,
+                          max_source_positions=audio_seconds * 16000 // audio_hop // 2),
         audio_token_index=tok.convert_tokens_to_ids(AUDIO_TOKEN),
     )
     torch.manual_seed(seed)
     model = _cast_params(Qwen2AudioForConditionalGeneration(config), _torch_dtype(dtype)).eval()
     model.generation_config = _generation_config(tok)
-    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128),
+    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128,
+                                                                              chunk_length=audio_seconds,
+                                                                              hop_length=audio_hop),
                                     tokenizer=tok, chat_template=CHAT_TEMPLATE)
     return model, processor
 
@@ -322,7 +332,8 @@ def build_tiny_qwen2audio(out_dir: str | os.PathLike, *, tokenizer: TokenizerArg
                           hidden_size: int = 64, intermediate_size: int = 128, num_heads: int = 4,
                           num_kv_heads: int = 2, audio_layers: int = 2, audio_d_model: int = 32,
                           audio_heads: int = 2, audio_ffn_dim: int | None = None,
-                          vocab_size: int | None = None, dtype: str = "bf16", seed: int = 0) -> Path:
+                          vocab_size: int | None = None, dtype: str = "bf16", seed: int = 0,
+                          audio_seconds: int = 30, audio_hop: int = 160) -> Path:
     """Build and save a tiny Qwen2-Audio (see :func:`make_tiny_qwen2audio`); returns ``out_dir``.
 
     Reload with ``Qwen2AudioForConditionalGeneration.from_pretrained(out_dir)`` and
@@ -332,7 +343,8 @@ def build_tiny_qwen2audio(out_dir: str | os.PathLike, *, tokenizer: TokenizerArg
     args = dict(num_layers=num_layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
                 num_heads=num_heads, num_kv_heads=num_kv_heads, audio_layers=audio_layers,
                 audio_d_model=audio_d_model, audio_heads=audio_heads, audio_ffn_dim=audio_ffn_dim,
-                vocab_size=vocab_size, dtype=dtype, seed=seed)
+                vocab_size=vocab_size, dtype=dtype, seed=seed, audio_seconds=audio_seconds,
+                audio_hop=audio_hop)
     model, processor = make_tiny_qwen2audio(tokenizer=tokenizer, **args)
     return _save(model, processor, out_dir, dict(args, kind="qwen2audio", tokenizer=_tok_name(tokenizer)))
 
