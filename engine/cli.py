@@ -280,7 +280,7 @@ def _demo(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_FAIL
     try:
-        return pipeline.main(recipe, dry_run=dry, nproc=getattr(args, "nproc", None))
+        return pipeline.main(recipe, dry_run=dry, nproc=getattr(args, "nproc", None), data_pending=dry)
     except pipeline.PipelineError as e:
         print(f"stc demo: {e}", file=sys.stderr)
         return EXIT_USAGE

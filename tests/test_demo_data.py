@@ -259,9 +259,10 @@ def test_stc_demo_dry_run_prints_the_whole_chain(stc_env, stc_cmd, tmp_path):
     if not (teacher / "config.json").is_file():
         pytest.fail(f"the demo teacher is not in the repository ({teacher}); `make demo-teacher` builds it")
     r = subprocess.run([*stc_cmd, "demo", "--dry-run", f"run.out_dir={tmp_path / 'run'}"], cwd=ROOT,
-                       env=stc_env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+                       env={**stc_env, "COLUMNS": "250"}, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
     for step in ("importance", "prune-25", "prune-50", "cache", "distill-kd-25", "distill-ce-25", "export-kd-25",
                  "eval-teacher-shuffled", "eval-middle-25", "eval-kd-50", "report"):
-        assert step in r.stdout, step
+        assert step in out, step
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))
