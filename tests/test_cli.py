@@ -22,13 +22,11 @@ def test_every_stage_parses(name):
     assert args.stage == name and callable(args.func)
 
 
-def test_unavailable_stage_says_so(capsys):
-    unavailable = [n for n, s in cli.STAGES.items() if s.func is None]
-    if not unavailable:
-        pytest.skip("every stage is implemented")
-    name = unavailable[0]
-    argv = name.split() + (["d"] if name.endswith("verify") else [])
-    assert cli.main(argv) == cli.EXIT_USAGE
+def test_unavailable_stage_says_so(capsys, monkeypatch):
+    # every shipped stage is implemented now; a registered stage without a function must still say so
+    name = "future"
+    monkeypatch.setitem(cli.STAGES, name, cli.Stage(name, "a stage of a later version", None, "#99"))
+    assert cli.main([name]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert "not available" in err and cli.STAGES[name].issue in err
 
