@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 
 from . import config as cfg
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .importance.report import fmt_cell
 
 SCORES = "scores.json"
 SYSTEM = "system.json"
@@ -356,11 +357,7 @@ def importance_section(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------- formatting
 
 def _f(v: Any, digits: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+    return fmt_cell(v, digits)
 
 
 def _rate(v: Any) -> str:

@@ -11,7 +11,8 @@ RANKING_MD = "ranking.md"
 PLOT = "importance.png"
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def fmt_cell(v: Any, digits: int = 4) -> str:
+    """A table cell: "-" for a missing value, floats with ``digits`` decimals (shared with engine.report)."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -29,8 +30,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
              f"({'higher' if doc['higher_is_better'] else 'lower'} is better)", "",
              f"- model: `{doc['model']}` ({doc['num_layers']} decoder layers; protected {doc['protected']})",
              f"- dev: split `{doc['dev']['split']}` of `{doc['dev']['shards']}`, {doc['n_samples']} samples",
-             f"- unpruned: {_fmt((doc.get('baseline') or {}).get('score'))}; pruned "
-             f"({len(doc['removed'])} removed): {_fmt((doc.get('final') or {}).get('score'))} "
+             f"- unpruned: {fmt_cell((doc.get('baseline') or {}).get('score'))}; pruned "
+             f"({len(doc['removed'])} removed): {fmt_cell((doc.get('final') or {}).get('score'))} "
              f"({_pct((doc.get('final') or {}).get('relative'))} of unpruned)"]
     if doc.get("stopped"):
         lines.append(f"- stopped early: {doc['stopped']}")
@@ -44,14 +45,14 @@ def markdown(doc: Mapping[str, Any]) -> str:
     for it in doc["iterations"]:
         scores = {int(k): v for k, v in it["scores"].items()}
         others = [c for c in it["ranked"] if c not in it["chosen"]]
-        runner = f"{others[0]} ({_fmt(scores[others[0]])})" if others else "-"
+        runner = f"{others[0]} ({fmt_cell(scores[others[0]])})" if others else "-"
         for c in it["chosen"]:
             step += 1
-            lines.append(f"| {step} | {c} | {orig[c]} | {_fmt(scores[c])} | "
+            lines.append(f"| {step} | {c} | {orig[c]} | {fmt_cell(scores[c])} | "
                          f"{_pct(it['relative']) if len(it['chosen']) == 1 else '-'} | {runner} |")
     if doc.get("block"):
         lines.append(f"| 1..{len(doc['block'])} | {doc['block']} | {[orig[c] for c in doc['block']]} | "
-                     f"{_fmt((doc.get('final') or {}).get('score'))} | {_pct((doc.get('final') or {}).get('relative'))} | - |")
+                     f"{fmt_cell((doc.get('final') or {}).get('score'))} | {_pct((doc.get('final') or {}).get('relative'))} | - |")
     if doc["iterations"]:
         its = doc["iterations"]
         lines += ["", f"## {m} per candidate and iteration (**chosen**)", "",
@@ -62,7 +63,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
             cells = []
             for it in its:
                 v = it["scores"].get(str(c))
-                cell = _fmt(v)
+                cell = fmt_cell(v)
                 cells.append(f"**{cell}**" if c in it["chosen"] else cell)
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
     ang = doc.get("block_angular_distance")
@@ -70,7 +71,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         for n, vals in ang.items():
             lines += ["", f"## Angular distance of {n}-layer blocks (unpruned model; lower: the block changes "
                       f"less)", "", "| first layer | distance |", "|---:|---:|"]
-            lines += [f"| {k} | {_fmt(v)} |" for k, v in vals.items()]
+            lines += [f"| {k} | {fmt_cell(v)} |" for k, v in vals.items()]
     lines.append("")
     return "\n".join(lines)
 
