@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo demo-teacher test install sysdeps bench clean
+.PHONY: demo demo-teacher test test-fast install sysdeps bench clean
 
 demo: install
 	$(BIN)/stc demo
@@ -28,12 +28,16 @@ demo: install
 demo-teacher: install
 	$(BIN)/stc demo --data-only
 	rm -rf runs/demo-teacher
-	$(BIN)/python -m engine.models.demo_teacher runs/demo-teacher/init
+	$(BIN)/python -m engine.demo.teacher runs/demo-teacher/init
 	$(BIN)/stc finetune --config configs/demo.yaml model.path=runs/demo-teacher/init data.batch_size=16 run.threads=2
-	$(BIN)/python -m engine.models.demo_teacher --publish runs/demo-teacher/train/final shards/teacher
+	$(BIN)/python -m engine.demo.teacher --publish runs/demo-teacher/train/final shards/teacher
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS) tests
+
+# The unit tests only (the end-to-end, multi-process and SLURM runs are marked slow): a few minutes.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS) tests
 
 install: $(STAMP)
 

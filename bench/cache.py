@@ -1,4 +1,4 @@
-"""What does the teacher cache cost on disk and in time? One run, one table (issue 4's benchmarks).
+"""What does the teacher cache cost on disk and in time? One run, one table.
 
 Why a trained teacher: the bytes of a top-k record depend on how peaked the teacher is (the
 entropy coder stores ids and quantised log-prob gaps; a flat random-weight distribution has
@@ -52,8 +52,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine import teacher_cache as tc  # noqa: E402
-from engine import topk_codec as codec  # noqa: E402
+from engine.cache import build as cb  # noqa: E402
+from engine.cache import format as cf  # noqa: E402
+from engine.cache import teacher as ct  # noqa: E402
+from engine.cache import verify as cv  # noqa: E402
+from engine.cache import codec  # noqa: E402
 from engine.config import DataConfig  # noqa: E402
 
 KS = (8, 16, 32, 64, 128)
@@ -210,11 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     def bare():
         with torch.inference_mode():
             for b in batches:
-                model(**tc.model_inputs(b, dev), use_cache=False).logits
+                model(**ct.model_inputs(b, dev), use_cache=False).logits
 
     def word():
         for b in batches:
-            tc.word_level(model, b, 64, V, dev)
+            ct.word_level(model, b, 64, V, dev)
 
     bare()
     word()
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(4):
         t_bare, t_word = min(t_bare, timed(bare, 1)), min(t_word, timed(word, 1))
     t0 = time.perf_counter()
-    teacher_out = [tc.greedy(model, feat, b, 48, dev) for b in batches_s]
+    teacher_out = [ct.greedy(model, feat, b, 48, dev) for b in batches_s]
     t_gen = time.perf_counter() - t0
     gen_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for texts, _ in teacher_out for t in texts)
 
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     full = []
     with torch.inference_mode():
         for b in batches:
-            lp = torch.log_softmax(model(**tc.model_inputs(b, dev), use_cache=False).logits.float(), -1)
+            lp = torch.log_softmax(model(**ct.model_inputs(b, dev), use_cache=False).logits.float(), -1)
             pos = torch.nonzero(b["labels"] != -100)
             full.append((lp[pos[:, 0], pos[:, 1] - 1], (b["labels"] != -100).sum(1).tolist()))
     kl = {}
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     split = {"ids": 0.0, "values": 0.0, "tail": 0.0, "framing": 0, "label_ids": 0, "record_header": 0}
     members, teacher_bytes = [], 0
     for (b, bs), (lp, counts), (texts, prompts) in zip(zip(batches, batches_s), full, teacher_out):
-        ids64, lp64, tail64 = tc.word_level(model, b, 64, V, dev), None, None
+        ids64, lp64, tail64 = ct.word_level(model, b, 64, V, dev), None, None
         for i, (s, tk) in enumerate(zip(bs, ids64)):
             t = time.perf_counter()
             blob = codec.encode(tk.ids, tk.logprobs, tk.tail_logmass, V)
@@ -268,22 +271,22 @@ def main(argv: list[str] | None = None) -> int:
             for name, v in parts.items():
                 split[name] += len(blob) * v / tot
             lab = b["labels"][i][b["labels"][i] != -100].numpy()
-            ref = tc.Target("ref", lab, topk_bytes=blob)
+            ref = cf.Target("ref", lab, topk_bytes=blob)
             try:
                 enc = feat.builder.encode(dict(s["meta"], tgt_text=texts[i]), prompts[i], audio=False, key=s["key"])
                 tids = np.array([x for x in enc.labels if x != -100], np.int64)
-                teach = tc.Target("teacher", tids, text=texts[i])
+                teach = cf.Target("teacher", tids, text=texts[i])
             except Exception:
-                teach = tc.Target("teacher", np.zeros(0, np.int64), text=texts[i], empty=True)
-            rec = tc.encode_record([ref, teach], V)
-            only_ref = tc.encode_record([ref], V)
+                teach = cf.Target("teacher", np.zeros(0, np.int64), text=texts[i], empty=True)
+            rec = cf.encode_record([ref, teach], V)
+            only_ref = cf.encode_record([ref], V)
             teacher_bytes += len(rec) - len(only_ref)
-            split["label_ids"] += len(tc.pack_ids(lab, V))
-            split["record_header"] += len(only_ref) - len(blob) - len(tc.pack_ids(lab, V))
+            split["label_ids"] += len(cf.pack_ids(lab, V))
+            split["record_header"] += len(only_ref) - len(blob) - len(cf.pack_ids(lab, V))
             members.append((s["key"], rec))
-    shard = tc.shard_bytes([k for k, _ in members], [r for _, r in members])
-    packs = [tc.pack_bytes([k for k, _ in members[i:i + tc.PACK_GROUP]], [r for _, r in members[i:i + tc.PACK_GROUP]])
-             for i in range(0, len(members), tc.PACK_GROUP)]
+    shard = cf.shard_bytes([k for k, _ in members], [r for _, r in members])
+    packs = [cf.pack_bytes([k for k, _ in members[i:i + cf.PACK_GROUP]], [r for _, r in members[i:i + cf.PACK_GROUP]])
+             for i in range(0, len(members), cf.PACK_GROUP)]
     pack_index = sum(len(pk) for pk in packs) - sum(len(m) for _, m in members)
     tar_overhead = len(shard) - sum(len(pk) for pk in packs)
     total = len(shard)
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"cache.out={cdir}", "cache.max_new_tokens=48", "cache.batch_size=32",
                                  "model.dtype=fp32", "run.device=cpu"])
         t = time.perf_counter()
-        tc.build(recipe)
+        cb.build(recipe)
         demo_s = time.perf_counter() - t
         meta = json.loads((cdir / "meta.json").read_text())
         smeta = json.loads((ROOT / "shards/built/demo/meta.json").read_text())
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     row("tail", f"{split['tail'] / n_lab:.1f}", "log mass outside the top 64")
     cont = split["framing"] + split["label_ids"] + split["record_header"] + tar_overhead + pack_index
     row("container", f"{cont / n_lab:.1f}",
-        f"tar headers+padding {tar_overhead / n_lab:.1f} ({len(packs)} pack(s) of <= {tc.PACK_GROUP} samples), "
+        f"tar headers+padding {tar_overhead / n_lab:.1f} ({len(packs)} pack(s) of <= {cf.PACK_GROUP} samples), "
         f"pack index {pack_index / n_lab:.1f}, record header {split['record_header'] / n_lab:.1f}, "
         f"label ids {split['label_ids'] / n_lab:.1f}")
     row("**total (ref targets)**", f"**{ref_total / n_lab:.1f}**", "target <= 160; 18-bit ids + fp16 = 272")

@@ -1,4 +1,4 @@
-"""What does the trainer cost per step? One run, one table (issue 5's benchmarks, CPU part).
+"""What does the trainer cost per step? One run, one table (CPU part).
 
 1. **DeepSpeed tax.** A LoRA ``distill`` step through the engine (``Trainer.train_step``: global-token
    normalisation, ``deepspeed.initialize`` with the ZeRO stage the engine picks, torch AdamW over the
@@ -8,7 +8,7 @@
    on the same micro batch (CPU timings on a shared machine drift by 2x over a minute; separate runs
    would measure the drift). Target: ratio <= 1.1.
 2. **Cached vs online KD**, teacher twice the student's depth: step time and peak RSS of a LoRA
-   distill step with ``teacher_mode=cache`` (a cache built by ``teacher_cache.build`` beforehand) and
+   distill step with ``teacher_mode=cache`` (a cache built by ``engine.cache.build`` beforehand) and
    ``teacher_mode=online`` (frozen teacher forward in the loop).
 3. **ZeRO-2 vs ZeRO-3 vs ZeRO-3 + CPU offload**, 2 ranks (gloo, one thread each): step time and peak
    RSS per rank, same LoRA step.
@@ -83,10 +83,11 @@ def prepare(root: Path, cache: bool = True) -> None:
 def _prepare_cache(root: Path) -> None:
     """The teacher cache for the KD rows (the slow part of the preparation)."""
     from engine import config as cfg
-    from engine import teacher_cache as tc
+    from engine.cache import build as cb
+    from engine.cache import format as cf
 
     t0 = time.perf_counter()
-    tc.build(cfg.load(None, [f"data.shards={root / 'sh'}", f"cache.teacher={root / 'teacher'}",
+    cb.build(cfg.load(None, [f"data.shards={root / 'sh'}", f"cache.teacher={root / 'teacher'}",
                              f"cache.out={root / 'cache'}", "cache.k=64", "cache.targets=[ref]", "cache.batch_size=4",
                              "model.dtype=fp32", "run.device=cpu"]))
     (root / "cache_build_s").write_text(f"{time.perf_counter() - t0:.1f}")
@@ -112,7 +113,8 @@ def rss_peak() -> int:
 
 def worker_engine(argv: list[str], steps: int, warmup: int) -> dict:
     from engine import config as cfg
-    from engine import dist, train
+    from engine import dist
+    from engine.train import trainer as train
 
     import deepspeed  # noqa: F401  (imports before the baseline: setup's peak is then the model's)
     import peft  # noqa: F401
@@ -146,7 +148,7 @@ def worker_tax(argv: list[str], steps: int, warmup: int) -> dict:
     import torch
 
     from engine import config as cfg
-    from engine import train
+    from engine.train import trainer as train
     from engine.models.load import apply_lora, load_model
 
     recipe = cfg.load(None, argv)

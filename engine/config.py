@@ -17,8 +17,10 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 
+from .errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
         head = f"invalid config{f' {source}' if source else ''} ({len(problems)} problem{'s' * (len(problems) != 1)}):"
@@ -42,91 +44,95 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""                   # local Hugging Face directory (never downloaded)
-    kind: Literal["auto", "qwen2audio", "causal_lm"] = "auto"
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    quant: Literal["none", "nf4"] = "none"
+    kind: Literal["auto", "qwen2audio", "causal_lm"] = "auto"  # auto: from config.json (model_type / architectures)
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # compute and storage dtype of the loaded weights
+    quant: Literal["none", "nf4"] = "none"  # nf4: bitsandbytes 4-bit linear layers (QLoRA-style loading)
     double_quant: bool = True        # bitsandbytes nested quantisation of the nf4 scales
     trust_remote_code: bool = False  # off unless a recipe turns it on
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # eager, sdpa, flash_attention_2, ... (eager is the fallback)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = ""                 # directory written by `stc shards build`
-    train_split: str = "train"
-    dev_split: str = "dev"
-    test_split: str = "test"
+    train_split: str = "train"       # shard split the trainer and the teacher cache read
+    dev_split: str = "dev"           # shard split that selects layers (importance); kept apart from test
+    test_split: str = "test"         # shard split the systems are scored on (evaluate)
     batch_size: int = 4              # per-rank micro batch (samples)
     bucket_window: int = 64          # samples sorted by length together (length bucketing)
     num_workers: int = 0             # DataLoader workers per rank
-    shuffle: bool = True
+    shuffle: bool = True             # shuffle shard order and batches per epoch (seeded by run.seed)
     max_audio_s: float = 30.0        # the encoder's window
-    system_prompt: str = "You are a professional translator."
-    instruction: str = "Translate the {src} speech into {tgt}:"
-    text_instruction: str = "Translate the following {src} text into {tgt}:"
+    system_prompt: str = "You are a professional translator."  # the paper's system turn
+    instruction: str = "Translate the {src} speech into {tgt}:"  # user turn after the audio ({src}, {tgt}: language names)
+    text_instruction: str = "Translate the following {src} text into {tgt}:"  # user turn of text-only rows
 
 
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "runs/default"    # every stage writes under here unless given its own out
-    seed: int = 0
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0                    # seeds data order, LoRA init and every sampled choice
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # console and <out>/logs/rank<N>.log
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the rank's GPU when there is one, else CPU
     threads: int = 0                 # torch threads per rank (0: leave torch's default)
+    progress_s: float = 30.0         # seconds between plain progress lines when stderr is not a terminal (0: every update)
+    device_memory_gb: float = 0.0    # memory of one rank's device for planning the ZeRO stage (0: the visible GPU, or host RAM per local rank)
 
 
 @dataclass(frozen=True)
 class ShardsConfig:
-    manifest: str = ""               # JSONL or TSV manifest (DESIGN 2b)
+    manifest: str = ""               # JSONL or TSV manifest (README: Manifest)
     out: str = ""                    # output directory (default: <run.out_dir>/shards)
     split: str = ""                  # only rows of this split (empty: all, one shard set per split)
-    samples_per_shard: int = 256
-    sample_rate: int = 16000
-    max_audio_s: float = 30.0
-    long_audio: Literal["truncate", "reject"] = "truncate"
+    samples_per_shard: int = 256     # samples per tar (the unit ranks and workers split)
+    sample_rate: int = 16000         # audio is resampled to this rate (the encoder's 16 kHz)
+    max_audio_s: float = 30.0        # the encoder's window: longer audio is truncated or rejected (long_audio)
+    long_audio: Literal["auto", "truncate", "reject"] = "auto"  # audio longer than max_audio_s: auto rejects rows of data.train_split (a cut clip would keep the full translation) and truncates other splits
+    segment_overrun: Literal["reject", "truncate"] = "reject"  # a segment (offset_s + duration_s) running past its file's end: reject the row, or keep what exists (counted)
+    overrun_tolerance_s: float = 0.05  # seconds a segment may run past the file's end (rounding) before segment_overrun applies
     min_audio_s: float = 0.05        # shorter (or empty) audio is rejected
     silence_dbfs: float = -70.0      # peak below this: rejected as silent
-    flac_compression: int = 5
+    flac_compression: int = 5        # FLAC level 0..8 (lossless either way; higher is smaller, slower)
     corpus: str = ""                 # corpus name stored with each sample
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    out: str = ""
+    out: str = ""                    # output directory (default: <run.out_dir>/finetune); the model is <out>/final
     mode: Literal["full", "lora", "qlora"] = "full"  # the paper's teacher: full fine-tune
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when mode is lora/qlora
-    epochs: float = 3.0
-    lr: float = 1e-5
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.001
-    global_batch: int = 4
-    grad_clip: float = 1.0
-    zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"
+    epochs: float = 3.0              # passes over the train split (fractions allowed)
+    lr: float = 1e-5                 # peak learning rate (AdamW)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
+    warmup_steps: int = 0            # linear warm-up in optimizer steps
+    weight_decay: float = 0.001      # AdamW weight decay (matrices only)
+    global_batch: int = 4            # samples per optimizer step, all ranks together (= micro x ranks x accumulation)
+    grad_clip: float = 1.0           # gradient-norm clipping
+    zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"  # DeepSpeed ZeRO stage; auto: the lowest that fits
     ds_config: str = ""              # path to a ds_configs/*.json; "" = chosen by the engine
-    offload: bool = False
-    gradient_checkpointing: bool = False
-    save_every: int = 200
-    keep_last: int = 2
-    eval_every: int = 0
+    offload: bool = False            # ZeRO-3 with CPU offload of parameters and optimizer state
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    save_every: int = 200            # checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1)
+    keep_last: int = 2               # checkpoints kept
+    eval_every: int = 0              # dev-split CE every N steps (0: never)
     resume: str = "auto"             # auto: newest checkpoint in <out>/checkpoints; never; or a checkpoint path
     zero3_persistence_threshold: int = -1  # ZeRO-3 stage3_param_persistence_threshold (-1: from hidden size)
 
 
 @dataclass(frozen=True)
 class ImportanceConfig:
-    out: str = ""
-    scorer: Literal["task", "nll", "block_influence"] = "task"
+    out: str = ""                    # output directory (default: <run.out_dir>/importance)
+    scorer: Literal["task", "nll", "block_influence"] = "task"  # task: chrF++/chrF of greedy translations (the paper's); nll, block_influence: cheap proxies
     selector: Literal["auto", "chrf++", "chrf", "bleu", "primary"] = "auto"  # auto: chrF (zh), chrF++ (else); mixed: primary (each its own)
-    method: Literal["iterative", "oneshot", "middle_block"] = "iterative"
+    method: Literal["iterative", "oneshot", "middle_block"] = "iterative"  # iterative: one layer per scan (the paper's)
     target_layers: int = 0           # layers to keep (0: use remove)
     remove: float = 0.25             # fraction (<1) or count (>=1) of decoder layers to remove
-    force_remove: tuple[int, ...] = ()
-    protect: tuple[int, ...] = (0, -1)
+    force_remove: tuple[int, ...] = ()  # layers removed before the search
+    protect: tuple[int, ...] = (0, -1)  # layers never removed (negative: from the end; the paper protects first and last)
     stop_below: float = 0.0          # stop when score falls below this fraction of the unpruned score
     max_dev_samples: int = 0         # 0: all
-    max_new_tokens: int = 128
-    decode_batch_size: int = 16
+    max_new_tokens: int = 128        # greedy decoding limit of the task scorer
+    decode_batch_size: int = 16      # dev samples per forward / generate call
 
 
 @dataclass(frozen=True)
@@ -135,19 +141,20 @@ class PruneConfig:
     layers: tuple[int, ...] = ()     # or: decoder layers to remove, indices of the model at model.path
     count: int = 0                   # remove only the first N of the ranking's removal order (0: all)
     out: str = ""                    # default: <run.out_dir>/pruned
-    prune_audio_layers: tuple[int, ...] = ()
+    prune_audio_layers: tuple[int, ...] = ()  # audio-encoder layers to remove as well
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # dtype of the saved weights (auto: the source checkpoint's, not model.dtype)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    out: str = ""
+    out: str = ""                    # output directory (default: <run.out_dir>/cache)
     teacher: str = ""                # teacher model dir (default: model.path)
-    k: int = 64
-    targets: tuple[str, ...] = ("ref", "teacher")
+    k: int = 64                      # top-k log-probs kept per label position
+    targets: tuple[str, ...] = ("ref", "teacher")  # ref: top-k on the references; teacher: greedy translations (sequence-level KD)
     teacher_topk: bool = False       # also store top-k for the teacher's own translation
-    max_new_tokens: int = 128
-    batch_size: int = 8
-    encoding: Literal["auto", "packed"] = "auto"
+    max_new_tokens: int = 128        # greedy decoding limit of the teacher translations
+    batch_size: int = 8              # samples per teacher forward / generate call
+    encoding: Literal["auto", "packed"] = "auto"  # record encoding (packed: the one this engine writes)
     split: str = ""                  # audio split to cache (default: data.train_split)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # teacher compute dtype (auto: model.dtype)
     quant: Literal["auto", "none", "nf4"] = "auto"           # teacher weights (auto: model.quant)
@@ -157,40 +164,40 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    out: str = ""
+    out: str = ""                    # output directory (default: <run.out_dir>/distill); the student is <out>/final
     student: str = ""                # pruned model dir
     cache: str = ""                  # teacher cache dir ("" with teacher_mode=online)
-    teacher_mode: Literal["cache", "online"] = "cache"
-    mode: Literal["full", "lora", "qlora"] = "qlora"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    kd: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
-    kd_weight: float = 1.0
-    temperature: float = 1.0
+    teacher_mode: Literal["cache", "online"] = "cache"  # where KD targets come from: the cache, or the teacher run alongside
+    mode: Literal["full", "lora", "qlora"] = "qlora"  # qlora: nf4 base + LoRA (the paper's healing)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapter settings for lora/qlora
+    kd: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # word-level KD divergence
+    kd_weight: float = 1.0           # loss = CE + kd_weight * KD (0: CE only)
+    temperature: float = 1.0         # KD temperature
     seq_kd: bool = True              # also train on teacher translations (de-duplicated)
-    epochs: float = 4.0
-    lr: float = 1e-5
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    global_batch: int = 4
-    grad_clip: float = 1.0
-    zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"
-    ds_config: str = ""
-    offload: bool = False
-    gradient_checkpointing: bool = False
-    save_every: int = 200
-    keep_last: int = 2
-    eval_every: int = 0
+    epochs: float = 4.0              # passes over the train split (+ teacher translations with seq_kd)
+    lr: float = 1e-5                 # peak learning rate (AdamW)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
+    warmup_steps: int = 0            # linear warm-up in optimizer steps
+    weight_decay: float = 0.0        # AdamW weight decay (matrices only)
+    global_batch: int = 4            # samples per optimizer step, all ranks together (= micro x ranks x accumulation)
+    grad_clip: float = 1.0           # gradient-norm clipping
+    zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"  # DeepSpeed ZeRO stage; auto: the lowest that fits
+    ds_config: str = ""              # path to a ds_configs/*.json; "" = chosen by the engine
+    offload: bool = False            # ZeRO-3 with CPU offload of parameters and optimizer state
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    save_every: int = 200            # checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1)
+    keep_last: int = 2               # checkpoints kept
+    eval_every: int = 0              # dev-split CE every N steps (0: never)
     resume: str = "auto"             # auto: newest checkpoint in <out>/checkpoints; never; or a checkpoint path
     zero3_persistence_threshold: int = -1  # ZeRO-3 stage3_param_persistence_threshold (-1: from hidden size)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    out: str = ""
+    out: str = ""                    # output directory (default: <run.out_dir>/export)
     source: str = ""                 # trainer output to export (default: <distill.out>/final)
-    quant: Literal["none", "nf4"] = "nf4"
-    merge_lora: bool = True
+    quant: Literal["none", "nf4"] = "nf4"  # storage of the exported linear layers (nf4: the paper's 4-bit)
+    merge_lora: bool = True          # fold adapters into the weights (false: ship the adapter and name its base)
 
 
 @dataclass(frozen=True)
@@ -199,7 +206,7 @@ class EvaluateConfig:
     models: tuple[str, ...] = ()     # model dirs, each "path" or "name=path" (default: model.path)
     split: str = ""                  # shard split to translate and score ("" = data.test_split)
     batch_size: int = 16             # samples per generate call (batches are formed before ranks split them)
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128        # decoding limit per translation
     num_beams: int = 1               # 1: greedy (the paper's); >1: beam search
     comet_model: str = ""            # local COMET checkpoint path; "" = skip (never downloaded)
     max_samples: int = 0             # first N samples of the split in shard order (0: all)
@@ -212,7 +219,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     out: str = ""                    # default: <run.out_dir>/report
-    title: str = "stc-engine compression report"
+    title: str = "stc-engine compression report"  # heading of report.md
     plots: bool = True               # PNG plots (quality retained vs size, primary metric per system)
     eval_dir: str = ""               # <eval_dir>/<system>/scores.json from `stc evaluate` (default: evaluate.out)
     reference: str = "teacher"       # the system whose scores count as 100%
@@ -228,10 +235,10 @@ class SlurmConfig:
     """Defaults for `stc submit` (launchers/slurm.py); its command-line options win."""
     partition: str = ""              # "" = the cluster's default partition
     time: str = ""                   # --time, e.g. "04:00:00" ("" = the partition's default)
-    account: str = ""
-    qos: str = ""
-    mem: str = ""                    # --mem per node, e.g. "200G"
-    nodes: int = 1
+    account: str = ""                # --account (charged project)
+    qos: str = ""                    # --qos
+    mem: str = ""                    # --mem per node of multi-rank jobs, e.g. "200G" (single-task jobs ask what their model needs)
+    nodes: int = 1                   # nodes per multi-rank job
     gpus_per_node: int = 0           # one task per GPU; 0: CPU-only, ntasks_per_node tasks
     ntasks_per_node: int = 0         # 0: gpus_per_node, or 1 without GPUs
     cpus_per_task: int = 0           # 0: SLURM's default
@@ -293,8 +300,34 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _unquote(value: "RawStr") -> "RawStr":
+    """``"a b"`` or ``'a b'`` typed on a command line (quotes kept by an outer shell quote) -> ``a b``."""
+    s = str(value)
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
+        return RawStr(s[1:-1])
+    return value
+
+
+def _show(value: Any) -> str:
+    """A value in a message: as typed for command-line values, repr for YAML ones."""
+    return str(value) if isinstance(value, RawStr) else repr(value)
+
+
 def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    out = _coerce_raw(value, tp, key, problems)
+    return str(out) if isinstance(out, RawStr) else out
+
+
+def _coerce_raw(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, RawStr) and origin is not tuple and not dataclasses.is_dataclass(tp):
+        value = _unquote(value)
+    if isinstance(value, RawStr) and (dataclasses.is_dataclass(tp) or origin is None and tp is Any):
+        try:  # a whole section or a nested mapping given on the command line: YAML flow syntax
+            value = yaml.safe_load(str(value)) if str(value).strip() else {}
+        except yaml.YAMLError as e:
+            problems.append(f"{key}: {str(value)!r} is not a YAML mapping ({str(e).splitlines()[0]})")
+            return tp()
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -310,7 +343,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{key}: {value!r} is not {_type_name(tp)}{hint}")
+            problems.append(f"{key}: {_show(value)} is not {_type_name(tp)}{hint}")
             return choices[0]
         return value
     if origin in (Union, types.UnionType):
@@ -330,7 +363,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return None
     if origin is tuple:
         (elem,) = typing.get_args(tp)[:1]
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, RawStr):
+            value = [RawStr(v) for v in split_list(value)]
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
             # "3,13,20" or a single value from the command line
             value = [v.strip() for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
         if not isinstance(value, (list, tuple)):
@@ -342,7 +377,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
             return value.lower() in ("true", "yes", "1", "on")
-        problems.append(f"{key}: expected true or false, got {value!r}")
+        problems.append(f"{key}: expected true or false, got {_show(value)}")
         return False
     if tp is int:
         if isinstance(value, bool):
@@ -357,7 +392,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        problems.append(f"{key}: expected an integer, got {value!r}")
+        problems.append(f"{key}: expected an integer, got {_show(value)}")
         return 0
     if tp is float:
         if isinstance(value, bool):
@@ -370,10 +405,14 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        problems.append(f"{key}: expected a number, got {value!r}")
+        problems.append(f"{key}: expected a number, got {_show(value)}")
         return 0.0
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):
+            problems.append(f"{key}: expected a string, got {value!r} (YAML reads yes/no/on/off/true/false "
+                            f"as booleans: quote the value)")
+            return ""
+        if isinstance(value, (str, int, float)):
             return str(value)
         if value is None:
             return ""
@@ -446,19 +485,51 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
 # Public API
 # --------------------------------------------------------------------------------------------------
 
+class RawStr(str):
+    """A value as typed on the command line: parsed by the type of the key it sets (:func:`_coerce`),
+    never by YAML's rules (YAML 1.1 would read ``no`` as false and ``a: b`` as a mapping)."""
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value parsed as a YAML scalar/list)."""
+    """``section.key=value`` -> (["section", "key"], the value as a :class:`RawStr`)."""
     if "=" not in text:
         raise ConfigError([f"override {text!r}: expected section.key=value"])
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) < 2:
         raise ConfigError([f"override {text!r}: the key must name a section, e.g. data.batch_size=8"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
+    return parts, RawStr(raw)
+
+
+def split_list(text: str) -> list[str]:
+    """``[a, "b,c", 'd']`` or ``a,b`` -> items; commas inside quotes or brackets do not split."""
+    s = text.strip()
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    items, cur, quote, depth = [], "", "", 0
+    for ch in s:
+        if quote:
+            if ch == quote:
+                quote = ""
+            else:
+                cur += ch
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+            cur += ch
+        elif ch in "]}":
+            depth -= 1
+            cur += ch
+        elif ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip() or items:
+        items.append(cur.strip())
+    return [i for i in items if i != ""] if len(items) == 1 and items[0] == "" else items
 
 
 def _set_path(tree: dict, parts: list[str], value: Any) -> None:
@@ -517,9 +588,12 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 def replace(recipe: Recipe, **sections: Mapping[str, Any]) -> Recipe:
     """A copy of ``recipe`` with some keys of some sections changed (validated like overrides)."""
-    ovs = [f"{sec}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-           for sec, kv in sections.items() for k, v in kv.items()]
-    return resolve(to_dict(recipe), ovs)
+    tree = to_dict(recipe)
+    for sec, kv in sections.items():
+        if sec not in tree:
+            raise ConfigError([f"unknown section {sec!r}; sections: {', '.join(SECTIONS)}"])
+        tree[sec] = {**tree[sec], **{k: to_dict(v) for k, v in kv.items()}}
+    return resolve(tree)
 
 
 def to_dict(obj: Any) -> Any:
@@ -545,14 +619,60 @@ def save_resolved(recipe: Recipe, out_dir: str | Path, name: str = "config.yaml"
     return p
 
 
-def field_docs(cls: type = Recipe) -> dict[str, str]:
-    """Dotted key -> type description (for ``stc config --keys``)."""
+def _comments(cls: type) -> dict[str, str]:
+    """Field name -> its trailing comment in this file (the documentation of the key), continued by
+    comment-only lines right below it."""
+    import inspect
+    import re
+
     out: dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s{4}(\w+):[^#]*(?:#\s?(.*))?$", line)
+        if m and not line.strip().startswith("#"):
+            last = m.group(1)
+            out[last] = (m.group(2) or "").strip()
+        elif line.strip().startswith("#") and last and out.get(last):
+            out[last] += " " + line.strip().lstrip("#").strip()
+        elif last and not out.get(last) and "#" in line:   # a field written over two lines
+            out[last] = line.split("#", 1)[1].strip()
+        else:
+            last = None
+    return out
+
+
+def field_docs(cls: type = Recipe) -> dict[str, dict[str, str]]:
+    """Dotted key -> {"type", "default", "doc"} (``stc config keys``)."""
+    out: dict[str, dict[str, str]] = {}
+    docs = _comments(cls)
+    defaults = cls()
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             for k, v in field_docs(tp).items():
                 out[f"{f.name}.{k}"] = v
         else:
-            out[f.name] = _type_name(tp)
+            value = to_dict(getattr(defaults, f.name))
+            out[f.name] = {"type": _type_name(tp), "default": yaml.safe_dump(value, default_flow_style=True,
+                                                                           allow_unicode=True).strip().removesuffix("...").strip(),
+                           "doc": docs.get(f.name, "")}
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# `stc config show` / `stc config keys`
+# --------------------------------------------------------------------------------------------------
+
+def show_main(recipe: Recipe, args: Any) -> int:
+    """``stc config show``: the resolved recipe as YAML on stdout."""
+    print(dump_yaml(recipe), end="")
+    return 0
+
+
+def keys_main(recipe: Any, args: Any) -> int:
+    """``stc config keys``: every key with its type, default and documentation."""
+    for key, d in field_docs().items():
+        print(f"{key}: {d['type']} = {d['default']}")
+        if d["doc"]:
+            print(f"    {d['doc']}")
+    return 0

@@ -1,18 +1,35 @@
 """The distributed layer: the only module that knows about ranks.
 
+It owns the process-group lifecycle (:func:`session`, the one context manager every multi-rank stage
+runs in), the agree-or-raise rule (:func:`agree`: a check that failed on one rank raises on every rank,
+so no rank waits forever in the next collective) and the one DeepSpeed bootstrap
+(:func:`deepspeed_bootstrap`) shared by the trainer and the ZeRO-3 cache teacher.
+
 Ranks come from whichever launcher started us: torchrun (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``GROUP_RANK``), the deepspeed launcher (same variables), or a bare ``srun`` (``SLURM_PROCID``,
 ``SLURM_LOCALID``, ``SLURM_NTASKS``, ``SLURM_NNODES``, ``SLURM_NODEID``, first host of
 ``SLURM_JOB_NODELIST``). Explicit torch variables win over SLURM ones, so ``srun torchrun ...`` works.
+
+A rank that dies takes the job down through the launcher: torchrun (``stc run``) stops every worker
+when one exits, and the SLURM jobs run ``srun --kill-on-bad-exit=1``; a survivor blocked in a gloo
+collective also gets "connection closed by peer" at once. The process-group timeout
+(``DEFAULT_TIMEOUT_S``) is the last resort only, for a peer that hangs without dying.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
+import glob
 import os
 import re
 import socket
+import sys
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from .errors import StcError
 
 if TYPE_CHECKING:  # torch is imported lazily: `stc shards ...` and `stc config` need no torch
     import torch
@@ -144,7 +161,10 @@ def backend_for_device() -> str:
     return "nccl" if _torch().cuda.is_available() else "gloo"
 
 
-def init(timeout_s: float = 1800.0) -> DistEnv:
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Detect ranks and, when more than one, start the process group (idempotent)."""
     if _STATE["env"] is not None:
         return _STATE["env"]
@@ -166,8 +186,6 @@ def env() -> DistEnv:
 
 
 def is_initialized() -> bool:
-    import sys
-
     if "torch" not in sys.modules:  # nothing can have started a process group
         return False
     tdist = _tdist()
@@ -245,6 +263,54 @@ def finalize() -> None:
     _STATE["env"] = None
 
 
+@contextlib.contextmanager
+def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistEnv]:
+    """The process group for the duration of a stage: started when several ranks run and no group is
+    up yet, destroyed on exit by the session that saw it start (also when DeepSpeed started it inside,
+    as :func:`deepspeed_bootstrap` does on one rank). Nested sessions are no-ops."""
+    owns = not is_initialized()
+    env_ = init(timeout_s)
+    try:
+        yield env_
+    finally:
+        if owns:
+            finalize()
+
+
+def agree(error: str | None, cls: type[StcError] = StcError) -> None:
+    """Raise ``cls`` on every rank when any rank passes an error message (first by rank), so that no
+    rank goes on into a collective the failed one will never join. The raised error has
+    ``agreed = True``: every rank holds the same message, and ``stc`` prints it once (rank 0)."""
+    errs = [e for e in all_gather_object(error) if e]
+    if errs:
+        exc = cls(errs[0])
+        exc.agreed = True  # type: ignore[attr-defined]
+        raise exc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_bootstrap() -> None:
+    """Start DeepSpeed's communication layer, the same way for the trainer and the ZeRO-3 cache teacher.
+
+    DeepSpeed (``initialize``, ``zero.Init``) wants a process group even on one rank: without one, a
+    1-rank group is made on a free port. Stale JIT build locks are cleared first (a start killed while
+    compiling would otherwise hang every later start, see :func:`clear_stale_build_locks`).
+    """
+    import deepspeed  # heavy: imported only by the stages that run DeepSpeed
+
+    if not is_initialized():
+        d = env()
+        port = int(os.environ.get("MASTER_PORT") or free_port())
+        export_torch_env(dataclasses.replace(d, master_port=port))
+    clear_stale_build_locks()
+    deepspeed.init_distributed(dist_backend=backend_for_device())
+
+
 STALE_BUILD_LOCK_S = 900.0
 
 
@@ -257,9 +323,6 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
     leaves it behind and every later start hangs silently. A build takes well under a minute, so a lock
     older than ``max_age_s`` (15 min) is stale. Called before DeepSpeed starts.
     """
-    import glob
-    import time
-
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "torch_extensions")
     removed = []
@@ -271,8 +334,6 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
         except OSError:
             continue
     if removed:
-        from .log import get
-
-        get().warning(f"removed stale JIT build lock(s) {removed} (older than {max_age_s:.0f} s; "
-                                   f"left by a process killed while compiling)")
+        print(f"stc: removed stale JIT build lock(s) {removed} (older than {max_age_s:.0f} s; left by a "
+              f"process killed while compiling)", file=sys.stderr)
     return removed

@@ -40,8 +40,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import torch
+
 from . import config as cfg
-from . import dist, langs, log
+from . import dist, langs, log, stages
+from .data.stream import StreamError, shards_from_meta
+from .errors import StcError
+from .importance import devset as D
+from .importance import scorers as SC
+from .importance.devset import ImportanceError
+from .io import atomic_open, atomic_write_json
+from .meta import (build_meta, fingerprint_feature_extractor, fingerprint_model, fingerprint_obj,
+                   fingerprint_tokenizer, write_meta)
+from .models.counts import param_counts, storage_bytes
+from .models.load import ModelLoadError, check_model_dir, detect_kind, is_quantized, load_model, load_processor
 
 SCORES = "scores.json"
 HYPOTHESES = "hypotheses.jsonl"
@@ -60,7 +73,7 @@ SCORES_SCHEMA_DOC = """{"schema": 1, "system", "model", "split", "n", "shuffle_a
  "hypotheses": "hypotheses.jsonl", "skipped": [[key, reason]], "warnings": [...]}"""
 
 
-class EvalError(ValueError):
+class EvalError(StcError, ValueError):
     """A problem with the evaluation inputs; the message names the config key and the fix."""
 
 
@@ -119,7 +132,6 @@ def stopword_counts(text: str) -> dict[str, int]:
 
 def is_wrong_language(hyp: str, tgt_lang: str) -> bool:
     """The hypothesis is evidently not in ``tgt_lang``. Rules, on non-empty hypotheses with letters:
-
     * spaceless target (zh, ja: :attr:`engine.langs.Language.spaceless`): wrong when under half of its
       letters are CJK (Han, kana, Hangul), e.g. an English echo;
     * any other target: wrong when over half of its letters are CJK;
@@ -219,29 +231,19 @@ class System:
 
 
 def systems(recipe: cfg.Recipe) -> list[System]:
-    """The systems to evaluate, each checked to be a loadable model directory (before anything heavy)."""
-    from .models.load import ModelLoadError, check_model_dir
-
-    entries = list(recipe.evaluate.models)
-    key = "evaluate.models"
+    """The systems to evaluate (:func:`engine.stages.evaluate_systems`), each checked to be a loadable model
+    directory (before anything heavy)."""
+    entries = stages.evaluate_systems(recipe)
     if not entries:
-        if not recipe.model.path:
-            raise EvalError("nothing to evaluate: set evaluate.models=[name=path,...] (or model.path) to local "
-                            "model directories")
-        entries, key = [recipe.model.path], "model.path (evaluate.models is empty)"
+        raise EvalError("nothing to evaluate: set evaluate.models=[name=path,...] (or model.path) to local "
+                        "model directories")
     out: list[System] = []
-    for i, e in enumerate(entries):
-        name, sep, path = e.partition("=")
-        if not sep or "/" in name or not name.strip():
-            name, path = "", e
-        path = path.strip()
-        k = key if key.startswith("model.path") else f"{key}[{i}]"
+    for name, path, k in entries:
         try:
             p = check_model_dir(path)
         except ModelLoadError as err:
             raise EvalError(f"{k}: {err}. Fix the path, or list the systems as "
                             f"evaluate.models=[name=/path/to/model,...]") from None
-        name = name.strip() or p.resolve().name
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
             raise EvalError(f"{k}: system name {name!r} must be a plain folder name ([A-Za-z0-9_.+-]); "
                             f"write the entry as name=path")
@@ -252,7 +254,7 @@ def systems(recipe: cfg.Recipe) -> list[System]:
 
 
 def out_dir(recipe: cfg.Recipe) -> Path:
-    return Path(recipe.evaluate.out or Path(recipe.run.out_dir) / "eval")
+    return stages.out_dir("evaluate", recipe)
 
 
 def test_split(recipe: cfg.Recipe) -> str:
@@ -260,10 +262,6 @@ def test_split(recipe: cfg.Recipe) -> str:
 
 
 def split_infos(shard_dir: str, split: str) -> list:
-    from .data.stream import StreamError, shards_from_meta
-    from .importance import devset as D
-    from .importance.devset import ImportanceError
-
     try:
         meta = D._shard_meta(shard_dir)
         infos = shards_from_meta(meta, split, source=str(Path(shard_dir) / "meta.json"))
@@ -279,8 +277,6 @@ def split_infos(shard_dir: str, split: str) -> list:
 def check_dev_disjoint(recipe: cfg.Recipe, split: str, samples: Sequence[Any]) -> list[str]:
     """Refuse a test split that shares keys or normalised source texts with ``data.dev_split`` (the split
     layers were selected on). Returns notes to log. ``evaluate.dev_split_check=false`` skips it."""
-    from .data.stream import shards_from_meta
-    from .importance import devset as D
 
     dev = recipe.data.dev_split
     off = "; set evaluate.dev_split_check=false only if you knowingly report on data the model was selected on"
@@ -314,8 +310,6 @@ def check_dev_disjoint(recipe: cfg.Recipe, split: str, samples: Sequence[Any]) -
 
 
 def _length_key(s: Any) -> tuple:
-    from .importance import devset as D
-
     return D._length_key(s)
 
 
@@ -327,7 +321,6 @@ def make_batches(samples: Sequence[Any], batch_size: int) -> list[list[int]]:
 
 def derangement(n: int, seed: int) -> list[int]:
     """``perm[i] != i`` for all i (n >= 2): a seeded shuffle, each element mapped to the next in it."""
-    import numpy as np
 
     if n < 2:
         raise EvalError("evaluate.shuffle_audio needs at least 2 samples")
@@ -356,9 +349,6 @@ def decoder_layers(path: Path) -> int:
 
 
 def fingerprint(recipe: cfg.Recipe, sysm: System, infos: Sequence[Any], split: str, quant: str) -> tuple[str, dict]:
-    from .importance import devset as D
-    from .meta import fingerprint_feature_extractor, fingerprint_model, fingerprint_obj, fingerprint_tokenizer
-
     ec, d = recipe.evaluate, recipe.data
     settings = {"batch_size": ec.batch_size, "max_new_tokens": ec.max_new_tokens, "num_beams": ec.num_beams,
                 "bleu_tokenize": ec.bleu_tokenize, "comet_model": ec.comet_model,
@@ -376,29 +366,18 @@ def fingerprint(recipe: cfg.Recipe, sysm: System, infos: Sequence[Any], split: s
 
 def run_evaluate(recipe: cfg.Recipe) -> dict[str, dict]:
     """Evaluate every system; returns {name: scores document} (on rank 0; {} elsewhere)."""
-    owns = not dist.is_initialized()
-    env = dist.init()
-    try:
+    with dist.session() as env:
         return _run(recipe, env)
-    finally:
-        if owns:
-            dist.finalize()
 
 
 def _agree(error: str | None) -> None:
-    errs = [e for e in dist.all_gather_object(error) if e]
-    if errs:
-        raise EvalError(errs[0])
+    dist.agree(error, EvalError)
 
 
 def _run(recipe: cfg.Recipe, env: dist.DistEnv) -> dict[str, dict]:
-    import torch
-
-    from .importance import devset as D
-
     ec = recipe.evaluate
     out = out_dir(recipe)
-    lg = log.setup(recipe.run.log_level, out)
+    lg = log.setup(recipe.run.log_level, out, progress_s=recipe.run.progress_s)
     if recipe.run.threads > 0:
         torch.set_num_threads(recipe.run.threads)
     if not recipe.data.shards:
@@ -407,7 +386,6 @@ def _run(recipe: cfg.Recipe, env: dist.DistEnv) -> dict[str, dict]:
     syss = systems(recipe)
     split = test_split(recipe)
     infos = split_infos(recipe.data.shards, split)
-    from .models.load import detect_kind
 
     kinds = {s.name: detect_kind(s.path) for s in syss}
     data = replace(recipe.data, dev_split=split)
@@ -439,14 +417,7 @@ def _run(recipe: cfg.Recipe, env: dist.DistEnv) -> dict[str, dict]:
 
 def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: str, infos: list,
                      samples: list, skipped: list, notes: list[str], lg: Any) -> dict | None:
-    import torch
 
-    from .importance import devset as D
-    from .importance import scorers as SC
-    from .io import atomic_open, atomic_write_json
-    from .meta import build_meta, write_meta
-    from .models.counts import param_counts, storage_bytes
-    from .models.load import is_quantized, load_model, load_processor
 
     ec = recipe.evaluate
     sdir = out_dir(recipe) / s.name
@@ -495,8 +466,8 @@ def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: st
     local: list[tuple[int, str, int]] = []     # (sample index, hypothesis, generated tokens)
     bad: list[tuple[str, str]] = []
     secs = 0.0
-    with log.progress("batches") as prog:
-        task = prog.add_task(s.name, total=max(1, len(mine)), extra=f"rank {env.rank}")
+    with log.progress() as prog:
+        task = prog.task(f"evaluate {s.name}", total=len(mine), unit="batches")
         for idx in mine:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -515,7 +486,7 @@ def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: st
             if device.type == "cuda":
                 torch.cuda.synchronize()
             secs += time.perf_counter() - t0
-            prog.advance(task)
+            task.advance(1, sentences=len(local))
     gathered = dist.all_gather_object({"rows": local, "skipped": bad, "seconds": secs, **dist.provenance()})
     if not env.is_main:
         del model
@@ -608,3 +579,24 @@ def print_summary(results: dict[str, dict], out: Path) -> None:
     log.console.print(t)
     log.console.print(f"rates: copy-source/wrong-language/empty; primary metric: chrF++ (chrF for spaceless "
                       f"targets); files: {out}/<system>/{SCORES}, {HYPOTHESES}")
+
+
+def dry_run(recipe: cfg.Recipe) -> None:
+    """``stc evaluate --dry-run``: the systems, the split and the dev/test check; nothing is loaded."""
+    syss = systems(recipe)
+    split = test_split(recipe)
+    infos = split_infos(recipe.data.shards, split)
+    n = sum(i.n for i in infos)
+    print(f"evaluate (dry run): {', '.join(f'{s.name}={s.path}' for s in syss)} on split {split!r} of "
+          f"{recipe.data.shards} ({n} samples"
+          f"{f', first {recipe.evaluate.max_samples}' if recipe.evaluate.max_samples else ''}); "
+          f"{'beam ' + str(recipe.evaluate.num_beams) if recipe.evaluate.num_beams > 1 else 'greedy'}; "
+          f"out {out_dir(recipe)}")
+
+
+def main(recipe: cfg.Recipe, args: Any) -> int:
+    if getattr(args, "dry_run", False):
+        dry_run(recipe)
+        return 0
+    run_evaluate(recipe)
+    return 0

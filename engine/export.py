@@ -19,16 +19,20 @@ trainer already consolidated ZeRO-3 shards into one state dict on rank 0) or a L
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+from . import log, stages
 from .config import ModelConfig, Recipe
+from .errors import StcError
+from .meta import MetaError, build_meta, fingerprint_model, read_meta, write_meta
+from .models.counts import param_counts
+from .models.load import load_model, load_processor
 
 
-class ExportError(RuntimeError):
+class ExportError(StcError):
     pass
 
 
@@ -36,27 +40,27 @@ def _source(recipe: Recipe) -> Path:
     src = getattr(recipe.export, "source", "") or ""
     if src:
         return Path(src)
-    return Path(recipe.distill.out or Path(recipe.run.out_dir) / "distill") / "final"
+    return stages.out_dir("distill", recipe) / "final"
 
 
 def storage_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def run(recipe: Recipe) -> Path:
-    import torch
-
-    from .meta import MetaError, build_meta, fingerprint_model, read_meta, write_meta
-    from .models.counts import param_counts
-    from .models.load import load_model, load_processor, torch_dtype
-
+def run(recipe: Recipe, *, dry_run: bool = False) -> Path:
     src = _source(recipe)
     try:
         meta = read_meta(src, kind="model")
     except MetaError as e:
         raise ExportError(f"export source: {e}") from None
     trained = meta.get("trained") or {}
-    out = Path(recipe.export.out or Path(recipe.run.out_dir) / "export")
+    out = stages.out_dir("export", recipe)
+    if dry_run:
+        what = ("merge the LoRA adapter into its base " + str(trained.get("base")) if trained.get("adapter")
+                and recipe.export.merge_lora else "copy the adapter (merge_lora=false)" if trained.get("adapter")
+                else "the full model")
+        print(f"export (dry run): {src}: {what}; store {recipe.export.quant}; write {out}")
+        return out
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -98,7 +102,6 @@ def run(recipe: Recipe) -> Path:
                                          "params_total": counts["total"], "params_stored": counts["stored"],
                                          "params_stored_bytes": counts["stored_bytes"],
                                          "storage_bytes": storage_bytes(tmp)}))
-    _ = torch, torch_dtype, json
     return _finish(tmp, out)
 
 
@@ -107,3 +110,8 @@ def _finish(tmp: Path, out: Path) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def main(recipe: Recipe, args: Any) -> int:
+    run(recipe, dry_run=bool(getattr(args, "dry_run", False)))
+    return 0

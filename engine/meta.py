@@ -1,4 +1,4 @@
-"""``meta.json``: what every stage output says about itself, and the fingerprint rules (DESIGN 2b).
+"""``meta.json``: what every stage output says about itself, and the fingerprint rules.
 
 Schema (version 1)::
 
@@ -21,9 +21,9 @@ Fingerprint rules (each is ``sha256:`` + hex of a canonical JSON document):
   shapes, offsets) and a sampled content hash (64 evenly spaced 64 KiB reads of the tensor data).
   Headers alone cannot tell a fine-tuned checkpoint from its base (same shapes), and every weight
   changes in fine-tuning, so a few MB sampled from a 16 GB model tell them apart in milliseconds.
-  ``full=True`` adds the sha256 of every file's whole content. (DESIGN 2b named only headers and
-  sizes; the sample was added for all stages at once because the cache, the importance journal and
-  the trainer's resume check must all refuse a base model's outputs for its fine-tuned copy.)
+  ``full=True`` adds the sha256 of every file's whole content. (Headers and sizes alone were the first rule;
+  the sample was added for all stages at once because the cache, the importance journal and the
+  trainer's resume check must all refuse a base model's outputs for its fine-tuned copy.)
 * tokenizer: the content of each tokenizer file present (``tokenizer.json``, ``tokenizer_config.json``,
   ``vocab.json``, ``merges.txt``, ``special_tokens_map.json``, ``added_tokens.json``,
   ``chat_template.jinja``/``.json``, ``*.tiktoken``) plus the special tokens.
@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .errors import StcError
 from .io import atomic_write_json, sha256_file
 
 SCHEMA_VERSION = 1
@@ -56,7 +57,7 @@ TOKENIZER_FILES = (
 )
 
 
-class MetaError(RuntimeError):
+class MetaError(StcError):
     pass
 
 

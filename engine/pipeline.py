@@ -1,7 +1,13 @@
-"""``stc pipeline``: the paper's chain as a list of stage runs, resumable step by step.
+"""The plan: the paper's chain as steps, validated whole, run locally or handed to SLURM.
 
-The chain (DESIGN 1, 2)::
+:func:`build_plan` is the only chain in the engine. ``stc pipeline`` runs its steps here, one process
+each; ``stc submit pipeline`` (``launchers/slurm.py``) submits the same steps, with the same command
+lines, as jobs whose ``afterok`` dependencies are the steps' input edges. Both validate the whole plan
+first (:func:`check`, :mod:`engine.preflight`) and skip finished steps by the same rule (:func:`states`).
 
+The steps::
+
+    [shards]            stc shards build, when shards.manifest is set (its output is data.shards)
     [finetune]          teacher fine-tune (pipeline.finetune=true; the teacher is then <run>/teacher/final)
     eval-teacher        the teacher on the test split
     eval-teacher-shuffled  the same with audio shuffled across samples (pipeline.shuffle_check): a
@@ -20,64 +26,74 @@ The chain (DESIGN 1, 2)::
                         the same number of layers removed as one contiguous middle block
     report              `stc report` over every evaluated system
 
-**One step = one process.** Each step runs ``python -m engine.cli [run --nproc N] <stage> --config
-<run>/pipeline/config.yaml <overrides>``: a crash, a leaked CUDA context or DeepSpeed's global state
-cannot reach the next stage, and every step is a command a user can copy and rerun by hand. The
+**One step = one process**: ``python -m engine.cli [run --nproc N] <stage> --config
+<run>/pipeline/config.yaml <overrides>``. A crash, a leaked CUDA context or DeepSpeed's global state
+cannot reach the next step, and every step is a command a user can copy and rerun by hand. The
 overrides only place the step's inputs and outputs (``<run.out_dir>/students/r25/...``) and set what
-makes an ablation an ablation; everything else comes from the one resolved config.
+makes an ablation an ablation; everything else comes from the one resolved config. Output directories
+and finished markers come from the stage registry (:mod:`engine.stages`).
 
-**Done, skipped, resumed.** A step is done when its output holds the file the stage writes last
-(``meta.json``; ``scores.json`` for an evaluated system) and, where that meta records the stage's
-resolved config, the keys that change the result equal this run's (operational keys such as batch
-sizes and checkpoint cadence are ignored; the stages' own fingerprint checks still apply when they
-run). A step whose inputs are produced by a step that still has to run is not done either. Done steps
-are skipped, so a rerun continues at the first unfinished step. A step that exits 75 (stopped on
-request, checkpointed) stops the pipeline with 75; any other failure stops it with the step's name
-and log. Logs: ``<run>/pipeline/logs/<step>.log`` (also streamed to the terminal); status:
-``<run>/pipeline/pipeline.json`` (written atomically after every change).
-
-**Refusals before anything runs:** a missing external input (model.path, data.shards), a stage that
-is not available in this version, a config key a step override cannot set, and a dev split (used to
-select layers) that overlaps the test split (used to report).
+**Done, stale, skipped.** A step is done when its outputs hold the stage's finished marker and, where
+that marker's ``meta.json`` records the resolved config, the keys that change the result equal this
+run's. Not compared: operational keys (batch sizes, checkpoint cadence, ...), where things are (output
+dirs and input paths: a run moved to another disk, or shards staged to node-local disk, stays done),
+and what the stages check themselves. What the paths point to is compared instead: the pipeline
+records the fingerprints of its external inputs (model.path, data.shards) in ``pipeline.json`` and a
+change makes every step that reads them stale. A step whose producer still has to run is not done
+either. A **stale** step's old outputs are moved aside (``<out>.stale-<time>``) before it runs again, so
+a trainer never resumes a checkpoint of another config; the same holds for an unfinished output left by
+a run of another config (the pipeline notes each step's config under ``pipeline/steps/`` before running
+it). A step that exits 75 (stopped on request, checkpointed) stops the pipeline with 75; any other
+failure stops it with one line saying which step failed and why (the step's own error line), plus the
+log. Logs: ``<run>/pipeline/logs/<step>.log``; status: ``<run>/pipeline/pipeline.json``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import config as cfg
+from . import dist, lock, log, preflight, stages
+from .errors import EXIT_FAIL, EXIT_OK, EXIT_RESUMABLE, EXIT_USAGE, ProblemsError, UsageError
+from .io import atomic_write_json
+from .meta import MetaError, fingerprint_model
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_RESUMABLE = 0, 1, 2, 75
 PIPELINE_DIR = "pipeline"
 STATUS_NAME = "pipeline.json"
 CONFIG_NAME = "config.yaml"
+STEPS_DIR = "steps"          # <run>/pipeline/steps/<step>.json: what each step runs with, where it writes
 
 # Keys that do not change a stage's result: a rerun with another value keeps the step done.
-# (Micro batch sizes: losses are normalised over the global batch, DESIGN 2b.)
+# (Micro batch sizes: losses are normalised over the global batch.)
 _OPERATIONAL = {"out", "resume", "save_every", "keep_last", "eval_every", "zero_stage", "ds_config", "offload",
                 "gradient_checkpointing", "zero3", "zero3_persistence_threshold", "batch_size", "decode_batch_size",
-                "num_workers", "log_level", "threads", "device"}
+                "num_workers", "log_level", "threads", "device", "progress_s", "device_memory_gb"}
+# Keys that say where an input is: compared by content (the external inputs' fingerprints; producers'
+# reruns), never by path.
+PATH_KEYS = {"model.path", "data.shards", "shards.manifest", "cache.teacher", "distill.student", "distill.cache",
+             "prune.ranking", "export.source", "evaluate.models", "finetune.ds_config", "distill.ds_config"}
 # Sections of the resolved config whose (non-operational) keys decide whether a stage output is current.
-_COMPARED = {"finetune": ("model", "data", "finetune"), "importance": ("model", "data", "importance"),
-             "prune": ("model", "prune"), "cache build": ("model", "data", "cache"),
-             "distill": ("model", "data", "distill"), "export": ("model", "export")}
+_COMPARED = {"shards build": ("shards",), "finetune": ("model", "data", "finetune"),
+             "importance": ("model", "data", "importance"), "prune": ("model", "prune"),
+             "cache build": ("model", "data", "cache"), "distill": ("model", "data", "distill"),
+             "export": ("model", "export")}
 
 
-class PipelineError(RuntimeError):
-    """A refusal with a message for the user (printed without a traceback)."""
+class PipelineError(ProblemsError, UsageError):
+    """The plan cannot run as asked; every problem on its own line (exit 2: nothing ran)."""
 
     def __init__(self, problems: Sequence[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems) if len(self.problems) == 1 else
-                         "cannot run the pipeline:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        super().__init__(problems, head="cannot run the pipeline")
 
 
 @dataclass(frozen=True)
@@ -93,14 +109,19 @@ class Step:
     name: str
     stage: str                          # registry name: "prune", "cache build", ...
     overrides: tuple[str, ...]          # section.key=value, after --config
-    out: Path                           # the step's output directory
+    out: Path                           # the step's output (from the registry, for the step's config)
     marker: Path                        # the file whose presence means done (the stage writes it last)
     inputs: tuple[Input, ...] = ()
-    system: Mapping[str, Any] | None = None   # evaluate steps: what system.json says (name, label, ...)
+    system: Mapping[str, Any] | None = None   # evaluate steps: what the report says of it (name, label, ...)
+    removed: int = 0                    # decoder layers its model lacks (shapes for validation)
 
     @property
     def deps(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(i.made_by for i in self.inputs if i.made_by))
+
+    @property
+    def many_ranks(self) -> bool:
+        return stages.get(self.stage).ranks == "many"
 
 
 @dataclass
@@ -110,8 +131,9 @@ class Plan:
     config_path: Path                   # the resolved config every step reads
     recipe: cfg.Recipe
     tree: dict                          # the resolved config as data (what config_path holds)
-    nproc: int = 1
+    nproc: int = 1                      # ranks of a multi-rank step (local: --nproc; SLURM: nodes x tasks)
     problems: list[str] = field(default_factory=list)
+    selected: tuple[str, ...] = ()      # --stages: the steps to run ("" : all)
 
     @property
     def status_path(self) -> Path:
@@ -119,6 +141,23 @@ class Plan:
 
     def log_path(self, step: Step) -> Path:
         return self.run_dir / PIPELINE_DIR / "logs" / f"{step.name}.log"
+
+    def step_record(self, step: Step) -> Path:
+        return self.run_dir / PIPELINE_DIR / STEPS_DIR / f"{step.name}.json"
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+    def ranks(self, step: Step) -> int:
+        return self.nproc if step.many_ranks else 1
+
+    def recipe_of(self, step: Step) -> cfg.Recipe:
+        return cfg.resolve(self.tree, list(step.overrides))
+
+    @property
+    def active(self) -> list[Step]:
+        """The steps to run (all, or those --stages selects), in plan order."""
+        return [s for s in self.steps if not self.selected or s.name in self.selected]
 
 
 # ============================================================================================ the plan
@@ -132,24 +171,34 @@ def layer_count(r: float, n_layers: int) -> int:
     return max(1, int(round(r * n_layers)))
 
 
-def decoder_layers(model_dir: str | os.PathLike) -> int | None:
-    p = Path(model_dir) / "config.json"
+def read_config_json(model_dir: str | os.PathLike) -> dict | None:
     try:
-        c = json.loads(p.read_text(encoding="utf-8"))
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
+        return None
+
+
+def decoder_layers(model_dir: str | os.PathLike) -> int | None:
+    c = read_config_json(model_dir)
+    if c is None:
         return None
     n = (c.get("text_config") or c).get("num_hidden_layers")
     return n if isinstance(n, int) and n > 0 else None
 
 
 def _list(values: Sequence[Any]) -> str:
-    """A YAML flow list for an override value (quoted: paths and `name=path` entries stay one item)."""
-    return json.dumps([str(v) for v in values])
+    """A flow list for an override value (quoted: paths and `name=path` entries stay one item)."""
+    return json.dumps([str(v) for v in values], separators=(",", ":"))
 
 
-def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: int | None = None) -> Plan:
-    """The steps for ``recipe`` (pure: reads only model.path/config.json for the layer count)."""
+def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: int | None = None,
+               select: str | Sequence[str] | None = None) -> Plan:
+    """The steps for ``recipe`` (pure: reads only model.path/config.json for the layer count).
+
+    ``nproc``: ranks of every multi-rank step (default ``pipeline.nproc``); ``select`` (``--stages``):
+    step names, or stage names standing for all their steps."""
     pc, run = recipe.pipeline, Path(recipe.run.out_dir)
+    tree = cfg.to_dict(recipe)
     problems: list[str] = []
     students = list(pc.students)
     if not students:
@@ -166,16 +215,36 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
         problems.append(f"pipeline.finetune=true needs finetune.mode=full (got {recipe.finetune.mode!r}): the teacher "
                         f"must be a whole model that importance, cache and evaluate load directly")
 
+    def make(name: str, stage: str, ovs: Sequence[str], inputs: Sequence[Input] = (), *,
+             system: Mapping[str, Any] | None = None, removed: int = 0) -> Step:
+        """A step whose output and marker come from the registry, for the step's own config."""
+        try:
+            r = cfg.resolve(tree, list(ovs))
+            out = stages.outputs(stage, r)[0]
+            marker = stages.markers(stage, r)[0]
+        except cfg.ConfigError as e:
+            problems.extend(f"step {name}: {p}" for p in e.problems)
+            out = marker = run / name
+        return Step(name, stage, tuple(ovs), out, marker, tuple(inputs), system, removed)
+
     model_path = Path(recipe.model.path) if recipe.model.path else Path("<model.path is empty>")
     n_layers = decoder_layers(model_path) or 0
     ext_model = Input(model_path / "config.json", "", "model.path")
-    ext_data = Input(Path(recipe.data.shards or "<data.shards is empty>") / "meta.json", "", "data.shards")
-
+    shards_dir = Path(recipe.data.shards or "<data.shards is empty>")
     steps: list[Step] = []
+    if recipe.shards.manifest:
+        if stages.out_dir("shards build", recipe).absolute() != shards_dir.absolute():
+            problems.append(f"shards.out ({stages.out_dir('shards build', recipe)}) is not data.shards "
+                            f"({recipe.data.shards}): the plan builds the shards the other steps read; set both "
+                            f"to the same directory (or clear shards.manifest and build them yourself)")
+        steps.append(make("shards", "shards build", (f"shards.out={shards_dir}",),
+                          (Input(Path(recipe.shards.manifest), "", "shards.manifest"),)))
+        ext_data = Input(shards_dir / "meta.json", "shards", "data.shards")
+    else:
+        ext_data = Input(shards_dir / "meta.json", "", "data.shards")
     if pc.finetune:
         ft = run / "teacher"
-        steps.append(Step("finetune", "finetune", (f"finetune.out={ft}",), ft, ft / "final" / "meta.json",
-                          (ext_model, ext_data)))
+        steps.append(make("finetune", "finetune", (f"finetune.out={ft}",), (ext_model, ext_data)))
         teacher = ft / "final"
         t_in = Input(teacher / "meta.json", "finetune", "the fine-tuned teacher")
     else:
@@ -185,14 +254,12 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     quant_teacher = recipe.model.quant
 
     def evaluate(system: str, model: Path, model_in: Input, *, label: str, removal: float, healing: str,
-                 quant: str, removed_from: str = "", shuffle: bool = False) -> Step:
-        ovs = [*common, f"evaluate.out={eval_out}", f"evaluate.models={_list([f'{system}={model}'])}"]
-        if shuffle or "shuffle_audio" in _fields(cfg.EvaluateConfig):
-            ovs.append(f"evaluate.shuffle_audio={'true' if shuffle else 'false'}")
-        inputs = (model_in, ext_data)
-        return Step(f"eval-{system}", "evaluate", tuple(ovs), eval_out / system, eval_out / system / "scores.json",
-                    inputs, {"name": system, "label": label, "removal": removal, "healing": healing, "quant": quant,
-                             "removed_from": removed_from, "model": str(model)})
+                 quant: str, removed_from: str = "", shuffle: bool = False, removed: int = 0) -> Step:
+        ovs = [*common, f"evaluate.out={eval_out}", f"evaluate.models={_list([f'{system}={model}'])}",
+               f"evaluate.shuffle_audio={'true' if shuffle else 'false'}"]
+        return make(f"eval-{system}", "evaluate", ovs, (model_in, ext_data),
+                    system={"name": system, "label": label, "removal": removal, "healing": healing, "quant": quant,
+                            "removed_from": removed_from, "model": str(model)}, removed=removed)
 
     steps.append(evaluate("teacher", teacher, t_in, label="teacher", removal=0.0, healing="none",
                           quant=quant_teacher))
@@ -202,14 +269,13 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
 
     counts = {r: layer_count(r, n_layers) if n_layers else 0 for r in students}
     imp = run / "importance"
-    steps.append(Step("importance", "importance",
+    steps.append(make("importance", "importance",
                       (*common, f"importance.out={imp}", f"importance.remove={max(counts.values(), default=0)}"),
-                      imp, imp / "meta.json", (t_in, ext_data)))
+                      (t_in, ext_data)))
     cache = run / "cache"
-    cache_step = Step("cache", "cache build", (*common, f"cache.out={cache}"),
-                      cache, cache / "meta.json", (t_in, ext_data))
+    cache_step = make("cache", "cache build", (*common, f"cache.out={cache}"), (t_in, ext_data))
 
-    def student(tag: str, pruned: Path, pruned_by: str, *, kd: bool) -> tuple[Step, Step, Path]:
+    def student(tag: str, pruned: Path, pruned_by: str, *, kd: bool, removed: int) -> tuple[Step, Step, Path]:
         d = pruned.parent / ("kd" if kd else "ce")
         dist_ovs = [*common, f"distill.out={d / 'distill'}", f"distill.student={pruned}"]
         ins = [Input(pruned / "meta.json", pruned_by, "the pruned student"), ext_data]
@@ -218,94 +284,114 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
             ins.append(Input(cache / "meta.json", "cache", "the teacher cache"))
         else:  # CE only: no KD term and no teacher translations, so the trainer reads no cache
             dist_ovs += ["distill.cache=", "distill.kd_weight=0", "distill.seq_kd=false"]
-        final = d / "distill" / "final"
-        dstep = Step(f"distill-{tag}", "distill", tuple(dist_ovs), d / "distill", final / "meta.json", tuple(ins))
+        dstep = make(f"distill-{tag}", "distill", dist_ovs, ins, removed=removed)
+        final = dstep.out / "final"
         exp = d / "export"
-        estep = Step(f"export-{tag}", "export", (*common, f"export.source={final}", f"export.out={exp}"), exp,
-                     exp / "meta.json", (Input(final / "meta.json", dstep.name, "the trained student"),))
+        estep = make(f"export-{tag}", "export", (*common, f"export.source={final}", f"export.out={exp}"),
+                     (Input(final / "meta.json", dstep.name, "the trained student"),), removed=removed)
         return dstep, estep, exp
 
     exp_quant = recipe.export.quant
     for i, r in enumerate(students):
-        p = pct(r)
+        p, k = pct(r), counts[r]
         pruned = run / "students" / f"r{p}" / "pruned"
-        steps.append(Step(f"prune-{p}", "prune", (*common, f"prune.ranking={imp}", f"prune.count={counts[r]}",
+        steps.append(make(f"prune-{p}", "prune", (*common, f"prune.ranking={imp}", f"prune.count={k}",
                                                   "prune.layers=[]", f"prune.out={pruned}"),
-                          pruned, pruned / "meta.json",
-                          (t_in, Input(imp / "meta.json", "importance", "the layer ranking"))))
+                          (t_in, Input(imp / "meta.json", "importance", "the layer ranking")), removed=k))
         if i == 0:
             steps.append(cache_step)
-        dstep, estep, exp = student(f"kd-{p}", pruned, f"prune-{p}", kd=True)
+        dstep, estep, exp = student(f"kd-{p}", pruned, f"prune-{p}", kd=True, removed=k)
         steps += [dstep, estep, evaluate(f"kd-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
                                          label=f"{p}% removed, CE+KD", removal=r, healing="ce+kd", quant=exp_quant,
-                                         removed_from=f"prune-{p}")]
+                                         removed_from=f"prune-{p}", removed=k)]
         if i == 0 and pc.ablations:
             steps.append(evaluate(f"pruned-{p}", pruned,
                                   Input(pruned / "meta.json", f"prune-{p}", "the pruned student"),
                                   label=f"{p}% removed, no healing", removal=r, healing="none",
-                                  quant=recipe.model.quant, removed_from=f"prune-{p}"))
-            dstep, estep, exp = student(f"ce-{p}", pruned, f"prune-{p}", kd=False)
+                                  quant=recipe.model.quant, removed_from=f"prune-{p}", removed=k))
+            dstep, estep, exp = student(f"ce-{p}", pruned, f"prune-{p}", kd=False, removed=k)
             ce_in = Input(exp / "meta.json", estep.name, "the exported student")
             steps += [dstep, estep, evaluate(f"ce-{p}", exp, ce_in, label=f"{p}% removed, CE only", removal=r,
-                                             healing="ce", quant=exp_quant, removed_from=f"prune-{p}")]
+                                             healing="ce", quant=exp_quant, removed_from=f"prune-{p}", removed=k)]
             mid = run / "students" / f"middle-r{p}"
             mimp = mid / "importance"
-            steps.append(Step(f"importance-middle-{p}", "importance",
+            steps.append(make(f"importance-middle-{p}", "importance",
                               (*common, f"importance.out={mimp}", "importance.method=middle_block",
-                               f"importance.remove={counts[r]}", "importance.force_remove=[]"),
-                              mimp, mimp / "meta.json", (t_in, ext_data)))
+                               f"importance.remove={k}", "importance.force_remove=[]"), (t_in, ext_data)))
             mpruned = mid / "pruned"
-            steps.append(Step(f"prune-middle-{p}", "prune",
-                              (*common, f"prune.ranking={mimp}", f"prune.count={counts[r]}", "prune.layers=[]",
+            steps.append(make(f"prune-middle-{p}", "prune",
+                              (*common, f"prune.ranking={mimp}", f"prune.count={k}", "prune.layers=[]",
                                f"prune.out={mpruned}"),
-                              mpruned, mpruned / "meta.json",
-                              (t_in, Input(mimp / "meta.json", f"importance-middle-{p}", "the middle-block ranking"))))
-            dstep, estep, exp = student(f"middle-{p}", mpruned, f"prune-middle-{p}", kd=True)
+                              (t_in, Input(mimp / "meta.json", f"importance-middle-{p}", "the middle-block ranking")),
+                              removed=k))
+            dstep, estep, exp = student(f"middle-{p}", mpruned, f"prune-middle-{p}", kd=True, removed=k)
             steps += [dstep, estep,
                       evaluate(f"middle-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
                                label=f"{p}% removed as a middle block, CE+KD", removal=r, healing="ce+kd",
-                               quant=exp_quant, removed_from=f"prune-middle-{p}")]
+                               quant=exp_quant, removed_from=f"prune-middle-{p}", removed=k)]
     if pc.report:
         rep = run / "report"
         evals = [s for s in steps if s.stage == "evaluate"]
-        runs = [f"{s.name}={s.out}" for s in steps if s.stage in ("finetune", "importance", "cache build", "distill")]
-        runs.append(f"evaluate={eval_out}")
-        steps.append(Step("report", "report", (f"evaluate.out={eval_out}", f"report.eval_dir={eval_out}",
+        steps.append(make("report", "report", (f"evaluate.out={eval_out}", f"report.eval_dir={eval_out}",
                                                f"report.out={rep}", f"report.importance={imp}",
                                                f"report.systems={_list([s.system['name'] for s in evals])}",
-                                               f"report.runs={_list(runs)}"), rep,
-                          rep / "meta.json", tuple(Input(s.marker, s.name, f"scores of {s.system['name']}")
-                                                   for s in evals)))
+                                               f"report.runs={_list([run / PIPELINE_DIR / STEPS_DIR])}"),
+                          tuple(Input(s.marker, s.name, f"scores of {s.system['name']}") for s in evals)))
     names = [s.name for s in steps]
     if len(set(names)) != len(names):  # logs and status are keyed by name
         problems.append(f"two steps share a name: {sorted({n for n in names if names.count(n) > 1})}")
+    chosen: tuple[str, ...] = ()
+    if select:
+        wanted = [w.strip() for w in (select.split(",") if isinstance(select, str) else select) if w.strip()]
+        for w in wanted:
+            hit = [s.name for s in steps if s.name == w or s.stage == w.replace("-", " ") or s.stage == w]
+            if not hit:
+                problems.append(f"--stages: {w!r} is neither a step nor a stage of this plan; steps: "
+                                f"{', '.join(names)}")
+            chosen += tuple(h for h in hit if h not in chosen)
+        chosen = tuple(n for n in names if n in chosen)
     cp = config_path or run / PIPELINE_DIR / CONFIG_NAME
-    return Plan(steps=steps, run_dir=run, config_path=cp, recipe=recipe, tree=cfg.to_dict(recipe), nproc=n_proc,
-                problems=problems)
-
-
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+    return Plan(steps=steps, run_dir=run, config_path=cp, recipe=recipe, tree=tree, nproc=n_proc,
+                problems=problems, selected=chosen)
 
 
 # ============================================================================================ checks
 
-def check(plan: Plan) -> list[str]:
-    """Every refusal that needs nothing to run: problems as readable lines (empty: good to go)."""
-    from .cli import STAGES
+def check(plan: Plan, *, data_pending: bool = False) -> list[str]:
+    """Every refusal that needs nothing to run: problems as readable lines (empty: good to go).
 
+    Inputs (each produced by an earlier step that runs or is done, or existing), model shapes, the dev
+    and test splits, and, per step (:mod:`engine.preflight`), the config its stage would refuse: global
+    batch vs micro batch x ranks, a model that fits nowhere. ``data_pending``: ``stc demo`` builds
+    the manifest and data.shards before the plan runs, so their absence is not a refusal."""
     problems = list(plan.problems)
-    missing = sorted({s.stage for s in plan.steps if STAGES.get(s.stage) is None or STAGES[s.stage].func is None})
-    for st in missing:
-        issue = STAGES[st].issue if st in STAGES else ""
-        problems.append(f"`stc {st}` is not available in this version of stc-engine"
-                        f"{f' (issue {issue})' if issue else ''}; the pipeline needs it for step(s) "
-                        f"{', '.join(s.name for s in plan.steps if s.stage == st)}")
+    st = states(plan)
+    active = {s.name for s in plan.active}
     for s in plan.steps:  # every step's overrides must make a valid config (e.g. a key the engine lacks)
         try:
-            cfg.resolve(plan.tree, list(s.overrides))
+            plan.recipe_of(s)
         except cfg.ConfigError as e:
             problems += [f"step {s.name}: {p}" for p in e.problems]
+    missing: dict[tuple[str, Path], list[str]] = {}
+    for s in plan.active:
+        if st[s.name] == "done":
+            continue      # what a finished step read may be gone (a deleted manifest): it is not read again
+        for i in s.inputs:
+            if i.made_by and (i.made_by in active or st.get(i.made_by) == "done"):
+                continue
+            if i.made_by:
+                problems.append(f"step {s.name} needs {i.path} ({i.what}), made by step {i.made_by}, which is neither "
+                                f"done nor selected (--stages)")
+            elif not i.path.exists() and not (data_pending and i.what in ("data.shards", "shards.manifest")) \
+                    and i.what != "model.path":
+                missing.setdefault((i.what, i.path), []).append(s.name)
+    for (what, path), users in missing.items():
+        hint = ("; build the shards first with `stc shards build --config ...` (or set shards.manifest so the plan "
+                "builds them)" if what == "data.shards" else "")
+        where = path.parent if path.name in ("meta.json", "config.json") else path
+        steps_txt = ", ".join(users[:3]) + (f" and {len(users) - 3} more" if len(users) > 3 else "")
+        problems.append(f"{what} {where}: no {path.name} there (needed by step{'s' * (len(users) > 1)} {steps_txt})"
+                        f"{hint}")
     r = plan.recipe
     if not r.model.path or not (Path(r.model.path) / "config.json").exists():
         first = next((s.name for s in plan.steps if any(i.what == "model.path" for i in s.inputs)), "")
@@ -322,14 +408,17 @@ def check(plan: Plan) -> list[str]:
                                 f"fewer than 2 (the first and last are protected)")
     if r.distill.seq_kd and "teacher" not in r.cache.targets:
         problems.append("distill.seq_kd=true needs the teacher translations: add 'teacher' to cache.targets")
-    problems += _split_problems(r)
-    return problems
+    if not (r.shards.manifest or data_pending or any(w == "data.shards" for w, _ in missing)):
+        problems += _split_problems(r)
+    if not problems:
+        problems += preflight.problems(plan)
+    return list(dict.fromkeys(problems))
 
 
 def _split_problems(r: cfg.Recipe) -> list[str]:
     """The dev split that selects layers must not share samples with the split the systems are scored on."""
     from .data.stream import StreamError
-    from .importance import devset as D
+    from .importance import devset as D   # torch: only `stc pipeline` itself needs it, not `stc jobs`
 
     shards = Path(r.data.shards) if r.data.shards else None
     if shards is None or not (shards / "meta.json").exists():
@@ -366,21 +455,69 @@ def _meta(path: Path) -> dict | None:
         return None
 
 
-def _compared(tree: Mapping[str, Any], sections: Sequence[str]) -> dict[str, Any]:
+def compared(tree: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """The keys of a resolved config that decide whether ``stage``'s output is current."""
     out = {}
-    for sec in sections:
+    for sec in _COMPARED.get(stage, ()):
         for k, v in (tree.get(sec) or {}).items():
-            if k not in _OPERATIONAL:
+            if k not in _OPERATIONAL and f"{sec}.{k}" not in PATH_KEYS:
                 out[f"{sec}.{k}"] = v
     return json.loads(json.dumps(out))
 
 
-def stale_reason(plan: Plan, step: Step) -> str | None:
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not diff:
+        return None
+    k = diff[0]
+    return f"{k} was {a.get(k)!r}, now {b.get(k)!r}" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else "")
+
+
+def external_fingerprints(recipe: cfg.Recipe) -> dict[str, str]:
+    """What the plan's external inputs hold (model.path, data.shards), by content."""
+    out: dict[str, str] = {}
+    with_suppress = (OSError, MetaError, json.JSONDecodeError, KeyError)
+    try:
+        out["model.path"] = fingerprint_model(recipe.model.path)
+    except with_suppress:
+        pass
+    try:
+        out["data.shards"] = json.loads((Path(recipe.data.shards) / "meta.json").read_text())["fingerprints"]["data"]
+    except with_suppress:
+        pass
+    return out
+
+
+def _reads_external(plan: Plan, step: Step, key: str) -> bool:
+    """Whether ``step`` reads the external input ``key``, directly or through the steps it depends on."""
+    seen, todo = set(), [step.name]
+    while todo:
+        s = plan.step(todo.pop())
+        if any(i.what == key and not i.made_by for i in s.inputs):
+            return True
+        for d in s.deps:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return False
+
+
+def stale_reason(plan: Plan, step: Step, changed: Mapping[str, str] | None = None) -> str | None:
     """Why a step's existing output does not count as done; None when it is done."""
     if not step.marker.exists():
+        rec = _meta(plan.step_record(step))
+        if rec and isinstance(rec.get("config"), Mapping) and step.out.exists():
+            try:
+                why = _diff(rec["config"], compared(cfg.to_dict(plan.recipe_of(step)), step.stage))
+            except cfg.ConfigError:
+                why = None
+            if why:
+                return f"stale: an unfinished run of another config is there ({why})"
         return "todo"
-    sections = _COMPARED.get(step.stage)
-    if not sections:
+    for key, what in (changed or {}).items():
+        if _reads_external(plan, step, key):
+            return f"stale: {what}"
+    if step.stage not in _COMPARED:
         return None
     meta = _meta(step.marker)
     if meta is None:
@@ -389,22 +526,28 @@ def stale_reason(plan: Plan, step: Step) -> str | None:
     if not isinstance(theirs, Mapping):
         return None  # the stage records no config: the marker is all there is to check
     try:
-        mine = cfg.to_dict(cfg.resolve(plan.tree, list(step.overrides)))
+        mine = cfg.to_dict(plan.recipe_of(step))
     except cfg.ConfigError:
         return "todo"
-    a, b = _compared(theirs, sections), _compared(mine, sections)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if diff:
-        k = diff[0]
-        return f"stale: {k} was {a.get(k)!r}, now {b.get(k)!r}" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else "")
-    return None
+    why = _diff(compared(theirs, step.stage), compared(mine, step.stage))
+    return f"stale: {why}" if why else None
+
+
+def changed_externals(plan: Plan) -> dict[str, str]:
+    """External inputs whose content differs from the last run's (recorded in pipeline.json)."""
+    old = (_meta(plan.status_path) or {}).get("inputs") or {}
+    if not old:
+        return {}
+    now = external_fingerprints(plan.recipe)
+    return {k: f"the content of {k} changed since the last run" for k in now if k in old and old[k] != now[k]}
 
 
 def states(plan: Plan) -> dict[str, str]:
     """``done`` or why not, per step; a step after an unfinished producer is never done."""
     out: dict[str, str] = {}
+    changed = changed_externals(plan)
     for s in plan.steps:
-        why = stale_reason(plan, s)
+        why = stale_reason(plan, s, changed)
         pending = [d for d in s.deps if out.get(d, "done") != "done"]
         if why is None and pending:
             why = f"todo (after {pending[0]})"
@@ -413,31 +556,49 @@ def states(plan: Plan) -> dict[str, str]:
 
 
 def command(plan: Plan, step: Step) -> list[str]:
-    """The step's command line (what runs, and what --dry-run prints)."""
-    from launchers.slurm import SINGLE_TASK
-
+    """The step's command line (what runs locally, and what --dry-run prints)."""
     argv = [*step.stage.split(), "--config", str(plan.config_path), *step.overrides]
-    if plan.nproc > 1 and step.stage not in SINGLE_TASK:
+    if plan.nproc > 1 and step.many_ranks:
         argv = ["run", "--nproc", str(plan.nproc), *argv]
     return [sys.executable, "-m", "engine.cli", *argv]
 
 
-def print_plan(plan: Plan, st: Mapping[str, str]) -> None:
-    import shlex
+def wrap_command(argv: Sequence[str], width: int = 80, indent: int = 4) -> list[str]:
+    """A shell command split into lines of at most ``width`` columns (where the words allow), joined by
+    backslash continuations: copied as is, it still runs."""
+    words = [shlex.quote(a) for a in argv]
+    lines, cur = [], " " * indent
+    for w in words:
+        if cur.strip() and len(cur) + 1 + len(w) + 2 > width:
+            lines.append(cur + " \\")
+            cur = " " * (indent + 2) + w
+        else:
+            cur = cur + (" " if cur.strip() else "") + w
+    lines.append(cur)
+    return lines
 
-    from rich.table import Table
 
-    from .log import console
-
-    t = Table(title=f"stc pipeline: {len(plan.steps)} steps, {sum(v == 'done' for v in st.values())} done "
-                    f"(run dir {plan.run_dir})", show_lines=True)
-    for c in ("#", "step", "command", "inputs", "output", "state"):
-        t.add_column(c, overflow="fold")
-    for i, s in enumerate(plan.steps, 1):
-        cmd = shlex.join(command(plan, s)[1:])  # without the interpreter path
-        ins = "\n".join(f"{i_.path}" + (f" ({i_.made_by})" if i_.made_by else f" ({i_.what})") for i_ in s.inputs)
-        t.add_row(str(i), s.name, cmd, ins, str(s.out), st[s.name])
-    console.print(t)
+def print_plan(plan: Plan, st: Mapping[str, str], estimates: Mapping[str, Any] | None = None,
+               cmd: Callable[[Plan, Step], list[str]] = command, title: str = "stc pipeline", out=None) -> None:
+    """The plan on stdout, readable at 80 columns: per step its state, ranks, inputs, output, estimate and
+    the command (copyable as is, interpreter included)."""
+    out = out or sys.stdout
+    active = plan.active
+    done = sum(st[s.name] == "done" for s in active)
+    print(f"{title}: {len(active)} step(s), {done} done", file=out)
+    print(f"run dir: {plan.run_dir}", file=out)
+    print(f"config: {plan.config_path}", file=out)
+    for i, s in enumerate(active, 1):
+        ranks = plan.ranks(s)
+        print(f"\n{i:>2}. {s.name}  [{s.stage}, {ranks} rank{'s' * (ranks != 1)}]  {st[s.name]}", file=out)
+        for i_ in s.inputs:
+            print(f"    in:  {i_.path}  ({i_.made_by or i_.what})", file=out)
+        print(f"    out: {s.out}", file=out)
+        if estimates and s.name in estimates:
+            print(textwrap.fill(estimates[s.name], width=80, initial_indent="    est: ", subsequent_indent=" " * 9,
+                                break_long_words=False, break_on_hyphens=False), file=out)
+        for line in wrap_command(cmd(plan, s)):
+            print(line, file=out)
 
 
 # ============================================================================================ running
@@ -456,9 +617,9 @@ def subprocess_runner(step: Step, argv: list[str], log_path: Path) -> int:
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(argv)}\n")
-        log.flush()
+    with open(log_path, "a", encoding="utf-8") as lf:
+        lf.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {shlex.join(argv)}\n")
+        lf.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                 errors="replace", bufsize=1)
         old = {}
@@ -476,44 +637,43 @@ def subprocess_runner(step: Step, argv: list[str], log_path: Path) -> int:
             assert proc.stdout is not None
             try:
                 for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
+                    lf.write(line)
+                    lf.flush()
                     sys.stderr.write(f"[{step.name}] {line}")
             except KeyboardInterrupt:  # the step got the Ctrl-C too: let it checkpoint and report (75)
-                log.write(proc.stdout.read())
+                lf.write(proc.stdout.read())
             return proc.wait()
         finally:
             for sig, h in old.items():
                 signal.signal(sig, h)
 
 
-def _write_status(plan: Plan, status: dict) -> None:
-    from .io import atomic_write_json
+_ERROR_LINE = re.compile(r"^(?:\[[\w.-]+\] )?(stc [\w ]+?(?: \(rank \d+\))?: error: .*)$")
 
+
+def failure_reason(log_path: Path) -> str:
+    """The step's own one-line error (``stc <stage>: error: ...``) from its log, or its last line."""
+    try:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    for i in range(len(lines) - 1, -1, -1):
+        m = _ERROR_LINE.match(lines[i])
+        if m:
+            rest = []   # a multi-line message continues with indented lines
+            for more in lines[i + 1:i + 6]:
+                if more.startswith("  "):
+                    rest.append(more.strip())
+                else:
+                    break
+            return m.group(1) + ("; " + "; ".join(rest) if rest else "")
+    tail = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+    return tail[-1].strip() if tail else "(the log is empty)"
+
+
+def _write_status(plan: Plan, status: dict) -> None:
     status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     atomic_write_json(plan.status_path, status)
-
-
-def removed_layers(step: Step, plan: Plan) -> list[int]:
-    """The original decoder-layer numbers an evaluated system lacks (from the prune step's meta)."""
-    if not step.system or not step.system.get("removed_from"):
-        return []
-    prune = next(s for s in plan.steps if s.name == step.system["removed_from"])
-    meta = _meta(prune.marker) or {}
-    return list((meta.get("pruned") or {}).get("removed_original") or [])
-
-
-def write_system(step: Step, plan: Plan) -> Path:
-    """``system.json`` next to the system's scores: what `stc report` labels the row with."""
-    from .io import atomic_write_json
-
-    sysd = dict(step.system or {})
-    doc = {"name": sysd.get("name"), "label": sysd.get("label"), "removed_layers": removed_layers(step, plan),
-           "removal": sysd.get("removal"), "healing": sysd.get("healing"), "quant": sysd.get("quant"),
-           "model": sysd.get("model"), "step": step.name}
-    p = step.out / "system.json"
-    atomic_write_json(p, doc)
-    return p
 
 
 def missing_inputs(plan: Plan, step: Step) -> list[str]:
@@ -525,45 +685,82 @@ def missing_inputs(plan: Plan, step: Step) -> list[str]:
     return out
 
 
-def run(plan: Plan, *, runner: Runner | None = None, echo: Callable[[str], None] | None = None) -> int:
-    """Run every unfinished step in order; returns 0, 75 (stopped, rerun to continue) or 1 (a step failed)."""
-    from .log import console
+def set_aside(step: Step) -> Path | None:
+    """Move a stale step's output out of the way (kept for inspection, never resumed)."""
+    if not step.out.exists():
+        return None
+    dest = step.out.with_name(f"{step.out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while dest.exists():
+        dest = step.out.with_name(f"{step.out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    step.out.rename(dest)
+    return dest
 
+
+def note_step(plan: Plan, step: Step, **fields: Any) -> None:
+    """Record a step in ``<run>/pipeline/steps/<step>.json``: the config it is about to run with (how a
+    later run tells an unfinished output of another config from one to resume), its output and ranks
+    (what ``stc report`` reads for device time), and, after a local run, its wall seconds."""
+    p = plan.step_record(step)
+    doc = (_meta(p) or {}) if fields else {}
+    doc.update({"step": step.name, "stage": step.stage, "out": str(step.out), "ranks": plan.ranks(step),
+                "config": compared(cfg.to_dict(plan.recipe_of(step)), step.stage),
+                **({"system": dict(step.system)} if step.system else {})} if not fields else fields)
+    atomic_write_json(p, doc)
+
+
+def prepare(plan: Plan, st: Mapping[str, str], step: Step, say: Callable[[str], None]) -> None:
+    """Before a step (re)runs: set a stale output aside, note the step's config."""
+    if st[step.name].startswith("stale"):
+        moved = set_aside(step)
+        if moved is not None:
+            say(f"{step.name}: {st[step.name]}; its old output is set aside as {moved}")
+    note_step(plan, step)
+
+
+def run(plan: Plan, *, runner: Runner | None = None, echo: Callable[[str], None] | None = None) -> int:
+    """Run every unfinished (selected) step in order; returns 0, 75 (stopped, rerun to continue) or 1."""
     runner = runner or subprocess_runner
-    say = echo or (lambda m: console.print(m, highlight=False))
+    say = echo or (lambda m: log.console.print(m, highlight=False, soft_wrap=True))
     problems = check(plan)
     if problems:
         raise PipelineError(problems)
     plan.config_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock.hold([plan.run_dir / PIPELINE_DIR], "stc pipeline"):
+        return _run_locked(plan, runner, say)
+
+
+def _run_locked(plan: Plan, runner: Runner, say: Callable[[str], None]) -> int:
     cfg.save_resolved(plan.recipe, plan.config_path.parent, plan.config_path.name)
     st = states(plan)
+    active = plan.active
     status: dict[str, Any] = {
         "kind": "pipeline", "config": str(plan.config_path), "nproc": plan.nproc, "state": "running",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": (_meta(plan.status_path) or {}).get("inputs") or external_fingerprints(plan.recipe),
         "steps": [{"name": s.name, "stage": s.stage, "out": str(s.out), "log": str(plan.log_path(s)),
                    "command": command(plan, s), "state": "done" if st[s.name] == "done" else "todo",
-                   "seconds": None, "exit": None} for s in plan.steps]}
+                   "seconds": None, "exit": None} for s in active]}
     rec = {r["name"]: r for r in status["steps"]}
     _write_status(plan, status)
     ran: set[str] = set()
-    n = len(plan.steps)
-    for k, s in enumerate(plan.steps, 1):
+    n = len(active)
+    for k, s in enumerate(active, 1):
         # done unless it, or a step it reads from, was (re)made in this run
         if st[s.name] == "done" and not (set(s.deps) & ran):
             say(f"[{k}/{n}] {s.name}: done, skipped ({s.marker})")
             rec[s.name]["state"] = "skipped"
-            if s.stage == "evaluate":
-                write_system(s, plan)
             _write_status(plan, status)
             continue
         missing = missing_inputs(plan, s)
         if missing:
-            rec[s.name]["state"] = "failed"
-            status["state"] = "failed"
+            rec[s.name]["state"] = status["state"] = "failed"
             _write_status(plan, status)
             raise PipelineError(missing)
+        prepare(plan, st, s, say)
         argv = command(plan, s)
-        say(f"[{k}/{n}] {s.name}: {st[s.name]} -> running `stc {' '.join(argv[3:])}` (log {plan.log_path(s)})")
+        say(f"[{k}/{n}] {s.name}: {st[s.name]} -> running (log {plan.log_path(s)})")
         rec[s.name].update(state="running", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         _write_status(plan, status)
         t0 = time.perf_counter()
@@ -581,49 +778,45 @@ def run(plan: Plan, *, runner: Runner | None = None, echo: Callable[[str], None]
                 f"to continue from it")
             return EXIT_RESUMABLE
         if code != 0:
-            rec[s.name]["state"] = status["state"] = "failed"
-            status["failed_step"] = s.name
+            why = failure_reason(plan.log_path(s))
+            rec[s.name].update(state="failed", error=why)
+            status["state"], status["failed_step"] = "failed", s.name
             _write_status(plan, status)
-            say(f"step {s.name} failed (exit {code}) after {secs}s; log: {plan.log_path(s)}")
+            say(f"step {s.name} failed (exit {code}) after {secs}s: {why}\n  log: {plan.log_path(s)}")
             return EXIT_FAIL
         ran.add(s.name)
+        note_step(plan, s, seconds=secs)
         rec[s.name]["state"] = "done"
-        if s.stage == "evaluate":
-            write_system(s, plan)
         _write_status(plan, status)
         say(f"[{k}/{n}] {s.name}: done in {secs}s")
     status["state"] = "done"
+    status["inputs"] = external_fingerprints(plan.recipe)
     _write_status(plan, status)
     say(f"pipeline finished: {n} steps ({len(ran)} run, {n - len(ran)} already done); status {plan.status_path}")
     return EXIT_OK
 
 
-def main(recipe: cfg.Recipe, *, dry_run: bool = False, nproc: int | None = None,
-         runner: Runner | None = None, data_pending: bool = False) -> int:
-    """``stc pipeline``: plan, refuse early, then run (or print the plan with --dry-run).
+def dry_run(plan: Plan, *, data_pending: bool = False, title: str = "stc pipeline",
+            cmd: Callable[[Plan, Step], list[str]] = command) -> int:
+    """Validate the whole plan and print it (with the per-step estimates); 0 when it would start, else 2."""
+    problems = check(plan, data_pending=data_pending)
+    estimates = preflight.describe(plan) if not problems else {}
+    print_plan(plan, states(plan), estimates, cmd=cmd, title=title)
+    if problems:
+        print("\nthe plan would be refused:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stdout)
+        return EXIT_USAGE
+    if data_pending and not (Path(plan.recipe.data.shards) / "meta.json").exists():
+        print(f"\ndata.shards {plan.recipe.data.shards}: not built yet; `stc demo` builds it before the plan runs")
+    print("\nthe plan validates: every step would start", file=sys.stdout)
+    return EXIT_OK
 
-    ``data_pending`` (``stc demo --dry-run``): the caller builds ``data.shards`` before running the
-    chain, so a dry run does not count their absence as a refusal."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+
+def main(recipe: cfg.Recipe, args: Any) -> int:
+    """``stc pipeline``: plan, validate the whole plan, then run it (or print it with --dry-run)."""
+    if dist.detect().distributed:
         raise PipelineError("stc pipeline runs as one process and starts each stage on its ranks itself: run "
                             "`stc pipeline --nproc N ...`, not `stc run --nproc N pipeline ...`")
-    plan = build_plan(recipe, nproc=nproc)
-    if dry_run:
-        print_plan(plan, states(plan))
-        problems = check(plan)
-        if data_pending:
-            from .log import console
-
-            pending = [p for p in problems if p.startswith("data.shards")]
-            problems = [p for p in problems if p not in pending]
-            if pending:
-                console.print(f"data.shards {recipe.data.shards}: not built yet; `stc demo` builds it before the "
-                              f"chain runs", highlight=False)
-        if problems:
-            from .log import console
-
-            console.print("[bold red]the pipeline would refuse to run:[/]\n" + "\n".join(f"  - {p}" for p in problems),
-                          highlight=False)
-            return EXIT_USAGE
-        return EXIT_OK
-    return run(plan, runner=runner)
+    plan = build_plan(recipe, nproc=getattr(args, "nproc", None), select=getattr(args, "stages", None))
+    if getattr(args, "dry_run", False):
+        return dry_run(plan)
+    return run(plan)

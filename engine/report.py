@@ -2,9 +2,10 @@
 
 Reads (nothing is recomputed):
 
-* ``<eval_dir>/<system>/scores.json`` written by ``stc evaluate`` (and ``system.json`` beside it when
-  the pipeline wrote one: label, removed layers, removal, healing). ``eval_dir`` defaults to
-  ``evaluate.out``.
+* ``<eval_dir>/<system>/scores.json`` written by ``stc evaluate``. ``eval_dir`` defaults to
+  ``evaluate.out``. What each system is (label, removed layers, removal, healing) comes from the
+  pipeline's step records when ``report.runs`` names ``<run>/pipeline/steps`` (:func:`plan_systems`),
+  else from a ``system.json`` beside the scores when there is one.
 * ``ranking.json`` and ``importance.png`` from ``stc importance`` (``report.importance``, default
   ``importance.out``): the removal order per iteration and the plot, copied next to the report.
 * For device-hours, each stage directory in ``report.runs`` (default: the recipe's finetune,
@@ -40,7 +41,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import config as cfg
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from . import log, stages
+from .errors import StcError
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from .meta import build_meta, write_meta
 from .importance.report import fmt_cell
 
 SCORES = "scores.json"
@@ -60,22 +64,22 @@ _BAR = re.compile(r"^\s*([^:@\s]+)(?:@([^:\s]+))?\s*:\s*([a-z_+]+)\s*(>=|<=|==|>
                   r"(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*$")
 
 
-class ReportError(RuntimeError):
+class ReportError(StcError):
     """A message for the user: missing or unreadable inputs, bad bars."""
 
 
 # ------------------------------------------------------------------------------------------- paths
 
 def out_dir(recipe: cfg.Recipe) -> Path:
-    return Path(recipe.report.out or Path(recipe.run.out_dir) / "report")
+    return stages.out_dir("report", recipe)
 
 
 def eval_dir(recipe: cfg.Recipe) -> Path:
-    return Path(recipe.report.eval_dir or recipe.evaluate.out or Path(recipe.run.out_dir) / "eval")
+    return Path(recipe.report.eval_dir) if recipe.report.eval_dir else stages.out_dir("evaluate", recipe)
 
 
 def ranking_path(recipe: cfg.Recipe) -> Path:
-    p = Path(recipe.report.importance or recipe.importance.out or Path(recipe.run.out_dir) / "importance")
+    p = Path(recipe.report.importance) if recipe.report.importance else stages.out_dir("importance", recipe)
     return p if p.suffix == ".json" else p / "ranking.json"
 
 
@@ -85,14 +89,17 @@ def run_dirs(recipe: cfg.Recipe) -> list[tuple[str, Path]]:
         out = []
         for r in recipe.report.runs:
             label, _, path = r.partition("=") if "=" in r else ("", "", r)
+            steps = _step_records(Path(path))
+            if steps is not None:       # the pipeline's step records: every step's output
+                out += [(s["step"], Path(s["out"])) for s in steps]
+                continue
             out.append((label or Path(path).name, Path(path)))
         return out
-    base = Path(recipe.run.out_dir)
-    return [("finetune", Path(recipe.finetune.out or base / "finetune")),
+    return [("finetune", stages.out_dir("finetune", recipe)),
             ("importance", ranking_path(recipe).parent),
-            ("cache", Path(recipe.cache.out or base / "cache")),
-            ("distill", Path(recipe.distill.out or base / "distill")),
-            ("export", Path(recipe.export.out or base / "export")),
+            ("cache", stages.out_dir("cache build", recipe)),
+            ("distill", stages.out_dir("distill", recipe)),
+            ("export", stages.out_dir("export", recipe)),
             ("evaluate", eval_dir(recipe))]
 
 
@@ -106,9 +113,37 @@ def _read_json(path: Path) -> Any:
             from None
 
 
-def load_systems(edir: Path, order: Sequence[str], reference: str, warnings: list[str]) -> list[dict]:
-    """Every ``<edir>/<system>/scores.json`` with ``system.json`` when present; in ``order`` when given, else
-    the reference first and the rest by name."""
+def plan_systems(recipe: cfg.Recipe) -> dict[str, dict]:
+    """What a pipeline says about each system it evaluated (label, removal, healing, quant, the layers
+    its model lacks), from its step records (``report.runs`` naming ``<run>/pipeline/steps``): the same
+    whether the steps ran locally or as SLURM jobs. The removed layers come from the prune step's output."""
+    recs: list[dict] = []
+    for r in recipe.report.runs:
+        steps = _step_records(Path(r.partition("=")[2] if "=" in r else r))
+        recs += steps or []
+    by_step = {s["step"]: s for s in recs}
+    out: dict[str, dict] = {}
+    for s in recs:
+        sysd = s.get("system")
+        if not isinstance(sysd, dict) or not sysd.get("name"):
+            continue
+        info = {k: sysd.get(k) for k in ("name", "label", "removal", "healing", "quant", "model")}
+        info["step"] = s["step"]
+        removed: list = []
+        prune = by_step.get(sysd.get("removed_from") or "")
+        if prune:
+            meta = _read_json(Path(prune["out"]) / "meta.json") if (Path(prune["out"]) / "meta.json").exists() else {}
+            removed = list(((meta or {}).get("pruned") or {}).get("removed_original") or [])
+        info["removed_layers"] = removed
+        out[sysd["name"]] = info
+    return out
+
+
+def load_systems(edir: Path, order: Sequence[str], reference: str, warnings: list[str],
+                 described: Mapping[str, dict] | None = None) -> list[dict]:
+    """Every ``<edir>/<system>/scores.json`` with its description (``described``: from the pipeline's step
+    records; else ``system.json`` beside the scores when present); in ``order`` when given, else the
+    reference first and the rest by name."""
     found = {p.parent.name: p for p in sorted(edir.glob(f"*/{SCORES}"))} if edir.is_dir() else {}
     if not found:
         raise ReportError(f"no {SCORES} under {edir}: nothing to report. Run `stc evaluate --config <recipe>` "
@@ -129,7 +164,7 @@ def load_systems(edir: Path, order: Sequence[str], reference: str, warnings: lis
         if s.get("schema", 1) != 1:
             raise ReportError(f"{found[n]}: schema {s.get('schema')!r}; this report reads schema 1")
         meta_p = found[n].parent / SYSTEM
-        sysinfo = _read_json(meta_p) if meta_p.exists() else {}
+        sysinfo = (described or {}).get(n) or (_read_json(meta_p) if meta_p.exists() else {})
         systems.append({"name": n, "dir": found[n].parent, "scores": s,
                         "info": sysinfo if isinstance(sysinfo, dict) else {}})
     return systems
@@ -258,9 +293,24 @@ def evaluate_bars(bars: list[dict], rows: list[dict], directions: list[str]) -> 
 
 # ------------------------------------------------------------------------------------------- device-hours
 
-def _last_device_hours(metrics: Path) -> float | None:
-    from .io import read_jsonl
+def _step_records(path: Path) -> list[dict] | None:
+    """The records a pipeline keeps under ``<run>/pipeline/steps/`` (step, stage, out, ranks, seconds), in
+    step order of their files' creation; None when ``path`` is not such a folder."""
+    if not path.is_dir() or path.name != "steps" or path.parent.name != "pipeline":
+        return None
+    recs = []
+    for p in sorted(path.glob("*.json"), key=lambda q: q.stat().st_mtime_ns):
+        doc = _read_json(p)
+        if isinstance(doc, dict) and doc.get("out") and doc.get("step"):
+            recs.append(doc)
+    _STEP_TIME.update({str(Path(r["out"])): r for r in recs})
+    return recs
 
+
+_STEP_TIME: dict[str, dict] = {}   # out dir -> its pipeline step record (wall seconds and ranks, when known)
+
+
+def _last_device_hours(metrics: Path) -> float | None:
     recs, _ = read_jsonl(metrics)
     vals = [float(r["device_hours"]) for r in recs if isinstance(r.get("device_hours"), (int, float))]
     return max(vals) if vals else None  # cumulative across resumes: the largest is the total
@@ -293,7 +343,7 @@ def _stage_device_hours(label: str, d: Path) -> dict:
             row.update(device_hours=float(scan["seconds"]) * w / 3600,
                        source=f"ranking.json scan.seconds x world_size ({w}); the last run's scan only")
             return row
-    scores = sorted(d.glob(f"*/{SCORES}"))
+    scores = sorted(d.glob(f"*/{SCORES}")) or ([d / SCORES] if (d / SCORES).exists() else [])
     if scores:
         total, n = 0.0, 0
         for p in scores:
@@ -323,6 +373,12 @@ def _stage_device_hours(label: str, d: Path) -> dict:
                            source=f"meta.json: sum of {len(secs)} shards' seconds (each shard by one rank; "
                                   f"excludes teacher loading)")
                 return row
+    step = _STEP_TIME.get(str(d))
+    if step and isinstance(step.get("seconds"), (int, float)):
+        w = int(step.get("ranks") or 1)
+        row.update(device_hours=float(step["seconds"]) * w / 3600,
+                   source=f"pipeline step wall time x {w} rank(s) (includes start-up and loading)")
+        return row
     row["source"] = "n/a: the stage records no device time"
     return row
 
@@ -602,7 +658,7 @@ def build(recipe: cfg.Recipe) -> tuple[dict, list[dict]]:
     bars = parse_bars(rc.bars)
     warnings: list[str] = []
     edir = eval_dir(recipe)
-    systems = load_systems(edir, rc.systems, rc.reference, warnings)
+    systems = load_systems(edir, rc.systems, rc.reference, warnings, plan_systems(recipe))
     has_ref = any(s["name"] == rc.reference for s in systems)
     if not has_ref:
         warnings.append(f"reference system {rc.reference!r} has no {SCORES} in {edir} (found: "
@@ -637,8 +693,6 @@ def build(recipe: cfg.Recipe) -> tuple[dict, list[dict]]:
 
 def run(recipe: cfg.Recipe) -> dict:
     """``stc report``: write report.md, report.json, plots, config.yaml and meta.json into report.out."""
-    from .meta import build_meta, write_meta
-
     doc, configs = build(recipe)
     out = out_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
@@ -670,8 +724,6 @@ def run(recipe: cfg.Recipe) -> dict:
 
 def print_summary(doc: Mapping[str, Any]) -> None:
     from rich.table import Table
-
-    from . import log
 
     ref, has_ref = doc["reference"], doc["reference_found"]
     t = Table(title=doc["title"])
@@ -715,3 +767,14 @@ def dry_run(recipe: cfg.Recipe) -> None:
     for label, d in run_dirs(recipe):
         print(f"run {label}: {d} ({'found' if d.exists() else 'missing'})")
     print(f"would write {out_dir(recipe) / REPORT_MD}")
+
+
+def main(recipe: cfg.Recipe, args: Any) -> int:
+    """``stc report``: 1 when ``report.strict_bars`` and a bar fails."""
+    if getattr(args, "dry_run", False):
+        dry_run(recipe)
+        return 0
+    doc = run(recipe)
+    print_summary(doc)
+    failed = recipe.report.strict_bars and any(b["status"] == "FAIL" for b in doc["bars"])
+    return 1 if failed else 0

@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Mapping
+from typing import Any, Mapping
 
 
 def free_port() -> int:
@@ -63,3 +63,16 @@ def launch(nproc: int, stage_argv: list[str], env: Mapping[str, str] | None = No
     if rc != 0 and len(codes) == nproc and len(set(codes)) == 1:
         return codes[0]
     return rc
+
+
+def main(recipe: object, args: object) -> int:
+    """``stc run --nproc N <stage> ...``: the stage on N local ranks."""
+    from engine.errors import UsageError
+
+    a: Any = args
+    if a.nproc < 1:
+        raise UsageError("--nproc must be >= 1")
+    argv = [x for x in (a.stage_argv or []) if x != "--"]
+    if not argv:
+        raise UsageError("name a stage, e.g. stc run --nproc 2 importance --config configs/demo.yaml")
+    return launch(a.nproc, argv)

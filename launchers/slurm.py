@@ -1,42 +1,41 @@
 """SLURM launcher: ``stc submit``, ``stc jobs``, ``stc cancel``.
 
-**One stage = one job.** ``stc submit <stage> ...`` renders ``launchers/templates/stage.sbatch`` into
-``<run.out_dir>/slurm/<stage>.sbatch`` (readable; ``sbatch <file>`` re-submits it by hand) and submits
-it with ``sbatch --parsable``. Inside the job ``srun`` starts ``nodes x ntasks-per-node`` copies of
-``python -m engine.cli <stage> ...``: one task per GPU (``--gpus-per-node G`` implies ``G`` tasks per
-node) or per CPU slot (``--ntasks-per-node``). Ranks come from ``SLURM_*`` (``engine/dist.py``), the
-rendezvous host is the job's first node (``scontrol show hostnames``) and the node count is
-``$SLURM_NNODES``: the script never repeats what the allocation already says.
+**The plan as jobs.** ``stc submit pipeline`` builds the same plan as ``stc pipeline``
+(:func:`engine.pipeline.build_plan`), validates it whole (inputs, batch arithmetic for the job's
+ranks, model shapes and memory; :func:`engine.pipeline.check`) before anything is queued, and submits
+one job per step that is not done, with the step's command line unchanged (``python -m engine.cli
+<stage> --config <run>/pipeline/config.yaml <overrides>``, run by ``srun`` on every task). A step's job
+depends (``--dependency=afterok:<jobs>``, ``--kill-on-invalid-dep=yes``) on the jobs of the steps it
+reads from, so independent branches (the CE-only, middle-block and 50% students) run side by side and a
+failed step's dependents never run. Finished steps are skipped by the pipeline's own rule and a stale
+step's old output is set aside first (:func:`engine.pipeline.states`, :func:`engine.pipeline.prepare`);
+``--stages`` submits only the named steps. A step already queued or running in the ledger is refused
+(``stc cancel`` it first). If any ``sbatch`` fails, the jobs already submitted are cancelled.
 
-**Pipelines are job chains.** ``stc submit pipeline`` submits one job per stage, each with
-``--dependency=afterok:<previous> --kill-on-invalid-dep=yes``: the chain runs unattended and a failed
-stage cancels everything after it. A stage whose output ``meta.json`` exists (the stages write it last)
-is finished and not submitted again, so resubmitting a half-done pipeline continues it. If any
-``sbatch`` of a chain fails, the jobs already submitted for it are cancelled: nothing is left
-half-submitted.
+**Resources per step** (from the stage registry): a multi-rank step gets ``--nodes`` x one task per GPU
+(``--gpus-per-node G``) or per CPU slot (``--ntasks-per-node``; default without GPUs:
+``pipeline.nproc``); a single-task step (prune, export, report, shards build) gets one task on one node,
+no GPU (export: one, where the plan uses GPUs) and the host memory its model needs
+(:func:`engine.preflight.host_mem_gib`, e.g. ~17 GB of bf16 weights for the 7B teacher), not eight
+GPUs. ``stc submit <stage> ...`` submits one stage the same way.
 
-**Importance candidates and cache shards: one multi-node job, not job arrays.** The importance scan
-is iterative (iteration ``i + 1`` depends on the layer removed in ``i``), so an array would need one
-array per iteration, chained, each task loading the model again; inside one job the ranks load the
-model once, split the candidates of every iteration among themselves (journalled, each computed
-once) and reuse the shared prefix. The teacher cache splits shards across ranks inside one job for
-the same reason (a 7B teacher loaded once per rank, not once per shard) and writes its ``meta.json``
-once every shard exists; both stages skip finished units when rerun, so a requeued or resubmitted
-job only computes what is missing. The price: the job waits until all its nodes are free at once,
-where an array's tasks could backfill gaps.
+**One job, many ranks.** Inside a job ``srun --kill-on-bad-exit=1`` starts the tasks: ranks come from
+``SLURM_*`` (``engine/dist.py``), the rendezvous host is the job's first node, the node count is
+``$SLURM_NNODES`` (never written twice by hand), and a task that dies takes the whole job down at once
+instead of leaving the others in a collective until the process-group timeout. Importance candidates
+and cache shards are split over the ranks of one job (the model loaded once per rank), not job arrays:
+the scan is iterative, and both stages skip finished units when rerun.
 
 **Preemption and time limits.** Every job carries ``--signal=B:USR1@<seconds>`` and ``--requeue``.
 The batch script runs ``srun ... &`` and waits in a loop so its trap fires while the tasks run; the
-trap forwards USR1 to all steps (``scancel --signal=USR1 <job>``: every task on every node, not the
-script). A stage that checkpoints on request exits 75 (``engine.cli.EXIT_RESUMABLE``); the script then
-calls ``scontrol requeue``, the job comes back with ``SLURM_RESTART_COUNT`` >= 1 and resumes. A stage
-that does not catch USR1 dies of it; it is requeued too, because every stage writes as it goes and
-skips finished work. The job is never "completed" meanwhile, so ``afterok`` dependents wait. At most
-``slurm.max_restarts`` requeues, so a stage that always exits 75 cannot loop forever.
+trap forwards USR1 to all steps (``scancel --signal=USR1 <job>``). A stage that checkpoints on request
+exits 75; the script then calls ``scontrol requeue``, the job comes back with ``SLURM_RESTART_COUNT``
+>= 1 and resumes. The job is never "completed" meanwhile, so ``afterok`` dependents wait. At most
+``slurm.max_restarts`` requeues.
 
 **Ledger.** ``<run.out_dir>/slurm/ledger.jsonl`` gets a line per event: submitted (by ``stc submit``:
-job, stage, pipeline, dependency, script, log), started / signal / requeued / finished (by the batch
-script, with restarts and exit code). ``stc jobs`` merges it with ``scontrol show job`` because
+job, step, stage, pipeline, dependencies, script, log), started / signal / requeued / finished (by the
+batch script, with restarts and exit code). ``stc jobs`` merges it with ``scontrol show job`` because
 finished jobs vanish from ``scontrol`` after ``MinJobAge`` and accounting (``sacct``) may be off.
 """
 from __future__ import annotations
@@ -55,23 +54,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from engine import config as cfg
+from engine import lock, pipeline, preflight, stages
+from engine.errors import StcError, UsageError
+from engine.io import append_jsonl, atomic_write_text, read_jsonl
+
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "stage.sbatch"
 LEDGER_NAME = "ledger.jsonl"
-EXIT_RESUMABLE = 75
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED"}
 BAD = TERMINAL - {"COMPLETED"}
-# The paper's chain in data-flow order (DESIGN 2): what `stc submit pipeline` submits by default.
-PIPELINE = ("shards build", "finetune", "importance", "prune", "cache build", "distill", "export", "evaluate",
-            "report")
+ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED",
+          "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT"}
 
 
-# Stages that are one process by design (no ranks): in a chain they get one task on one node, so
-# e.g. eight `shards build` processes never race for the same output folder.
-SINGLE_TASK = {"shards build", "shards inspect", "prune", "cache verify", "export", "report"}
-
-
-class SubmitError(RuntimeError):
+class SubmitError(StcError):
     """A problem with a message for the user (the CLI prints it without a traceback)."""
 
 
@@ -192,6 +189,23 @@ def check_partition(opts: JobOptions) -> None:
                               f"{max(counts)} GPU(s)")
 
 
+def check_memory(opts: JobOptions, asks: dict[str, int]) -> None:
+    """Refuse before submitting when a job asks more host memory (GiB) than any node of the partition has."""
+    if shutil.which("sinfo") is None or not asks:
+        return
+    part = opts.partition or default_partition()
+    r = _slurm(["sinfo", "-h", *(["-p", part] if part else []), "-o", "%m"])
+    sizes = [int(re.sub(r"\D", "", m) or 0) for m in r.stdout.split()]
+    if r.returncode != 0 or not sizes or max(sizes) <= 1:
+        return                                   # the cluster does not say (RealMemory unset)
+    have = max(sizes) / 1024
+    too_big = {n: g for n, g in asks.items() if g > have}
+    if too_big:
+        raise SubmitError(f"partition {part!r}: its nodes have at most {have:.0f} GiB of memory; "
+                          + ", ".join(f"{n} needs ~{g} GiB" for n, g in too_big.items())
+                          + " (the model in its dtype): pick a partition with larger nodes (-p)")
+
+
 def _partitions() -> list[str]:
     r = _slurm(["sinfo", "-h", "-o", "%P"])
     return [p.rstrip("*") for p in r.stdout.split()]
@@ -209,7 +223,8 @@ def _gpu_count(gres: str) -> int:
 
 
 def sbatch(script: Path, dependency: str | None = None) -> str:
-    """Submit; returns the job id. ``dependency``: an afterok chain (cancelled if it can never run)."""
+    """Submit; returns the job id. ``dependency``: ``a:b:...`` job ids this one runs after (``afterok``;
+    cancelled if one of them can never complete)."""
     cmd = [_need("sbatch"), "--parsable"]
     if dependency:
         cmd += [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"]
@@ -231,10 +246,11 @@ def scancel(jobs: Iterable[str], signal: str | None = None) -> subprocess.Comple
     return _slurm(cmd)
 
 
+
 # ----------------------------------------------------------------------------------------- rendering
 
-def slug(stage: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", stage).strip("-")
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
 
 
 def slurm_dir(recipe: Any) -> Path:
@@ -246,33 +262,28 @@ def ledger_path(recipe: Any) -> Path:
 
 
 def stage_command(stage_argv: Sequence[str]) -> list[str]:
-    """What each task runs: the ``stc`` entry point of the environment that submitted the job.
-
-    The entry point rather than ``python -m engine.cli``: run as ``__main__`` the CLI module exists
-    twice, and a ``StageError`` raised by a stage (imported from ``engine.cli``) would escape the
-    ``except`` of ``__main__``'s copy as a traceback instead of a one-line message.
-    """
-    stc = Path(sys.executable).parent / "stc"
-    if stc.exists():
-        return [str(stc), *stage_argv]
+    """What each task runs: this environment's interpreter on the CLI module (copyable, no PATH lookup)."""
     return [sys.executable, "-m", "engine.cli", *stage_argv]
 
 
 @dataclass(frozen=True)
 class Rendered:
+    name: str           # step (or stage) name: names the script and the log
     stage: str
     script: Path
     log: str            # sbatch --output pattern (%j: the job id)
     text: str
 
 
-def render(stage: str, command: Sequence[str], opts: JobOptions, out_dir: Path, *, workdir: Path | None = None,
-           shards: str = "") -> Rendered:
-    """The sbatch script for one stage; pure (same inputs, same text), so --dry-run shows what is submitted."""
+def render(name: str, command: Sequence[str], opts: JobOptions, out_dir: Path, *, workdir: Path | None = None,
+           shards: str = "", stage: str = "") -> Rendered:
+    """The sbatch script of one step; pure (same inputs, same text), so --dry-run shows what is submitted.
+    ``shards``: with ``stage_to_local_disk``, the shard directory copied to node-local disk first."""
+    stage = stage or name
     out_dir = Path(out_dir).resolve()
-    script = out_dir / f"{slug(stage)}.sbatch"
-    log = str(out_dir / f"{slug(stage)}-%j.log")
-    lines = [f"--job-name=stc-{slug(stage)}", f"--nodes={opts.nodes}", f"--ntasks-per-node={opts.tasks_per_node}"]
+    script = out_dir / f"{slug(name)}.sbatch"
+    log = str(out_dir / f"{slug(name)}-%j.log")
+    lines = [f"--job-name=stc-{slug(name)}", f"--nodes={opts.nodes}", f"--ntasks-per-node={opts.tasks_per_node}"]
     if opts.gpus_per_node:
         lines.append(f"--gpus-per-node={opts.gpus_per_node}")
     if opts.cpus_per_task:
@@ -285,9 +296,7 @@ def render(stage: str, command: Sequence[str], opts: JobOptions, out_dir: Path, 
     lines.append("--requeue" if opts.requeue else "--no-requeue")
     lines += list(opts.extra_sbatch)
     staging, extra = "", ""
-    if opts.stage_to_local_disk:
-        if not shards:
-            raise SubmitError("slurm.stage_to_local_disk: the recipe has no data.shards to stage")
+    if opts.stage_to_local_disk and shards:
         staging = ("# Shards staged to node-local disk (one copy per node), read from there by every task.\n"
                    'LOCAL_SHARDS="$JOB_TMP/shards"\n'
                    'srun --ntasks="$NNODES" --ntasks-per-node=1 bash -c \'mkdir -p "$1" && cp -a "$0"/. "$1"/\' '
@@ -296,15 +305,16 @@ def render(stage: str, command: Sequence[str], opts: JobOptions, out_dir: Path, 
         extra = ' data.shards="$LOCAL_SHARDS"'
     values = {
         "stage": stage,
+        "name": name,
         "script": str(script),
         "ledger": str(out_dir / LEDGER_NAME),
         "ledger_q": shlex.quote(str(out_dir / LEDGER_NAME)),
-        "stage_json_q": shlex.quote(json.dumps(stage)),
+        "step_json_q": shlex.quote(json.dumps(name)),
         "max_restarts": str(opts.max_restarts),
         "workdir_q": shlex.quote(str(Path(workdir or os.getcwd()).resolve())),
         "sbatch_lines": "\n".join(f"#SBATCH {x}" for x in lines),
         "staging": staging,
-        "srun_args": "",
+        "srun_args": "--kill-on-bad-exit=1 ",
         "command": shlex.join(command),
         "extra_args": extra,
         "requeue": "1" if opts.requeue else "0",
@@ -316,51 +326,23 @@ def render(stage: str, command: Sequence[str], opts: JobOptions, out_dir: Path, 
             raise KeyError(f"template placeholder {{{{{m.group(1)}}}}} has no value")
         return values[m.group(1)]
 
-    return Rendered(stage=stage, script=script, log=log, text=re.sub(r"\{\{(\w+)\}\}", sub, text))
+    return Rendered(name=name, stage=stage, script=script, log=log, text=re.sub(r"\{\{(\w+)\}\}", sub, text))
 
 
-# ----------------------------------------------------------------------------------------- stages
-
-def stage_of(argv: Sequence[str]) -> tuple[str, list[str]]:
-    """Split ``["shards", "build", "--config", ...]`` into ("shards build", rest) using the registry."""
-    from engine.cli import STAGES
-
-    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in STAGES:
-        return f"{argv[0]} {argv[1]}", list(argv[2:])
-    if argv and argv[0] in STAGES:
-        return argv[0], list(argv[1:])
-    raise SubmitError(f"unknown stage {' '.join(argv[:2])!r}; stages: {', '.join(STAGES)}")
-
-
-def parse_stage(argv: Sequence[str]) -> argparse.Namespace:
-    """Validate the stage's own arguments with the CLI's parser now, not in the queue an hour later."""
-    from engine import cli
-
-    try:
-        return cli.build_parser().parse_args(list(argv))
-    except SystemExit:
-        raise SubmitError(f"`stc {' '.join(argv)}` is not a valid stage command line (see the message above)") \
-            from None
+def step_options(plan: pipeline.Plan, step: pipeline.Step, opts: JobOptions) -> JobOptions:
+    """What the job of ``step`` asks for: the whole allocation for a multi-rank step; one task, no GPU (one
+    for export where GPUs are used) and the host memory the step's model needs for a single-task step."""
+    st = stages.get(step.stage)
+    if st.ranks == "many":
+        return opts
+    gib = preflight.host_mem_gib(plan, step) if step.stage != "shards build" else None
+    mem = f"{gib}G" if gib else opts.mem
+    gpus = min(opts.gpus_per_node, 1) if st.resources == "gpu" else 0
+    return replace(opts, nodes=1, ntasks_per_node=1, gpus_per_node=gpus, mem=mem)
 
 
-def finished_marker(recipe: Any, stage: str) -> Path | None:
-    """The ``meta.json`` whose presence means the stage's output is complete (written last)."""
-    out = Path(recipe.run.out_dir)
-
-    def o(section: str, default: str) -> Path:
-        return Path(getattr(recipe, section).out or out / default)
-
-    return {
-        "shards build": o("shards", "shards") / "meta.json",
-        "finetune": o("finetune", "finetune") / "final" / "meta.json",
-        "importance": o("importance", "importance") / "meta.json",
-        "prune": o("prune", "pruned") / "meta.json",
-        "cache build": o("cache", "cache") / "meta.json",
-        "distill": o("distill", "distill") / "final" / "meta.json",
-        "export": o("export", "export") / "meta.json",
-        "evaluate": o("evaluate", "eval") / "meta.json",
-        "report": o("report", "report") / "meta.json",
-    }.get(stage)
+def reads_shards(step: pipeline.Step) -> bool:
+    return any(i.what == "data.shards" for i in step.inputs)
 
 
 # ----------------------------------------------------------------------------------------- ledger
@@ -370,94 +352,259 @@ def _now() -> str:
 
 
 def append(ledger: Path, event: str, **fields: Any) -> None:
-    from engine.io import append_jsonl
-
     append_jsonl(ledger, {"event": event, "time": _now(), **fields})
 
 
 def read_ledger(ledger: Path) -> list[dict]:
-    from engine.io import read_jsonl
-
     recs, _bad = read_jsonl(ledger)  # a line cut by a crash is skipped, the rest still counts
     for r in recs:
         r["_ledger"] = str(ledger)
     return recs
 
 
+
 # ----------------------------------------------------------------------------------------- submit
 
 @dataclass
-class Plan:
-    """What a submission does: per stage a rendered script, or the reason it is skipped."""
-    items: list[tuple[str, Rendered | None, str]] = field(default_factory=list)  # (stage, rendered, skip reason)
+class Submission:
+    """What a submission does: per step a rendered script and its dependencies, or why it is skipped."""
+    items: list[tuple[str, Rendered | None, str, tuple[str, ...]]] = field(default_factory=list)
     ledger: Path = Path()
     pipeline: str = ""
+    host_mem_gib: dict[str, int] = field(default_factory=dict)   # what single-task jobs ask (--mem)
 
 
-def plan(stages: Sequence[tuple[str, list[str]]], recipe: Any, opts: JobOptions, *, skip_finished: bool,
-         command_for: Any = None) -> Plan:
-    """Render every stage; ``stages``: (name, full stage argv). ``command_for``: test hook for the srun command."""
-    out = slurm_dir(recipe)
-    p = Plan(ledger=(out / LEDGER_NAME).resolve())
-    for name, argv in stages:
-        marker = finished_marker(recipe, name) if skip_finished else None
-        if marker is not None and marker.exists():
-            p.items.append((name, None, f"finished ({marker} exists)"))
+def active_jobs(ledger: Path) -> dict[str, JobView]:
+    """Step name -> a job of it that is still queued or running (by scontrol, else the ledger)."""
+    if not ledger.exists():
+        return {}
+    return {v.step: v for v in job_views(ledger) if v.state in ACTIVE or v.state in ("?", "ENDED?") and v.live}
+
+
+def plan_jobs(plan: pipeline.Plan, opts: JobOptions, *, only_todo: bool = True) -> Submission:
+    """Render the job of every step to run; dependencies are the steps' input edges (step names)."""
+    out = slurm_dir(plan.recipe)
+    sub = Submission(ledger=(out / LEDGER_NAME).resolve())
+    st = pipeline.states(plan)
+    runs: set[str] = set()
+    for s in plan.active:
+        if only_todo and st[s.name] == "done" and not (set(s.deps) & runs):
+            sub.items.append((s.name, None, f"done ({s.marker})", ()))
             continue
-        command = command_for(name, argv) if command_for else stage_command(argv)
-        o = opts
-        if name in SINGLE_TASK:
-            o = replace(opts, nodes=1, ntasks_per_node=1, gpus_per_node=min(opts.gpus_per_node, 1))
-        p.items.append((name, render(name, command, o, out, shards=recipe.data.shards), ""))
-    return p
+        runs.add(s.name)
+        argv = pipeline.command(replace(plan, nproc=1), s)[3:]      # the stage's own argv, without `run`
+        o = step_options(plan, s, opts)
+        if o is not opts and o.mem.endswith("G") and o.mem != opts.mem:
+            sub.host_mem_gib[s.name] = int(o.mem[:-1])
+        r = render(s.name, stage_command(argv), o, out, stage=s.stage,
+                   shards=plan.recipe.data.shards if reads_shards(s) else "")
+        deps = tuple(d for d in s.deps if d in runs)
+        sub.items.append((s.name, r, "", deps))
+    return sub
 
 
-def submit(p: Plan, *, dry_run: bool = False, out=None) -> list[dict]:
-    """Write the scripts and submit them as an afterok chain; on any failure cancel what was submitted."""
-    out = out or sys.stdout
-    done: list[dict] = []
-    if dry_run:
-        for name, r, why in p.items:
-            if r is None:
-                print(f"# skip `stc {name}`: {why}", file=out)
-                continue
-            dep = " --dependency=afterok:<previous job> --kill-on-invalid-dep=yes" if done else ""
-            print(f"# sbatch --parsable{dep} {r.script}", file=out)
-            print(r.text, end="", file=out)
-            done.append({"stage": name, "script": str(r.script)})
-        return done
+def submit_jobs(sub: Submission, plan: pipeline.Plan | None = None, *, say=None) -> list[dict]:
+    """Write the scripts and sbatch them in plan order, each after its dependencies; on any failure
+    cancel what this submission already queued."""
+    say = say or (lambda m: print(m, file=sys.stderr))
     _need("sbatch")
-    p.pipeline = p.pipeline or (time.strftime("p%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2))
-    previous: str | None = None
-    for name, r, why in p.items:
+    sub.pipeline = sub.pipeline or (time.strftime("p%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2))
+    done: list[dict] = []
+    job_of: dict[str, str] = {}
+    st = pipeline.states(plan) if plan is not None else {}
+    for name, r, why, deps in sub.items:
         if r is None:
-            append(p.ledger, "skipped", stage=name, pipeline=p.pipeline, reason=why)
-            print(f"stc submit: skip `stc {name}`: {why}", file=sys.stderr)
+            append(sub.ledger, "skipped", step=name, pipeline=sub.pipeline, reason=why)
+            say(f"stc submit: skip {name}: {why}")
             continue
-        from engine.io import atomic_write_text
-
+        if plan is not None:
+            pipeline.prepare(plan, st, plan.step(name), say)
         atomic_write_text(r.script, r.text)
         os.chmod(r.script, 0o755)
+        dep_jobs = [job_of[d] for d in deps]
         try:
-            job = sbatch(r.script, previous)
+            job = sbatch(r.script, ":".join(dep_jobs) or None)
         except SubmitError as e:
             if done:
                 scancel([d["job"] for d in done])
                 for d in done:
-                    append(p.ledger, "cancelled", job=d["job"], stage=d["stage"], pipeline=p.pipeline,
-                           reason=f"submission of `stc {name}` failed")
+                    append(sub.ledger, "cancelled", job=d["job"], step=d["step"], stage=d["stage"],
+                           pipeline=sub.pipeline, reason=f"submission of {name} failed")
                 e = SubmitError(f"{e}\ncancelled the jobs already submitted for this pipeline: "
                                 f"{', '.join(d['job'] for d in done)}")
             raise e from None
         log = r.log.replace("%j", job)
-        rec = {"job": job, "stage": name, "pipeline": p.pipeline, "dependency": previous, "script": str(r.script),
-               "log": log}
-        append(p.ledger, "submitted", **rec)
+        rec = {"job": job, "step": name, "stage": r.stage, "pipeline": sub.pipeline,
+               "dependency": ":".join(dep_jobs) or None, "script": str(r.script), "log": log}
+        append(sub.ledger, "submitted", **rec)
         done.append(rec)
-        print(f"stc submit: `stc {name}` -> job {job}" + (f" (afterok:{previous})" if previous else "")
-              + f"; log {log}", file=sys.stderr)
-        previous = job
+        job_of[name] = job
+        say(f"stc submit: {name} -> job {job}" + (f" (afterok:{':'.join(dep_jobs)})" if dep_jobs else "")
+            + f"; log {log}")
     return done
+
+
+def print_submission(sub: Submission, out=None, full: bool = False) -> None:
+    """Each job's sbatch command and what it asks SLURM for (``full``: the whole script)."""
+    out = out or sys.stdout
+    for name, r, why, deps in sub.items:
+        if r is None:
+            print(f"# skip {name}: {why}", file=out)
+            continue
+        dep = (" --dependency=afterok:" + ":".join(f"<{d}>" for d in deps) + " --kill-on-invalid-dep=yes") if deps else ""
+        print(f"# sbatch --parsable{dep} {r.script}", file=out)
+        if full:
+            print(r.text, end="", file=out)
+        else:
+            print("\n".join(ln for ln in r.text.splitlines() if ln.startswith("#SBATCH")), file=out)
+
+
+# ----------------------------------------------------------------------------------------- stc submit
+
+def _launcher_parser() -> argparse.ArgumentParser:
+    """``stc submit``'s own options (the registry's submit arguments), accepted before or after the stage."""
+    p = argparse.ArgumentParser(prog="stc submit", add_help=False, allow_abbrev=False)
+    for a in stages.get("submit").args:
+        if a.flags[0].startswith("-"):
+            p.add_argument(*a.flags, dest=a.dest, help=a.help, default=None,
+                           **{k: v for k, v in a.options.items() if k not in ("dest", "default")})
+    return p
+
+
+def _merge(args: argparse.Namespace, head: argparse.Namespace) -> argparse.Namespace:
+    for k in vars(head):
+        before = getattr(args, k, None)
+        if getattr(head, k) in (None, False) and before not in (None, False):
+            setattr(head, k, before)
+    return head
+
+
+def _options(recipe: cfg.Recipe, head: argparse.Namespace) -> JobOptions:
+    opts = options_from(recipe, nodes=head.nodes, gpus_per_node=head.gpus_per_node,
+                        ntasks_per_node=head.ntasks_per_node, cpus_per_task=head.cpus_per_task,
+                        partition=head.partition, time=head.time, account=head.account, qos=head.qos, mem=head.mem,
+                        signal_seconds=head.signal_seconds)
+    if not opts.gpus_per_node and not opts.ntasks_per_node:   # CPU jobs: as many ranks as stc pipeline runs
+        opts = replace(opts, ntasks_per_node=max(1, recipe.pipeline.nproc))
+    return opts
+
+
+def submit_main(recipe: object, args: argparse.Namespace) -> int:
+    """``stc submit [options] <stage|pipeline> [--config C] [stage options] [overrides]``."""
+    head, rest = _launcher_parser().parse_known_args(list(args.stage_argv or []))
+    head = _merge(args, head)
+    rest = [a for a in rest if a != "--"]
+    if not rest:
+        raise UsageError("name a stage or `pipeline`, e.g. stc submit pipeline --config configs/demo.yaml "
+                         "--gpus-per-node 8")
+    if rest[0] == "pipeline":
+        return _submit_pipeline(head, rest[1:])
+    return _submit_stage(head, rest)
+
+
+def _submit_pipeline(head: argparse.Namespace, rest: list[str]) -> int:
+    is_override = stages.is_override
+    extra = [a for a in rest if not is_override(a)]
+    if extra:
+        raise UsageError(f"stc submit pipeline takes launcher options and section.key=value overrides, not "
+                         f"{' '.join(extra)}")
+    recipe = cfg.load(head.config, [a for a in rest if is_override(a)])
+    opts = _options(recipe, head)
+    plan = pipeline.build_plan(recipe, nproc=opts.nodes * opts.tasks_per_node, select=head.stages)
+    if head.dry_run:   # shows what would be submitted; needs no reachable cluster
+        code = pipeline.dry_run(plan, title="stc submit pipeline", cmd=_srun_view(opts))
+        print("\n# the jobs" + (" (refused as they stand)" if code else "")
+              + " (scripts are written to <run.out_dir>/slurm/<step>.sbatch when submitted):")
+        print_submission(plan_jobs(plan, opts))
+        return code
+    problems = pipeline.check(plan)
+    if problems:
+        raise pipeline.PipelineError(problems)
+    _need("sbatch")
+    check_partition(opts)
+    with lock.hold([plan.run_dir / pipeline.PIPELINE_DIR], "stc submit pipeline"):
+        busy = active_jobs(ledger_path(recipe))
+        clash = [f"{n} is queued or running as job {busy[n].job} (pipeline {busy[n].pipeline})"
+                 for n in (s.name for s in plan.active) if n in busy]
+        if clash:
+            raise SubmitError("; ".join(clash) + f"; wait for it, or `stc cancel --pipeline <id> --ledger "
+                              f"{plan.run_dir}` first")
+        sub = plan_jobs(plan, opts)
+        check_memory(opts, sub.host_mem_gib)
+        cfg.save_resolved(plan.recipe, plan.config_path.parent, plan.config_path.name)
+        jobs = submit_jobs(sub, plan)
+    for j in jobs:
+        print(j["job"])
+    if jobs:
+        print(f"stc submit: pipeline {sub.pipeline}: {len(jobs)} job(s); follow it with `stc jobs --ledger "
+              f"{plan.run_dir}`, stop it with `stc cancel --pipeline {sub.pipeline} --ledger {plan.run_dir}`",
+              file=sys.stderr)
+    else:
+        print("stc submit: every step is done; nothing submitted", file=sys.stderr)
+    return 0
+
+
+def _srun_view(opts: JobOptions):
+    """How a step's command shows in a SLURM dry run: what each task of its job runs."""
+    def cmd(plan: pipeline.Plan, step: pipeline.Step) -> list[str]:
+        o = step_options(plan, step, opts)
+        argv = pipeline.command(replace(plan, nproc=1), step)[3:]
+        return ["srun", "--kill-on-bad-exit=1", f"--nodes={o.nodes}", f"--ntasks-per-node={o.tasks_per_node}",
+                *([f"--gpus-per-node={o.gpus_per_node}"] if o.gpus_per_node else []),
+                *([f"--mem={o.mem}"] if o.mem else []), *stage_command(argv)]
+    return cmd
+
+
+def _submit_stage(head: argparse.Namespace, rest: list[str]) -> int:
+    st, stage_rest = stages.split_name(rest)
+    if st.name in ("submit", "jobs", "cancel", "pipeline", "run", "demo") or not st.default_out and st.recipe is False:
+        raise UsageError(f"`stc {st.name}` does not run as a job; stages: "
+                         f"{', '.join(s.name for s in stages.REGISTRY if s.step)}")
+    argv = [*st.words, *(["--config", head.config] if head.config else []), *stage_rest]
+    try:
+        _, ns = stages.parse(argv)  # the stage's own arguments, checked now, not in the queue an hour later
+    except SystemExit:
+        raise UsageError(f"`stc {' '.join(argv)}` is not a valid stage command line (see the message above)") \
+            from None
+    recipe = cfg.load(head.config, stages.overrides_for(st, ns))
+    opts = _options(recipe, head)
+    if st.ranks != "many":
+        opts = replace(opts, nodes=1, ntasks_per_node=1, gpus_per_node=min(opts.gpus_per_node, 1)
+                       if st.resources == "gpu" else 0)
+    out = slurm_dir(recipe)
+    r = render(st.name, stage_command(argv), opts, out, stage=st.name, shards=recipe.data.shards)
+    if head.dry_run:
+        print(f"# sbatch --parsable {r.script}")
+        print(r.text, end="")
+        return 0
+    _need("sbatch")
+    check_partition(opts)
+    sub = Submission(items=[(st.name, r, "", ())], ledger=(out / LEDGER_NAME).resolve())
+    for j in submit_jobs(sub):
+        print(j["job"])
+    return 0
+
+
+def _ledgers(args: argparse.Namespace) -> list[Path]:
+    if getattr(args, "ledger", None):
+        return _find_ledgers(args.ledger)
+    if getattr(args, "config", None):
+        return _find_ledgers(str(ledger_path(cfg.load(args.config, []))))
+    return _find_ledgers(None)
+
+
+def jobs_main(recipe: object, args: argparse.Namespace) -> int:
+    """``stc jobs``: every job of the ledger(s) with its state; the log tail of each failed one."""
+    print_jobs(_ledgers(args), lines=args.lines)
+    return 0
+
+
+def cancel_main(recipe: object, args: argparse.Namespace) -> int:
+    if args.target and not args.ledger:
+        args.ledger = args.target
+    done = cancel(_ledgers(args), pipeline=args.pipeline)
+    print(f"stc cancel: cancelled {', '.join(done) if done else 'nothing (no unfinished jobs)'}", file=sys.stderr)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- jobs
@@ -465,6 +612,7 @@ def submit(p: Plan, *, dry_run: bool = False, out=None) -> list[dict]:
 @dataclass
 class JobView:
     job: str
+    step: str
     stage: str
     pipeline: str
     dependency: str | None
@@ -473,6 +621,7 @@ class JobView:
     restarts: int
     why: str = ""
     exit: int | None = None
+    live: bool = False       # scontrol still knows the job
 
 
 def _find_ledgers(target: str | None) -> list[Path]:
@@ -494,7 +643,8 @@ def job_views(ledger: Path, live: bool = True) -> list[JobView]:
     for r in recs:
         job = str(r.get("job", ""))
         if r["event"] == "submitted":
-            views[job] = JobView(job=job, stage=r.get("stage", "?"), pipeline=r.get("pipeline") or "-",
+            views[job] = JobView(job=job, step=r.get("step") or r.get("stage", "?"), stage=r.get("stage", "?"),
+                                 pipeline=r.get("pipeline") or "-",
                                  dependency=r.get("dependency"), log=r.get("log", ""), state="?", restarts=0)
         elif job:
             events.setdefault(job, []).append(r)
@@ -504,6 +654,7 @@ def job_views(ledger: Path, live: bool = True) -> list[JobView]:
             v.restarts = max(v.restarts, int(e.get("restarts") or 0))
         info = job_info(job) if live else {}
         if info:
+            v.live = True
             v.state = info.get("JobState", "?")
             v.restarts = max(v.restarts, int(info.get("Restarts", "0") or 0))
             reason = info.get("Reason", "None")
@@ -512,7 +663,7 @@ def job_views(ledger: Path, live: bool = True) -> list[JobView]:
                 v.exit = int(code.split(":")[0])
             if reason not in ("None", "") and v.state != "COMPLETED":
                 v.why = {"DependencyNeverSatisfied": f"dependency {v.dependency} never satisfied: it did not "
-                                                     f"complete, so this stage never ran"}.get(reason, reason)
+                                                     f"complete, so this step never ran"}.get(reason, reason)
             if v.state == "FAILED" and v.exit is not None:
                 v.why = f"exit code {v.exit}"
             continue
@@ -532,12 +683,12 @@ def job_views(ledger: Path, live: bool = True) -> list[JobView]:
             v.state = "ENDED?"
             v.why = (f"last event {last['event']!r} at {last.get('time')}; the script did not report an end "
                      "(killed: time limit, scancel or node failure?)")
-    by_job = views
-    for v in by_job.values():  # a job that never ran because what it depends on failed
-        d = by_job.get(str(v.dependency)) if v.dependency else None
-        if d is not None and v.state in ("UNKNOWN", "CANCELLED") and d.state in BAD | {"ENDED?"}:
+    for v in views.values():  # a job that never ran because what it depends on failed
+        deps = [views[j] for j in str(v.dependency or "").split(":") if j in views]
+        d = next((d for d in deps if d.state in BAD | {"ENDED?"}), None)
+        if d is not None and v.state in ("UNKNOWN", "CANCELLED"):
             v.state = "CANCELLED"
-            v.why = f"never ran: dependency {d.job} (`stc {d.stage}`) {d.state}"
+            v.why = f"never ran: dependency {d.job} ({d.step}) {d.state}"
     return list(views.values())
 
 
@@ -563,15 +714,15 @@ def print_jobs(ledgers: Sequence[Path], lines: int = 15, out=None) -> int:
     for ledger in ledgers:
         views = job_views(ledger)
         print(f"ledger: {ledger}", file=out)
-        rows = [("JOB", "STAGE", "PIPELINE", "STATE", "RESTARTS", "AFTER", "LOG")]
-        rows += [(v.job, v.stage, v.pipeline, v.state, str(v.restarts), v.dependency or "-", v.log) for v in views]
+        rows = [("JOB", "STEP", "PIPELINE", "STATE", "RESTARTS", "AFTER", "LOG")]
+        rows += [(v.job, v.step, v.pipeline, v.state, str(v.restarts), v.dependency or "-", v.log) for v in views]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
         for v in views:
             if v.state in BAD | {"ENDED?", "UNKNOWN"}:
                 failed += 1
-                print(f"\njob {v.job} `stc {v.stage}` {v.state}: {v.why or 'see the log'}", file=out)
+                print(f"\njob {v.job} {v.step} (stc {v.stage}) {v.state}: {v.why or 'see the log'}", file=out)
                 print(f"  log: {v.log}" + ("" if Path(v.log).exists() else " (not written: the job never started)"),
                       file=out)
                 if Path(v.log).exists():
@@ -591,9 +742,10 @@ def cancel(ledgers: Sequence[Path], pipeline: str | None = None) -> list[str]:
             if v.state in TERMINAL or v.state in ("UNKNOWN", "ENDED?"):
                 continue
             cancelled.append(v.job)
-            append(ledger, "cancelled", job=v.job, stage=v.stage, pipeline=v.pipeline, reason="stc cancel")
+            append(ledger, "cancelled", job=v.job, step=v.step, stage=v.stage, pipeline=v.pipeline, reason="stc cancel")
     if cancelled:
         r = scancel(cancelled)
         if r is not None and r.returncode != 0:
             raise SubmitError(f"scancel {' '.join(cancelled)}: {slurm_message(r)}")
     return cancelled
+

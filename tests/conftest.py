@@ -26,3 +26,32 @@ def stc_env() -> dict:
 @pytest.fixture
 def stc_cmd() -> list[str]:
     return [sys.executable, "-m", "engine.cli"]
+
+
+@pytest.fixture
+def stc_inproc(capsys):
+    """`stc` in this process, from the repository root, as a ``CompletedProcess`` (returncode, stdout,
+    stderr): for dry runs and refusals, which start no ranks and no DeepSpeed. Much faster than a new
+    interpreter per call, and an unexpected exception still fails the test with its traceback."""
+    import subprocess
+
+    from engine import cli
+
+    def run(*argv):
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            code = cli.main([str(a) for a in argv])
+        finally:
+            os.chdir(cwd)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(argv), code, out.out, out.err)
+    return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts a real SLURM (the `slurm_cluster` fixture) is slow by nature: `make test-fast`
+    leaves it out, `make test` and CI run it."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -36,3 +36,21 @@ def build_sine_shards(root: Path, n: int, n_train: int, *, period: int = 7, samp
     shards.build(cfg.load(None, [f"shards.manifest={manifest}", f"shards.out={root / 'sh'}",
                                  f"shards.samples_per_shard={samples_per_shard}"]), workers=1)
     return root / "sh"
+
+
+def build_split_shards(root: Path, *, train: int = 8, dev: int = 3, test: int = 3, samples_per_shard: int = 4) -> Path:
+    """Shards with train, dev and test splits whose source texts are all distinct (the dev/test check
+    of the plan passes); returns ``root/sh``."""
+    from engine import config as cfg
+    from engine.data import shards
+
+    n = train + dev + test
+    m = write_sine_manifest(root, n, train, period=5)
+    rows = [json.loads(x) for x in m.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < train else "dev" if i < train + dev else "test"
+        r["src_text"] = f"hello number {i}"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shards.build(cfg.load(None, [f"shards.manifest={m}", f"shards.out={root / 'sh'}",
+                                 f"shards.samples_per_shard={samples_per_shard}"]), workers=1)
+    return root / "sh"

@@ -1,6 +1,6 @@
 """The embedded demo set on a tiny configuration (6 train / 2 dev / 2 test per direction, ~1 s).
 
-Checks what later stages rely on: a DESIGN 2b manifest, splits disjoint by English sentence, real
+Checks what later stages rely on: a valid manifest, splits disjoint by English sentence, real
 (non-silent) audio, both directions, reruns that synthesise nothing, and clear errors for a missing
 espeak-ng or source package.
 """
@@ -15,12 +15,16 @@ import soundfile as sf
 
 from engine import config as cfg
 from engine import langs
-from engine.data import demo
+from engine.demo import data as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"train": 6, "dev": 2, "test": 2}
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                  reason="espeak-ng not installed: apt-get install -y espeak-ng (make demo does it)")
+
+
+def _espeak() -> None:
+    """The demo's speech comes from espeak-ng (a Debian package `make demo` and `make test` install):
+    without it these tests fail, they do not skip."""
+    assert shutil.which("espeak-ng"), "espeak-ng not installed: apt-get install -y espeak-ng (make demo does it)"
 
 
 def tiny_overrides(base: Path, **extra: object) -> list[str]:
@@ -33,8 +37,7 @@ def tiny_overrides(base: Path, **extra: object) -> list[str]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, dict, list[dict]]:
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed: apt-get install -y espeak-ng (make demo does it)")
+    _espeak()
     base = tmp_path_factory.mktemp("demo")
     summary = demo.build(tiny_overrides(base))
     rows = [json.loads(line) for line in (base / "src" / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -49,7 +52,6 @@ def test_shipped_spec_and_recipe_validate():
     assert len(spec.voices) > 1  # the audio must not all share one timbre
 
 
-@needs_espeak
 def test_manifest_validates(built):
     base, summary, rows = built
     assert len(rows) == summary["rows"] == 2 * sum(TINY.values())
@@ -65,12 +67,9 @@ def test_manifest_validates(built):
     assert (base / "src" / "demo.json").is_file()
 
 
-@needs_espeak
 def test_manifest_reader_accepts_every_row(built):
-    try:
-        from engine.data import manifest
-    except ImportError as e:
-        pytest.skip(f"engine.data.manifest does not import yet ({e})")
+    from engine.data import manifest
+
     base, _, rows = built
     man = manifest.read(base / "src" / "manifest.jsonl")
     assert man.rejects == [] and len(man.rows) == len(rows)
@@ -78,7 +77,6 @@ def test_manifest_reader_accepts_every_row(built):
     assert all(Path(r.audio).is_file() for r in man.rows)
 
 
-@needs_espeak
 def test_both_directions_and_exact_counts(built):
     _, _, rows = built
     assert {r["tgt_lang"] for r in rows} == {"de", "zh"}
@@ -87,7 +85,6 @@ def test_both_directions_and_exact_counts(built):
             assert sum(r["tgt_lang"] == lang and r["split"] == split for r in rows) == n
 
 
-@needs_espeak
 def test_splits_disjoint_by_english_source(built):
     _, _, rows = built
     by_split: dict[str, set[str]] = {}
@@ -98,7 +95,6 @@ def test_splits_disjoint_by_english_source(built):
     assert not by_split["dev"] & by_split["test"]
 
 
-@needs_espeak
 def test_wavs_exist_and_are_speech(built):
     base, _, rows = built
     for r in rows:
@@ -111,7 +107,6 @@ def test_wavs_exist_and_are_speech(built):
     assert len(used) > 1
 
 
-@needs_espeak
 def test_rerun_synthesizes_nothing(built):
     base, first, rows = built
     assert first["synthesis"]["synthesized"] == len({r["audio"] for r in rows})
@@ -126,7 +121,6 @@ def test_rerun_synthesizes_nothing(built):
     assert not stale.exists()
 
 
-@needs_espeak
 def test_selection_is_seeded(tmp_path):
     spec = demo.load_spec(overrides=[f"demo.sizes.{k}={v}" for k, v in TINY.items()])
     pairs = demo.clean([p for s in spec.sources for p in demo.SOURCES[s].load()], spec)
@@ -161,10 +155,12 @@ def test_too_few_pairs_is_a_clear_error():
 
 
 def test_missing_espeak_names_the_package(tmp_path, capsys):
-    code = demo.main(tiny_overrides(tmp_path, **{"demo.espeak": "/nonexistent/espeak-ng"}))
+    from engine import cli
+
+    code = cli.main(["demo", "--data-only", *tiny_overrides(tmp_path, **{"demo.espeak": "/nonexistent/espeak-ng"})])
     err = capsys.readouterr().err
     assert code == 1
-    assert "apt-get install -y espeak-ng" in err and "make demo" in err
+    assert "stc demo: error:" in err and "apt-get install -y espeak-ng" in err and "make demo" in err
 
 
 def test_missing_source_package_names_it():
@@ -173,17 +169,16 @@ def test_missing_source_package_names_it():
 
 
 def test_bad_overrides_are_reported_together(capsys):
-    assert demo.main(["demo.sizes.trian=3", "demo.voices=[{voice: en-us, pitch: 300}]"]) == 2
+    from engine import cli
+
+    assert cli.main(["demo", "--data-only", "demo.sizes.trian=3", "demo.voices=[{voice: en-us, pitch: 300}]"]) == 2
     err = capsys.readouterr().err
     assert "demo.sizes.train" in err and "pitch" in err
 
 
-@needs_espeak
 def test_shard_build_reconciles(built):
-    try:
-        from engine.data import shards
-    except ImportError as e:
-        pytest.skip(f"engine.data.shards does not import yet ({e}); the demo only writes the manifest")
+    from engine.data import shards
+
     base, _, _ = built
     recipe = cfg.load(ROOT / "configs" / "demo.yaml",
                       [f"shards.manifest={base / 'src' / 'manifest.jsonl'}", f"shards.out={base / 'built'}",
@@ -198,12 +193,8 @@ def test_shard_build_reconciles(built):
     assert n(summary["written"]) > 0
 
 
-@needs_espeak
 def test_demo_with_shards_reruns_and_follows_spec_changes(tmp_path):
-    try:
-        from engine.data import shards  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"engine.data.shards does not import yet ({e})")
+    _espeak()
     ovs = [o for o in tiny_overrides(tmp_path) if o != "demo.build_shards=false"] + ["shards.samples_per_shard=4"]
     first = demo.build(ovs)
     assert first["shards"]["written"] == first["rows"] and first["shards"]["rejected"] == 0
@@ -219,13 +210,9 @@ def test_demo_with_shards_reruns_and_follows_spec_changes(tmp_path):
 
 
 def test_cli_demo_calls_the_builder(tmp_path, capsys):
-    import argparse
-
     from engine import cli
 
-    ns = argparse.Namespace(overrides=tiny_overrides(tmp_path, **{"demo.espeak": "/nonexistent/espeak-ng"}),
-                            config=None)
-    assert cli._demo(ns) == 1
+    assert cli.main(["demo", *tiny_overrides(tmp_path, **{"demo.espeak": "/nonexistent/espeak-ng"})]) == 1
     assert "espeak-ng" in capsys.readouterr().err
 
 
@@ -245,8 +232,8 @@ sys.stdin.read()
 sf.write(sys.argv[sys.argv.index("-w") + 1], np.zeros(22050, np.int16), 22050, format="WAV", subtype="PCM_16")
 """)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    assert demo.main(tiny_overrides(tmp_path, **{"demo.espeak": str(fake)})) == 1
-    assert "silence" in capsys.readouterr().err
+    with pytest.raises(demo.DemoError, match="silence"):
+        demo.main(tiny_overrides(tmp_path, **{"demo.espeak": str(fake)}))
     assert not list((tmp_path / "src" / "wav").glob("*"))  # neither a wav nor a temporary
 
 

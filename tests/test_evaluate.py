@@ -199,14 +199,11 @@ def test_named_systems_and_nf4_model(env, tmp_path):
     from engine.models.load import load_model, load_processor
 
     q = tmp_path / "q"
-    try:
-        m = load_model(ModelConfig(path=str(env["model"]), dtype="fp32", quant="nf4"), device="cpu")
-        with torch.inference_mode():
-            m(input_ids=torch.tensor([[1, 2, 3]]))
-        m.save_pretrained(q, safe_serialization=True)
-        load_processor(env["model"]).save_pretrained(q)
-    except Exception as e:  # bitsandbytes without a CPU backend here
-        pytest.skip(f"nf4 on CPU unavailable: {type(e).__name__}: {e}")
+    m = load_model(ModelConfig(path=str(env["model"]), dtype="fp32", quant="nf4"), device="cpu")
+    with torch.inference_mode():
+        m(input_ids=torch.tensor([[1, 2, 3]]))
+    m.save_pretrained(q, safe_serialization=True)
+    load_processor(env["model"]).save_pretrained(q)
     out = tmp_path / "eval"
     # 4-bit matmuls are slow on CPU: two batches, three new tokens
     res = E.run_evaluate(recipe(env, out, f"evaluate.models=[full={env['model']},student={q}]",

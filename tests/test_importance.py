@@ -215,21 +215,30 @@ def test_nll_matches_surgery_reference(audio_env, audio_loaded, tmp_path):
 
 
 def test_nll_prefix_reuse_runs_fewer_layers_and_no_encoder(audio_loaded):
-    """A full scan runs L + L(L-1)/2 layer calls per batch instead of L*L, and never the audio encoder."""
+    """A full scan (baseline + every layer) runs L + L(L-1)/2 layer calls per batch instead of L*L, and
+    never the audio encoder; streaming candidate by candidate gives the same scores in any order."""
     model, _, dev = audio_loaded
     calls = {"layers": 0, "encoder": 0}
     hooks = [l.register_forward_pre_hook(lambda *a: calls.__setitem__("layers", calls["layers"] + 1))
              for l in surgery.decoder_layers(model)]
     hooks.append(model.model.audio_tower.register_forward_pre_hook(
         lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1)))
+    n = L.num_layers(model)
+    nb = len(dev.batches)
     try:
-        n = L.num_layers(model)
-        S.nll_scores(model, dev, list(range(n)))
+        full = S.nll_scores(model, dev, [None, *range(n)])
+        assert calls == {"layers": nb * (n + n * (n - 1) // 2), "encoder": 0}
+        calls["layers"] = 0
+        streamed = list(S.iter_nll_scores(model, dev, [4, 1, 2]))
+        assert calls["layers"] == nb * (4 + (4 + 3 + 1))  # prefix up to layer 4, then each suffix
     finally:
         for h in hooks:
             h.remove()
-    nb = len(dev.batches)
-    assert calls == {"layers": nb * (n + n * (n - 1) // 2), "encoder": 0}
+    assert [c for c, _ in streamed] == [1, 2, 4]  # layer order, each yielded when it is final
+    for c, sc in streamed:
+        assert sc.score == pytest.approx(full[c].score, rel=1e-6)
+    alone = S.nll_scores(model, dev, [4])  # a rank that got only this candidate: prefix from the start
+    assert alone[4].score == pytest.approx(full[4].score, rel=1e-6)
 
 
 def test_block_influence_matches_reference(audio_env, audio_loaded, tmp_path):
@@ -416,6 +425,48 @@ def test_stop_below_and_forced_layers():
     assert only.removed == [6, 1] and only.final["score"] == 41.0 and not only.iterations
 
 
+def test_runner_stops_at_a_unit_or_batch_boundary_and_keeps_finished_units(tmp_path):
+    """A stop request ends the iteration after the unit in flight (or inside it, between dev batches):
+    the finished units are journaled and every rank raises Resumable (exit 75)."""
+    from engine.errors import Resumable
+
+    class Score:
+        metric, metrics, n_samples, n_tokens, seconds = "nll", {"nll": 1.0}, 1, 1, 0.0
+
+        def __init__(self, v):
+            self.score = v
+
+    def runner(out, reason_after, interrupt_at=None):
+        state = {"n": 0, "closed": False}
+
+        def compute(units):
+            try:
+                for u in units:
+                    if state["n"] == interrupt_at:
+                        raise SR.StopScan("SIGTERM")
+                    state["n"] += 1
+                    yield u, Score(float(u.candidate))
+            finally:
+                state["closed"] = True
+
+        r = SR.Runner(compute=compute, writer=J.Writer(out, 0, J.header({}, {})), done={}, cost=lambda u: 1.0,
+                      stop=lambda: "SIGTERM" if state["n"] >= reason_after else None)
+        return r, state
+
+    units = [SR.Unit(0, (), c) for c in range(1, 6)]
+    r, state = runner(tmp_path / "a", reason_after=2)
+    with pytest.raises(Resumable, match="stopped by SIGTERM") as e:
+        r.run(units)
+    assert e.value.exit_code == 75 and state["closed"] and r.computed == 2
+    assert [u["candidate"] for u in units_of(tmp_path / "a")] == [1, 2]
+    r, state = runner(tmp_path / "b", reason_after=99, interrupt_at=3)  # inside the 4th unit
+    with pytest.raises(Resumable):
+        r.run(units)
+    assert [u["candidate"] for u in units_of(tmp_path / "b")] == [1, 2, 3]
+    r, _ = runner(tmp_path / "c", reason_after=99)
+    assert len(r.run(units)) == 5 and len(units_of(tmp_path / "c")) == 5
+
+
 # ------------------------------------------------------------------------------------------ dev set
 
 def test_dev_test_overlap_refused(tmp_path):
@@ -545,6 +596,142 @@ def test_block_influence_stage_reports_angular_distance(audio_env, tmp_path):
     assert set(doc["block_angular_distance"]["2"]) == {"0", "1", "2", "3", "4"}
 
 
+def test_nll_journals_each_candidate_at_once_and_resumes_after_a_crash(audio_env, tmp_path, monkeypatch):
+    """Every nll candidate is journaled when it is scored (not at the end of its iteration): a crash in
+    the middle of the 3rd candidate leaves the first two in the journal, and the rerun computes only the
+    rest and ranks exactly as an uninterrupted scan."""
+    base = ["importance.scorer=nll", "importance.remove=2", "importance.max_dev_samples=4",
+            "importance.decode_batch_size=2"]
+    whole = stage.run_importance(recipe_for(audio_env, tmp_path / "whole", *base))
+    assert whole["scan"]["computed_this_run"] == 4 + 1 + 3
+
+    out = tmp_path / "crashed"
+    real, calls = S._nll_sum, {"n": 0}
+
+    def crashing(head, hidden, labels):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:  # first dev batch (of 2) of the 3rd candidate
+            raise RuntimeError("injected crash")
+        return real(head, hidden, labels)
+
+    monkeypatch.setattr(S, "_nll_sum", crashing)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        stage.run_importance(recipe_for(audio_env, out, *base))
+    monkeypatch.setattr(S, "_nll_sum", real)
+    kept = units_of(out)
+    assert [(u["iteration"], u["candidate"]) for u in kept] == [(0, 1), (0, 2)]
+    kept_lines = [line for line in (out / "journal.rank000.jsonl").read_text().splitlines() if '"unit"' in line]
+
+    again = stage.run_importance(recipe_for(audio_env, out, *base))
+    assert again["scan"]["computed_this_run"] == 8 - 2
+    units = check_once(out)
+    assert len(units) == 8
+    lines = [line for line in (out / "journal.rank000.jsonl").read_text().splitlines() if '"unit"' in line]
+    assert lines[:2] == kept_lines  # the finished candidates were kept, not recomputed
+    assert again["removed"] == whole["removed"] and again["baseline"]["score"] == whole["baseline"]["score"]
+    assert [it["scores"] for it in again["iterations"]] == [it["scores"] for it in whole["iterations"]]
+
+
+def test_task_scorer_keeps_hypotheses_per_candidate(audio_env, tmp_path):
+    out = tmp_path / "task"
+    doc = stage.run_importance(recipe_for(audio_env, out, "importance.scorer=task", "importance.remove=1",
+                                          "importance.max_dev_samples=3", "importance.max_new_tokens=8"))
+    units = units_of(out)
+    assert len(units) == 4 + 1
+    samples, _ = D.read_dev(audio_env["shards"], DataConfig(), 3, True)
+    refs = {s.key: s.meta["tgt_text"] for s in samples}
+    names = set()
+    for u in units:
+        name = u["hypotheses"]
+        names.add(name)
+        rows = [json.loads(line) for line in (out / name).read_text(encoding="utf-8").splitlines()]
+        assert [r["key"] for r in rows] == [s.key for s in samples]
+        assert all(r["ref"] == refs[r["key"]] and r["tgt_lang"] == "de" and isinstance(r["hyp"], str) for r in rows)
+        # the file holds the very translations the unit was scored by
+        assert S.corpus_metrics([r["hyp"] for r in rows], [r["ref"] for r in rows], ["de"]) == u["metrics"]
+    assert len(names) == len(units)  # one file per unit
+    assert "hypotheses/it0-model.jsonl" in names and "hypotheses/it0-layer3.jsonl" in names
+    assert doc["baseline"]["hypotheses"] == "hypotheses/it0-model.jsonl"
+    assert doc["iterations"][0]["hypotheses"] == {str(c): f"hypotheses/it0-layer{c}.jsonl" for c in range(1, 5)}
+    assert "hypotheses/" in (out / "ranking.md").read_text()
+    assert SR.Unit(2, (5, 3), 1) != SR.Unit(2, (3,), 1)
+    assert stage.hypotheses_name(SR.Unit(2, (5, 3), 1)) == "hypotheses/it2-layer1-without-3.5.jsonl"
+
+
+def test_another_method_or_scorer_into_the_same_out_is_refused(audio_env, tmp_path):
+    """One ranking per importance.out: a later `stc prune --from <out>` must not pick up another
+    method's layers."""
+    out = tmp_path / "imp"
+    base = ["importance.scorer=nll", "importance.remove=2", "importance.max_dev_samples=3"]
+    first = stage.run_importance(recipe_for(audio_env, out, *base))
+    before = (out / "ranking.json").read_bytes()
+    for extra in (["importance.method=oneshot"], ["importance.method=middle_block"]):
+        for dry in (True, False):
+            with pytest.raises(ImportanceError, match=r"already holds a ranking \(ranking.json: method=iterative, "
+                                                      r"scorer=nll, metric=nll\).*importance\.out=.*imp-") as e:
+                stage.run_importance(recipe_for(audio_env, out, *base, *extra), dry_run=dry)
+    assert "stc prune --from" in str(e.value)
+    assert (out / "ranking.json").read_bytes() == before
+    # without the journal (deleted), another scorer is refused by the ranking alone
+    for j in out.glob(J.JOURNAL_GLOB):
+        j.unlink()
+    with pytest.raises(ImportanceError, match="scorer=nll.*this scan .*scorer=block_influence"):
+        stage.run_importance(recipe_for(audio_env, out, *base, "importance.scorer=block_influence"))
+    assert (out / "ranking.json").read_bytes() == before
+    # the same method again (e.g. more layers) is the same ranking, extended
+    more = stage.run_importance(recipe_for(audio_env, out, "importance.scorer=nll", "importance.remove=3",
+                                           "importance.max_dev_samples=3"))
+    assert more["removed"][:2] == first["removed"]
+    # the directory the message proposes works
+    other = stage.run_importance(recipe_for(audio_env, tmp_path / "imp-oneshot-nll", *base, "importance.method=oneshot"))
+    assert other["method"] == "oneshot"
+
+
+def test_summary_prints_every_value_whole_at_80_columns(audio_env, tmp_path, monkeypatch):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from engine import log
+
+    def printed(doc: dict, out: Path) -> str:
+        buf = StringIO()
+        monkeypatch.setattr(log, "console", Console(width=80, file=buf, highlight=False))
+        stage._print_summary(doc, out)
+        return buf.getvalue()
+
+    def table_rows(text: str) -> list[tuple[str, ...]]:
+        return [tuple(c.strip() for c in line.split("│")[1:-1]) for line in text.splitlines() if line.count("│") == 6]
+
+    long_out = tmp_path / ("a-rather-long-directory-name-" * 3) / "importance"
+    mid = stage.run_importance(recipe_for(audio_env, tmp_path / "mid", "importance.scorer=nll", "importance.remove=2",
+                                          "importance.max_dev_samples=3", "importance.method=middle_block"))
+    text = printed(mid, long_out)
+    fin = mid["final"]
+    assert table_rows(text) == [("1", "2", "2", "block", "-"),  # the removed block, one row per layer
+                                ("2", "3", "3", f"{fin['score']:.4f}", f"{100 * fin['relative']:.1f}%")]
+    assert str(long_out / "ranking.json") in text
+
+    # a long scan: a forced layer, two-digit layers, a long metric name, many steps
+    chosen = [13, 20, 5, 17, 9, 22, 11, 14]
+    its = [{"iteration": k, "chosen": [c], "relative": 0.98765 - 0.01 * k, "scores": {str(c): 0.123456 * (k + 1)}}
+           for k, c in enumerate(chosen)]
+    orig = {27: 31, 13: 15, 20: 22, 5: 5, 17: 19, 9: 9, 22: 24, 11: 12, 14: 16}
+    doc = {"method": "iterative", "metric": "block_influence", "forced": [27], "removed": list(orig),
+           "removed_original": list(orig.values()), "iterations": its, "baseline": {"score": 56.123456789},
+           "final": {"score": 50.1234567891, "relative": 0.8931}, "scan": {"seconds": 1234.567, "world_size": 8},
+           "block": None}
+    text = printed(doc, long_out)
+    for line in text.splitlines()[:-1]:
+        assert len(line) <= 80, line
+    want = [("1", "27", "31", "forced", "-")] + [
+        (str(k + 2), str(c), str(orig[c]), f"{0.123456 * (k + 1):.4f}", f"{100 * (0.98765 - 0.01 * k):.1f}%")
+        for k, c in enumerate(chosen)]
+    assert table_rows(text) == want
+    assert "block_influence" in text and str(long_out / "ranking.json") in text
+    assert "unpruned 56.1235, pruned 50.1235 (89.3% of unpruned)" in text
+
+
 # ------------------------------------------------------------------------------------------ real ranks, kills
 
 SCAN = ["importance.scorer=task", "importance.remove=3", "importance.max_new_tokens=40", "importance.decode_batch_size=4"]
@@ -639,3 +826,49 @@ def test_sigkill_mid_scan_resumes_without_recomputing(audio_env, one_rank_scan, 
     assert resumed["removed"] == one["removed"]
     assert [it["scores"] for it in resumed["iterations"]] == [it["scores"] for it in one["iterations"]]
     assert resumed["scan"]["computed_this_run"] == 10 - len(done_before), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_exits_75_and_the_rerun_keeps_the_journal(audio_env, one_rank_scan, tmp_path, stc_cmd_mod,
+                                                          stc_env_mod):
+    """The documented contract through the real CLI: SIGTERM mid-scan -> exit 75 (not 143), the finished
+    units stay in the journal, the rerun computes only the rest and ranks as an uninterrupted scan."""
+    out = tmp_path / "termed"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{path: {audio_env['model']}, dtype: fp32}}\n"
+                      f"data: {{shards: {audio_env['shards']}}}\n"
+                      f"run: {{out_dir: {tmp_path / 'run'}}}\n"
+                      f"importance: {{out: {out}, scorer: task, remove: 3, max_new_tokens: 40, decode_batch_size: 4}}\n")
+    cmd = [*stc_cmd_mod, "importance", "--config", str(recipe)]
+    # the process signals itself after its 3rd unit (the test hook), as a scheduler would
+    r = subprocess.run(cmd, env={**stc_env_mod, "STC_SIGNAL_AFTER_UNITS": "3"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert "stopped by SIGTERM" in r.stderr and "rerun the same command" in r.stderr
+    first = {J.record_key(u): u for u in check_once(out)}
+    assert len(first) == 3 and not (out / "ranking.json").exists()
+    # SIGTERM from outside while a unit is being computed
+    proc = subprocess.Popen(cmd, env=stc_env_mod, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None and len(units_of(out)) < 4:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    second = {J.record_key(u): u for u in check_once(out)}
+    assert 4 <= len(second) < 10 and not (out / "ranking.json").exists()
+    r = subprocess.run(cmd, env=stc_env_mod, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    units = check_once(out)
+    assert len(units) == 10
+    for k, u in second.items():  # kept, not recomputed
+        assert next(x for x in units if J.record_key(x) == k)["pid"] == u["pid"]
+    resumed = json.loads((out / "ranking.json").read_text())
+    one = json.loads((one_rank_scan / "ranking.json").read_text())
+    assert resumed["scan"]["computed_this_run"] == 10 - len(second)
+    assert resumed["removed"] == one["removed"]
+    assert [it["scores"] for it in resumed["iterations"]] == [it["scores"] for it in one["iterations"]]

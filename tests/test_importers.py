@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from engine import cli
-from engine.cli import StageError
+from engine.errors import StageError
 from engine.data import audio, importers, manifest, tario
 
 ROOT = Path(__file__).resolve().parents[1]

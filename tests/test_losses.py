@@ -1,4 +1,4 @@
-"""engine.losses: sparse top-k KD against plain full-vocabulary references, chunking, masks,
+"""engine.train.losses: sparse top-k KD against plain full-vocabulary references, chunking, masks,
 sum/count composition (the world-size invariance the trainer relies on), bf16 logits."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import losses as L
+from engine.train import losses as L
 
 KINDS = L.KINDS
 

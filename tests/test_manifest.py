@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from engine.cli import StageError
+from engine.errors import StageError
 from engine.data import manifest
 
 
@@ -90,3 +90,22 @@ def test_ids_unique_across_splits(tmp_path):
     m = manifest.read(p, default_split="dev", only_split="dev")
     assert [r.id for r in m.rows] == ["y"] and m.other_split == 1
     assert m.rejects[0].code == "duplicate_id" and "line 1" in m.rejects[0].reason
+
+
+def test_header_only_tsv_is_refused_like_an_empty_jsonl(tmp_path):
+    """A TSV with a header and no rows (blank lines do not count) is an error naming the file, as an
+    empty JSONL is; a header followed by only bad rows is read, with the rows rejected."""
+    header = b"id\taudio\tsrc_text\ttgt_text\tsrc_lang\ttgt_lang\n"
+    p = tmp_path / "head.tsv"
+    for body in (header, header + b"\n\r\n  \n", b"\xef\xbb\xbf" + header.replace(b"\n", b"\r\n")):
+        p.write_bytes(body)
+        with pytest.raises(StageError, match=r"head\.tsv is empty: it has a header \(line 1\) but no rows"):
+            manifest.read(p)
+    (tmp_path / "e.jsonl").write_bytes(b"\n")
+    with pytest.raises(StageError, match=r"e\.jsonl is empty"):
+        manifest.read(tmp_path / "e.jsonl")
+    p.write_bytes(b"\n" + header + b"x\t\tgr\xfc\xdf\n")
+    m = manifest.read(p)
+    assert not m.rows and [(j.line, j.code) for j in m.rejects] == [(3, "bad_line")]
+    p.write_bytes(header + b"a\t\ts\tt\ten\tde\n")
+    assert [r.id for r in manifest.read(p).rows] == ["a"]

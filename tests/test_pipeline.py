@@ -2,7 +2,9 @@
 end-to-end run through the CLI on a tiny Qwen2-Audio (4 decoder layers, hidden 64) with sine-wave shards."""
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from engine import config as cfg
 from engine import pipeline as P
+from slurm_fixture import slurm_cluster  # noqa: F401  (fixture: a real one-node SLURM)
 
 CMD = [sys.executable, "-m", "engine.cli"]
 SYSTEMS = ["teacher", "teacher-shuffled", "kd-25", "pruned-25", "ce-25", "middle-25", "kd-50"]
@@ -124,7 +127,8 @@ def test_plan_options(tiny):
 def test_dry_run_prints_the_table_and_runs_nothing(tiny):
     r = stc("pipeline", "--config", tiny["recipe"], "--dry-run", "--nproc", "2")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    out = r.stdout + r.stderr
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80 or "report.systems" in r.stdout
+    out = re.sub(r" \\\n +", " ", r.stdout)                          # the wrapped commands, unwrapped
     for name in ORDER:
         assert name in out
     assert "todo" in out and "run --nproc 2 importance" in out
@@ -191,11 +195,16 @@ def test_runs_in_order_then_skips_everything(tiny, tmp_path):
     st = _status(plan)
     assert st["state"] == "done" and all(s["state"] == "done" and s["exit"] == 0 for s in st["steps"])
     assert (tmp_path / "r" / "pipeline" / "config.yaml").exists()
-    sysj = json.loads((tmp_path / "r" / "eval" / "kd-25" / "system.json").read_text())
+    # what the report says of each system comes from the step records, the same for local runs and SLURM jobs
+    from engine import report
+
+    report_step = plan.step("report")
+    described = report.plan_systems(plan.recipe_of(report_step))
+    sysj = described["kd-25"]
     assert sysj["removed_layers"] == [2] and sysj["removal"] == 0.25 and sysj["healing"] == "ce+kd"
-    assert sysj["quant"] == "nf4" and sysj["label"]
-    assert json.loads((tmp_path / "r" / "eval" / "pruned-25" / "system.json").read_text())["healing"] == "none"
-    assert json.loads((tmp_path / "r" / "eval" / "teacher" / "system.json").read_text())["removed_layers"] == []
+    assert sysj["quant"] == "nf4" and sysj["label"] and sysj["step"] == "eval-kd-25"
+    assert described["pruned-25"]["healing"] == "none" and described["teacher"]["removed_layers"] == []
+    assert sorted(described) == sorted(SYSTEMS)
 
     again = FakeRunner(plan)
     assert P.run(P.build_plan(plan.recipe), runner=again, echo=lambda m: None) == 0
@@ -238,6 +247,67 @@ def test_changed_config_reruns_that_step_and_what_reads_it(tiny, tmp_path):
                         n in ("eval-kd-25", "eval-ce-25", "eval-middle-25", "eval-kd-50", "report")]
 
 
+def test_stale_step_sets_its_old_output_aside_and_a_failure_says_why_in_one_line(tiny, tmp_path):
+    run = tmp_path / "r"
+    plan = plan_for(tiny, f"run.out_dir={run}")
+    assert P.run(plan, runner=FakeRunner(plan), echo=lambda m: None) == 0
+    d = plan.step("distill-kd-25").out
+    (d / "checkpoints" / "step-00000002").mkdir(parents=True)            # what a trainer leaves
+    plan2 = plan_for(tiny, f"run.out_dir={run}", "distill.lr=0.5")
+    said: list[str] = []
+    assert P.run(plan2, runner=FakeRunner(plan2), echo=said.append) == 0
+    (aside,) = d.parent.glob("distill.stale-*")
+    assert (aside / "checkpoints" / "step-00000002").exists() and not (d / "checkpoints").exists()
+    assert any("distill-kd-25: stale: distill.lr was 1.0e-03" in m.replace("0.001", "1.0e-03") and "set aside" in m
+               for m in said), said
+
+    # an unfinished run of another config (no marker) is set aside too, never resumed
+    class Failing(FakeRunner):
+        def __call__(self, step, argv, log):
+            if step.name == "distill-kd-25":
+                self.ran.append(step.name)
+                (step.out / "checkpoints" / "step-00000001").mkdir(parents=True)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text("[rank0] loading...\nstc distill: error: checkpoint x belongs to another run or config; "
+                               "refusing to resume it:\n  - distill.lr: checkpoint has 0.5, this run 0.7\n")
+                return 1
+            return super().__call__(step, argv, log)
+
+    plan3 = plan_for(tiny, f"run.out_dir={run}", "distill.lr=0.7")
+    said = []
+    assert P.run(plan3, runner=Failing(plan3), echo=said.append) == 1
+    fail = [m for m in said if "failed" in m]
+    assert fail and "step distill-kd-25 failed (exit 1)" in fail[0]
+    assert "stc distill: error: checkpoint x belongs to another run or config" in fail[0] and "distill.lr" in fail[0]
+    rec = {s["name"]: s for s in json.loads(plan3.status_path.read_text())["steps"]}
+    assert rec["distill-kd-25"]["error"].startswith("stc distill: error:")
+    plan4 = plan_for(tiny, f"run.out_dir={run}", "distill.lr=0.9")
+    st = P.states(plan4)
+    assert st["distill-kd-25"].startswith("stale: an unfinished run of another config is there (distill.lr")
+    said = []
+    assert P.run(plan4, runner=FakeRunner(plan4), echo=said.append) == 0
+    assert len(list(d.parent.glob("distill.stale-*"))) == 3 and not (d / "checkpoints").exists()  # 0.5, 0.7 set aside too
+
+
+def test_moved_run_and_inputs_stay_done_but_changed_content_is_stale(tiny, tmp_path):
+    """Paths are not compared (a run dir moved, shards staged elsewhere); what they hold is."""
+    import shutil
+
+    run = tmp_path / "r"
+    plan = plan_for(tiny, f"run.out_dir={run}")
+    assert P.run(plan, runner=FakeRunner(plan), echo=lambda m: None) == 0
+    sh2 = tmp_path / "sh2"
+    shutil.copytree(tiny["root"] / "sh", sh2)
+    moved = P.build_plan(cfg.load(tiny["recipe"], [f"run.out_dir={run}", f"data.shards={sh2}"]))
+    assert set(P.states(moved).values()) == {"done"}
+    meta = json.loads((sh2 / "meta.json").read_text())
+    meta["fingerprints"]["data"] = "sha256:" + "0" * 64                  # other shards at the same place
+    (sh2 / "meta.json").write_text(json.dumps(meta))
+    st = P.states(moved)
+    assert st["importance"].startswith("stale: the content of data.shards changed")
+    assert st["prune-25"].startswith("stale: the content of data.shards changed")   # reads it through importance
+
+
 def test_missing_input_of_a_step_names_the_step_that_makes_it(tiny, tmp_path):
     plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
     step = next(s for s in plan.steps if s.name == "distill-kd-25")
@@ -257,21 +327,28 @@ def test_subprocess_runner_logs_streams_and_passes_the_exit_code(tmp_path, capsy
 
 def test_refuses_to_run_under_a_launcher(tiny, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(P.PipelineError, match="--nproc"):
-        P.main(cfg.load(tiny["recipe"]), dry_run=True)
+        P.main(cfg.load(tiny["recipe"]), argparse.Namespace(dry_run=True))
 
 
 # ============================================================================================ end to end
 
+@pytest.fixture(scope="module")
+def local_run(tiny) -> Path:
+    """`stc pipeline` on the tiny recipe, once for the module (one rank per step: the stages' own tests
+    run them on two ranks; here the plan is what is tested, and SLURM can then run independent jobs
+    side by side on the two cores of the test machine)."""
+    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1", timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
+    return tiny["root"] / "run"
+
+
 @pytest.mark.slow
-def test_pipeline_end_to_end_on_two_ranks(tiny):
-    pytest.importorskip("engine.evaluate")
-    pytest.importorskip("engine.report")
+def test_pipeline_end_to_end(tiny, local_run):
     import sacrebleu
 
-    run = tiny["root"] / "run"
-    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "2", timeout=1800)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
+    run = local_run
     plan = P.build_plan(cfg.load(run / "pipeline" / "config.yaml"))
     for s in plan.steps:
         assert s.marker.exists(), s.name
@@ -292,8 +369,6 @@ def test_pipeline_end_to_end_on_two_ranks(tiny):
 
     for name in SYSTEMS:
         d = run / "eval" / name
-        sysj = json.loads((d / "system.json").read_text())
-        assert {"label", "removed_layers", "removal", "healing", "quant"} <= set(sysj)
         scores = json.loads((d / "scores.json").read_text())
         rows = [json.loads(x) for x in (d / "hypotheses.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and scores["n"] == 3
@@ -303,18 +378,58 @@ def test_pipeline_end_to_end_on_two_ranks(tiny):
         assert de["chrf"]["score"] == pytest.approx(sacrebleu.CHRF().corpus_score(hyps, refs).score)
         assert de["chrfpp"]["score"] == pytest.approx(sacrebleu.CHRF(word_order=2).corpus_score(hyps, refs).score)
     assert json.loads((run / "eval/teacher-shuffled/scores.json").read_text())["shuffle_audio"] is True
-    assert json.loads((run / "eval/kd-25/system.json").read_text())["removed_layers"] == prune25["removed_original"]
-
     rep = json.loads((run / "report" / "report.json").read_text())
     rows = {row["system"]: row for row in rep["systems"]}
     assert sorted(rows) == sorted(SYSTEMS) and rep["reference"] == "teacher"
-    for name in SYSTEMS:                                                   # the report shows what system.json says
-        sysj = json.loads((run / "eval" / name / "system.json").read_text())
-        for k in ("label", "removed_layers", "removal", "healing"):
-            assert rows[name][k] == sysj[k], (name, k)
+    assert rows["kd-25"]["removed_layers"] == prune25["removed_original"]
+    assert rows["middle-25"]["removed_layers"] == middle["removed_original"]
+    for name in SYSTEMS:                                                   # described by the plan's steps
+        assert rows[name]["label"] and rows[name]["healing"] in ("none", "ce", "ce+kd"), name
+        assert rows[name]["removal"] == (0.5 if name == "kd-50" else 0.0 if "teacher" in name else 0.25), name
     assert rows["kd-50"]["decoder_layers"] == 2 and rows["kd-25"]["decoder_layers"] == 3
     assert (run / "report" / "report.md").exists() and (run / "report" / "meta.json").exists()
 
-    again = stc("pipeline", "--config", tiny["recipe"], "--nproc", "2")      # everything done: nothing runs
+    again = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1")      # everything done: nothing runs
     assert again.returncode == 0, again.stderr[-3000:]
     assert {s["state"] for s in _status(plan)["steps"]} == {"skipped"}
+
+
+@pytest.mark.slow
+def test_submit_pipeline_on_slurm_equals_the_local_run(tiny, local_run, slurm_cluster, tmp_path):
+    """`stc submit pipeline` on a real one-node SLURM runs the same plan as `stc pipeline` (the same
+    steps, command lines and rank counts) to the report, with the same hypotheses, scores and report
+    rows for every system; independent steps run as jobs side by side."""
+    from launchers import slurm
+    from slurm_fixture import wait_job
+
+    run = tmp_path / "run"
+    env = dict(_env(), SLURM_CONF=slurm_cluster.env()["SLURM_CONF"],
+               STC_TORCH_EXTENSIONS_DIR=_env().get("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1]
+                                                                             / ".torch_extensions")))
+    r = subprocess.run([*CMD, "submit", "pipeline", "--config", str(tiny["recipe"]), "--ntasks-per-node", "1",
+                        f"run.out_dir={run}"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = r.stdout.split()
+    assert len(jobs) == len(ORDER)
+    assert wait_job(jobs[-1], timeout=1500).get("JobState", "COMPLETED") == "COMPLETED", \
+        subprocess.run([*CMD, "jobs", "--ledger", str(run)], env=env, capture_output=True, text=True).stdout[-4000:]
+    views = {v.step: v for v in slurm.job_views(run / "slurm" / "ledger.jsonl")}
+    assert sorted(views) == sorted(ORDER) and {v.state for v in views.values()} == {"COMPLETED"}
+    ev = [e for e in slurm.read_ledger(run / "slurm" / "ledger.jsonl") if e["event"] in ("started", "finished")]
+    span = {}
+    for e in ev:
+        span.setdefault(e["step"], {})[e["event"]] = e["time"]
+    overlap = [(a, b) for a in span for b in span if a < b and span[a]["started"] < span[b]["finished"]
+               and span[b]["started"] < span[a]["finished"]]
+    assert overlap, span                                                   # independent branches ran side by side
+    for name in SYSTEMS:
+        a, b = local_run / "eval" / name, run / "eval" / name
+        assert (a / "hypotheses.jsonl").read_text() == (b / "hypotheses.jsonl").read_text(), name
+        sa, sb = json.loads((a / "scores.json").read_text()), json.loads((b / "scores.json").read_text())
+        assert sa["directions"] == sb["directions"], name
+    ra, rb = (json.loads((d / "report" / "report.json").read_text()) for d in (local_run, run))
+    timing = ("tokens_per_s", "sentences_per_s", "latency_s", "seconds", "model", "dir")   # clocks and paths
+    assert [x["system"] for x in ra["systems"]] == [y["system"] for y in rb["systems"]]
+    for x, y in zip(ra["systems"], rb["systems"]):
+        assert {k: v for k, v in x.items() if k not in timing} == {k: v for k, v in y.items() if k not in timing}
+    assert ra["bars"] == rb["bars"] and ra["importance"]["removed_original"] == rb["importance"]["removed_original"]

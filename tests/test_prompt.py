@@ -49,7 +49,6 @@ def qwen_processor(tmp_path_factory):
 
     from engine.models.tiny import CHAT_TEMPLATE, build_qwen_tokenizer
 
-    pytest.importorskip("tiktoken")
     tok = build_qwen_tokenizer(tmp_path_factory.mktemp("qwen_vocab"))
     return Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
                                chat_template=CHAT_TEMPLATE)

@@ -146,3 +146,48 @@ def test_prune_bad_inputs(env, ranking, tmp_path, stc_cmd, stc_env):
     r = _run([*stc_cmd, "prune", "--config", str(env["recipe"]), "--layers", "0,1,2,3,4,5", "--out",
               str(tmp_path / "none")], stc_env, ok=False)
     assert r.returncode == 1 and "leaves no model" in r.stderr
+
+
+def _stored_dtypes(model_dir: Path) -> set[str]:
+    """The dtypes of the tensors in the safetensors files, from their headers."""
+    import struct
+
+    out = set()
+    for f in model_dir.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            head = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        out |= {t["dtype"] for k, t in head.items() if k != "__metadata__"}
+    return out
+
+
+def test_prune_keeps_the_source_dtype(tmp_path):
+    """A bf16 checkpoint scanned and pruned with model.dtype=fp32 stays bf16 on disk (smaller than its
+    source), unless prune.dtype says otherwise."""
+    from engine.models.counts import storage_bytes
+    from engine.models.tiny import build_tiny_qwen2audio
+
+    src = build_tiny_qwen2audio(tmp_path / "bf16", num_layers=6, dtype="bf16", seed=7)
+    assert _stored_dtypes(src) == {"BF16"}
+    base = [f"model.path={src}", "model.dtype=fp32", "prune.layers=[1,2]", f"run.out_dir={tmp_path / 'run'}"]
+    rp = run_prune(cfg.load(None, [*base, f"prune.out={tmp_path / 'auto'}"]))
+    out = Path(rp["out"])
+    assert _stored_dtypes(out) == {"BF16"}
+    assert 0 < storage_bytes(out) < storage_bytes(src)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["params"]["after"]["storage_bytes"] < meta["params"]["before"]["storage_bytes"]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert rp["dtype"] == "bf16" and "safetensors" in rp["dtype_from"]
+    assert meta["dtype"] == "bf16" and meta["pruned"]["dtype"] == "bf16"
+    m = __import__("transformers").Qwen2AudioForConditionalGeneration.from_pretrained(out)
+    assert m.dtype == torch.bfloat16 and len(surgery.decoder_layers(m)) == 4
+
+    rp32 = run_prune(cfg.load(None, [*base, "prune.dtype=fp32", f"prune.out={tmp_path / 'fp32'}"]))
+    assert rp32["dtype"] == "fp32" and _stored_dtypes(Path(rp32["out"])) == {"F32"}
+    # no safetensors header to read: config.json's dtype decides
+    from engine.importance.stage import source_dtype
+
+    cfg_only = tmp_path / "cfg_only"
+    cfg_only.mkdir()
+    (cfg_only / "config.json").write_text(json.dumps({"torch_dtype": "float16", "text_config": {}}))
+    assert source_dtype(cfg_only) == ("fp16", "config.json torch_dtype")
+    assert source_dtype(src) == ("bf16", "its safetensors")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.data import demo, quantities as q
+from engine.demo import data as demo, quantities as q
 
 
 @pytest.mark.parametrize("n,de,zh,en", [

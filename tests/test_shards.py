@@ -20,7 +20,7 @@ import soundfile as sf
 import soxr
 
 from engine import config as cfg
-from engine.cli import StageError
+from engine.errors import StageError
 from engine.data import audio, manifest, shards, tario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,11 +247,12 @@ def test_ids_with_dots_and_odd_characters_get_stable_keys(tmp_path):
 
 
 def test_long_audio_truncated_or_rejected(tmp_path):
-    """Over max_audio_s (30 s) is cut to 30 s and counted, or rejected with long_audio=reject."""
+    """Over max_audio_s (30 s) is cut to 30 s and counted with long_audio=truncate, or rejected with
+    long_audio=reject (both explicit: the default, auto, depends on the split)."""
     sf.write(tmp_path / "long.wav", tone(8000, 31.5), 8000)
     sf.write(tmp_path / "ok.wav", tone(8000, 2.0), 8000)
     man = write_manifest(tmp_path / "m.jsonl", [row("long", "long.wav"), row("ok", "ok.wav")])
-    s1 = shards.build(recipe(man, tmp_path / "t"), workers=1)
+    s1 = shards.build(recipe(man, tmp_path / "t", long_audio="truncate"), workers=1)
     balanced(s1)
     assert s1["truncated"] == 1 and s1["truncated_seconds"] == pytest.approx(1.5)
     doc = json.loads(all_samples(tmp_path / "t")[0]["json"])
@@ -261,6 +262,69 @@ def test_long_audio_truncated_or_rejected(tmp_path):
     assert s2["written"] == 1 and s2["truncated"] == 0
     rj = rejects_of(tmp_path / "r")["long"]
     assert rj["code"] == "too_long" and "longer than shards.max_audio_s=30.0" in rj["reason"]
+    assert s1["long_audio"]["splits"]["train"] == {"rule": "truncate", "rejected": 0, "truncated": 1,
+                                                   "truncated_seconds": pytest.approx(1.5)}
+    assert s2["long_audio"]["splits"]["train"]["rule"] == "reject" and s2["too_long_rejected"] == 1
+
+
+def test_long_audio_auto_rejects_training_rows_and_truncates_other_splits(tmp_path):
+    """The default long_audio=auto rejects over-long rows of the training split (a cut clip with the
+    full translation is a wrong pair) and truncates them in the other splits; meta.json and the
+    summary say how many rows each rule hit, per split."""
+    assert cfg.ShardsConfig().long_audio == "auto"
+    sf.write(tmp_path / "long.wav", tone(8000, 31.5), 8000)
+    sf.write(tmp_path / "ok.wav", tone(8000, 2.0), 8000)
+    rows = [row("tr_long", "long.wav", split="train"), row("nosplit_long", "long.wav"),
+            row("tr_ok", "ok.wav", split="train"), row("dev_long", "long.wav", split="dev"),
+            row("test_long", "long.wav", split="test"), row("test_ok", "ok.wav", split="test")]
+    man = write_manifest(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "o"
+    s = shards.build(recipe(man, out), workers=2)
+    balanced(s)
+    assert s["read"] == 6 and s["written"] == 4 and s["rejected"] == 2
+    rj = rejects_of(out)
+    assert set(rj) == {"tr_long", "nosplit_long"}  # a row without a split belongs to train
+    for r in rj.values():
+        assert r["code"] == "too_long"
+        assert "longer than shards.max_audio_s=30.0" in r["reason"]
+        assert "shards.long_audio=auto" in r["reason"] and "training split 'train'" in r["reason"]
+    docs = {json.loads(d["json"])["id"]: json.loads(d["json"]) for d in all_samples(out)}
+    assert docs["test_long"]["duration_s"] == pytest.approx(30.0)
+    assert docs["test_long"]["truncated_s"] == pytest.approx(1.5)
+    assert docs["dev_long"]["truncated_s"] == pytest.approx(1.5)
+    assert s["truncated"] == 2 and s["too_long_rejected"] == 2
+    la = meta_of(out)["long_audio"]
+    assert la["setting"] == "auto" and la["train_split"] == "train" and la["max_audio_s"] == 30.0
+    assert la["splits"] == {
+        "train": {"rule": "reject", "rejected": 2, "truncated": 0, "truncated_seconds": 0.0},
+        "dev": {"rule": "truncate", "rejected": 0, "truncated": 1, "truncated_seconds": pytest.approx(1.5)},
+        "test": {"rule": "truncate", "rejected": 0, "truncated": 1, "truncated_seconds": pytest.approx(1.5)}}
+    assert s["long_audio"] == la
+    assert meta_of(out)["counts"]["too_long_rejected"] == 2
+
+    # auto follows data.train_split; changing it changes the output, so a rebuild into `out` refuses
+    other = cfg.resolve({"shards": {"manifest": str(man), "out": str(tmp_path / "o2")},
+                         "data": {"train_split": "test"}})
+    s2 = shards.build(other, workers=1)
+    balanced(s2)
+    assert set(rejects_of(tmp_path / "o2")) == {"test_long"}
+    assert s2["long_audio"]["splits"]["train"]["rule"] == "truncate"
+    moved = cfg.resolve({"shards": {"manifest": str(man), "out": str(out)}, "data": {"train_split": "test"}})
+    with pytest.raises(StageError, match=r"data\.train_split: 'train' then, 'test' now"):
+        shards.build(moved)
+
+
+def test_long_audio_rules_in_printed_summary(tmp_path, capsys):
+    """The printed build summary names the long-audio rule of each split and its counts."""
+    sf.write(tmp_path / "long.wav", tone(8000, 31.5), 8000)
+    man = write_manifest(tmp_path / "m.jsonl", [row("a", "long.wav"), row("b", "long.wav", split="test")])
+    s = shards.build(recipe(man, tmp_path / "o"), workers=1)
+    capsys.readouterr()
+    shards.print_summary(s)
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "shards.long_audio=auto" in text
+    assert "train: reject (1 rejected, 0 truncated)" in text and "test: truncate (0 rejected, 1 truncated)" in text
 
 
 def test_segments_by_offset_and_duration(tmp_path):
@@ -270,16 +334,106 @@ def test_segments_by_offset_and_duration(tmp_path):
     sf.write(tmp_path / "talk.flac", x, 16000, subtype="PCM_16")
     x16 = sf.read(tmp_path / "talk.flac", dtype="float32")[0]
     rows = [row("s1", "talk.flac", offset_s=1.5, duration_s=2.0),
-            row("s2", "talk.flac", offset_s=10.0, duration_s=5.0),  # runs past the end: clipped to 2 s
-            row("s3", "talk.flac", offset_s=12.5, duration_s=1.0)]
+            row("s2", "talk.flac", offset_s=10.0, duration_s=5.0),  # runs 3 s past the end
+            row("s3", "talk.flac", offset_s=12.5, duration_s=1.0),
+            row("s4", "talk.flac", offset_s=10.0)]  # no duration: to the end of the file
     man = write_manifest(tmp_path / "m.jsonl", rows)
     out = tmp_path / "o"
     s = shards.build(recipe(man, out), workers=1)
     balanced(s)
     got = {json.loads(d["json"])["id"]: audio.decode_flac(d["audio.flac"])[0] for d in all_samples(out)}
     np.testing.assert_allclose(got["s1"], x16[24000:56000], atol=1e-6)
-    np.testing.assert_allclose(got["s2"], x16[160000:], atol=1e-6)
+    np.testing.assert_allclose(got["s4"], x16[160000:], atol=1e-6)
+    assert rejects_of(out)["s2"]["code"] == "segment_overrun"  # never written silently shorter
     assert rejects_of(out)["s3"]["code"] == "offset_beyond_end"
+    t = shards.build(recipe(man, tmp_path / "t", segment_overrun="truncate"), workers=1)
+    balanced(t)
+    got = {json.loads(d["json"])["id"]: audio.decode_flac(d["audio.flac"])[0] for d in all_samples(tmp_path / "t")}
+    np.testing.assert_allclose(got["s2"], x16[160000:], atol=1e-6)  # what exists, counted
+    assert t["overrun"] == 1 and t["overrun_seconds"] == pytest.approx(3.0)
+
+
+def test_segment_overrun_is_rejected_or_counted(tmp_path, caplog):
+    """A segment running past the end of its file is rejected (segment_overrun=reject, the default)
+    with a reason naming the file, the times and the fix, or written short and counted
+    (segment_overrun=truncate); a rounding overrun within overrun_tolerance_s is fine; an offset at or
+    beyond the end is always rejected."""
+    sf.write(tmp_path / "short.wav", tone(16000, 1.5), 16000)
+    sf.write(tmp_path / "talk.wav", tone(16000, 12.0, freq=200), 16000)
+    rows = [row("past", "short.wav", offset_s=1.0, duration_s=10.0),    # asks 10 s, 0.5 s exist
+            row("mustc", "talk.wav", offset_s=5.0, duration_s=40.0, split="test"),  # asks 40 s, 7 s exist
+            row("round", "short.wav", offset_s=1.0, duration_s=0.53),   # 0.03 s past: rounding
+            row("at_end", "short.wav", offset_s=1.5, duration_s=1.0),
+            row("beyond", "short.wav", offset_s=2.0, duration_s=1.0),
+            row("inside", "talk.wav", offset_s=2.0, duration_s=3.0)]
+    man = write_manifest(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "r"
+    s = shards.build(recipe(man, out), workers=2)
+    balanced(s)
+    assert s["written"] == 2 and s["rejected"] == 4 and s["overrun"] == 0 and s["overrun_rejected"] == 2
+    rj = rejects_of(out)
+    assert {k: v["code"] for k, v in rj.items()} == {
+        "past": "segment_overrun", "mustc": "segment_overrun",
+        "at_end": "offset_beyond_end", "beyond": "offset_beyond_end"}
+    reason = rj["past"]["reason"]
+    assert "short.wav" in reason and "offset_s=1.0 + duration_s=10.0" in reason and "1.50 s long" in reason
+    assert "past the end" in reason and "shards.segment_overrun=truncate" in reason
+    assert "talk.wav" in rj["mustc"]["reason"] and "33.00 s" in rj["mustc"]["reason"]
+    assert meta_of(out)["rejected_by_reason"]["segment_overrun"] == 2
+    assert meta_of(out)["counts"]["overrun_rejected"] == 2
+
+    t_out = tmp_path / "t"
+    t = shards.build(recipe(man, t_out, segment_overrun="truncate"), workers=1)
+    balanced(t)
+    assert t["written"] == 4 and t["rejected"] == 2
+    assert t["overrun"] == 2 and t["overrun_seconds"] == pytest.approx(9.5 + 33.0)
+    c = meta_of(t_out)["counts"]
+    assert c["overrun"] == 2 and c["overrun_seconds"] == pytest.approx(42.5)
+    docs = {json.loads(d["json"])["id"]: json.loads(d["json"]) for d in all_samples(t_out)}
+    assert docs["past"]["duration_s"] == pytest.approx(0.5) and docs["mustc"]["duration_s"] == pytest.approx(7.0)
+    assert docs["round"]["duration_s"] == pytest.approx(0.5)
+    assert set(rejects_of(t_out)) == {"at_end", "beyond"}
+    # the option is part of the build's identity
+    with pytest.raises(StageError, match=r"shards\.segment_overrun: 'truncate' then, 'reject' now"):
+        shards.build(recipe(man, t_out))
+    tight = shards.build(recipe(man, tmp_path / "z", overrun_tolerance_s=0.0), workers=1)
+    assert rejects_of(tmp_path / "z")["round"]["code"] == "segment_overrun" and tight["overrun_rejected"] == 3
+    with pytest.raises(StageError, match="overrun_tolerance_s must be >= 0"):
+        shards.build(recipe(man, tmp_path / "neg", overrun_tolerance_s=-1.0))
+
+
+def test_float_audio_above_full_scale_is_clipped_counted_and_warned(tmp_path, caplog):
+    """Float samples with |x| > 1 are clipped (not rejected), counted in meta.json and the summary,
+    and one warning per build names the count and an example id."""
+    hot = tone(16000, 1.0, amp=1.5)
+    sf.write(tmp_path / "hot.wav", hot, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "hot2.wav", tone(16000, 0.5, amp=1.2), 16000, subtype="FLOAT")
+    sf.write(tmp_path / "ok.wav", tone(16000, 0.5), 16000, subtype="FLOAT")
+    man = write_manifest(tmp_path / "m.jsonl", [row("ok", "ok.wav"), row("hot", "hot.wav"),
+                                                 row("hot2", "hot2.wav")])
+    out = tmp_path / "o"
+    with caplog.at_level("WARNING"):
+        s = shards.build(recipe(man, out), workers=2)
+    balanced(s)
+    assert s["written"] == 3 and s["rejected"] == 0
+    n_hot = int(np.count_nonzero(np.abs(hot) > 1.0)) + int(np.count_nonzero(np.abs(tone(16000, 0.5, amp=1.2)) > 1.0))
+    assert s["clipped"] == 2 and s["clipped_samples"] == n_hot and s["clipped_example"] == "hot"
+    c = meta_of(out)["counts"]
+    assert c["clipped"] == 2 and c["clipped_samples"] == n_hot and meta_of(out)["clipped_example"] == "hot"
+    warnings = [r.getMessage() for r in caplog.records if "above full scale" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "2 row(s)" in warnings[0] and f"{n_hot} sample(s)" in warnings[0] and "'hot'" in warnings[0]
+    got = {json.loads(d["json"])["id"]: audio.decode_flac(d["audio.flac"])[0] for d in all_samples(out)}
+    assert np.abs(got["hot"]).max() <= 1.0 and np.abs(got["hot"]).max() > 0.99
+    clip = audio.load(tmp_path / "ok.wav")
+    assert clip.clipped == 0
+    assert audio.load(tmp_path / "hot.wav").clipped == int(np.count_nonzero(np.abs(hot) > 1.0))
+    # a clean build warns about nothing
+    caplog.clear()
+    man2 = write_manifest(tmp_path / "m2.jsonl", [row("ok", "ok.wav")])
+    with caplog.at_level("WARNING"):
+        s2 = shards.build(recipe(man2, tmp_path / "o2"), workers=1)
+    assert s2["clipped"] == 0 and not [r for r in caplog.records if "above full scale" in r.getMessage()]
 
 
 def test_tsv_manifest_and_split_selection(tmp_path):
@@ -313,6 +467,10 @@ def test_manifest_errors_are_clear(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(StageError, match="is empty"):
         shards.build(recipe(tmp_path / "e.jsonl", tmp_path / "o"))
+    (tmp_path / "only_header.tsv").write_text("id\taudio\tsrc_text\ttgt_text\tsrc_lang\ttgt_lang\n\n")
+    with pytest.raises(StageError, match=r"only_header\.tsv is empty: it has a header \(line 1\) but no rows"):
+        shards.build(recipe(tmp_path / "only_header.tsv", tmp_path / "o"))
+    assert not (tmp_path / "o" / "meta.json").exists()
     (tmp_path / "h.tsv").write_text("id\tpath\ttext\nx\ty\tz\n")
     with pytest.raises(StageError, match=r"no usable header on line 1 \(missing columns audio, tgt_text"):
         shards.build(recipe(tmp_path / "h.tsv", tmp_path / "o"))

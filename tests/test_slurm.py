@@ -4,7 +4,6 @@ The real-SLURM tests use ``slurm_fixture.slurm_cluster`` (slurm-wlm + munge star
 they prove what only a scheduler can: ranks from ``SLURM_PROCID`` in a 2-task job, ``afterok`` chains
 and what ``--kill-on-invalid-dep`` does to a failed chain, the USR1 -> exit 75 -> requeue -> resume
 loop, and the ledger that ``stc jobs`` reads once jobs vanish from ``scontrol``.
-Tests that need a stage another issue delivers skip only while ``STAGES[name].func is None``.
 """
 from __future__ import annotations
 
@@ -24,16 +23,12 @@ from sine_data import build_sine_shards
 
 from engine import cli
 from engine import config as cfg
+from engine.errors import EXIT_FAIL
 from launchers import slurm
 from slurm_fixture import job_info, slurm_cluster, wait_job  # noqa: F401  (slurm_cluster: fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "slurm_standin_counter.py"
-
-
-def needs_stage(name: str):
-    st = cli.STAGES[name]
-    return pytest.mark.skipif(st.func is None, reason=f"`stc {name}` not available yet (issue {st.issue})")
 
 
 def run_stc(*argv: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -85,7 +80,7 @@ def test_no_sbatch_on_path_suggests_stc_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing there
     code = cli.main(["submit", "shards", "stream", f"run.out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
-    assert code == cli.EXIT_FAIL
+    assert code == EXIT_FAIL
     assert "`sbatch` not found on PATH" in err and "stc run --nproc" in err
     assert not (tmp_path / "run" / "slurm" / "ledger.jsonl").exists()
     # --dry-run needs no SLURM: it only shows what would be submitted
@@ -109,7 +104,8 @@ def test_dry_run_prints_exactly_the_rendered_script(tmp_path, capsys, monkeypatc
                  "#SBATCH --signal=B:USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append"):
         assert line in text.splitlines()
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in text
-    assert "--nodes" not in text.split("#SBATCH --nodes=2", 1)[1]  # the node count is written once
+    assert "--nodes" not in text.split("#SBATCH --nodes=2", 1)[1].split("srun --ntasks")[0]  # written once
+    assert "srun --kill-on-bad-exit=1 " in text                      # a dead task takes the job down
     assert "SLURM_NNODES" in text
     assert not run.exists()  # a dry run writes nothing
     r = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
@@ -129,26 +125,71 @@ def test_recipe_section_gives_defaults_and_cli_wins(tmp_path, capsys):
     assert "--config " + str(y) in text
 
 
-def test_gpus_imply_one_task_per_gpu_and_single_task_stages(tmp_path):
+@pytest.fixture(scope="module")
+def seven_b(tmp_path_factory) -> dict:
+    """A config-only Qwen2-Audio-7B directory and tiny shards with train/dev/test splits."""
+    from qwen2audio_7b import write_config_only_7b
+    from sine_data import build_split_shards
+
+    root = tmp_path_factory.mktemp("q7")
+    return {"model": write_config_only_7b(root / "model"), "shards": build_split_shards(root), "root": root}
+
+
+def test_jobs_follow_the_plan_one_task_steps_ask_host_memory(seven_b, tmp_path):
+    """`stc submit pipeline`'s jobs are the plan's steps: multi-rank steps get the allocation (one task per
+    GPU), single-task steps one task, no GPU (export: one) and the host memory of their model; each job
+    depends on the jobs of the steps it reads from."""
+    from engine import pipeline as P
+
+    recipe = cfg.load(ROOT / "configs" / "qwen2audio-7b-en-de.yaml",
+                      [f"model.path={seven_b['model']}", f"data.shards={seven_b['shards']}",
+                       f"run.out_dir={tmp_path / 'run'}", "finetune.global_batch=16", "distill.global_batch=16"])
     opts = slurm.JobOptions(nodes=2, gpus_per_node=8)
     assert opts.tasks_per_node == 8
     with pytest.raises(slurm.SubmitError, match="one task per GPU"):
         slurm.JobOptions(gpus_per_node=8, ntasks_per_node=2).check()
-    recipe = cfg.load(None, [f"run.out_dir={tmp_path}"])
-    p = slurm.plan([("shards build", ["shards", "build"]), ("importance", ["importance"])], recipe, opts,
-                   skip_finished=True)
-    build, imp = (r.text for _, r, _ in p.items)
-    assert "#SBATCH --nodes=1" in build and "#SBATCH --ntasks-per-node=1" in build
-    assert "#SBATCH --nodes=2" in imp and "#SBATCH --ntasks-per-node=8" in imp and "--gpus-per-node=8" in imp
+    plan = P.build_plan(recipe, nproc=16)
+    assert P.check(plan) == []
+    sub = slurm.plan_jobs(plan, opts)
+    assert [name for name, *_ in sub.items] == [s.name for s in plan.steps]
+    text = {name: r.text for name, r, _, _ in sub.items}
+    deps = {name: d for name, _, _, d in sub.items}
+    ft = text["finetune"]
+    assert "#SBATCH --nodes=2" in ft and "#SBATCH --ntasks-per-node=8" in ft and "#SBATCH --gpus-per-node=8" in ft
+    prune = text["prune-25"]
+    assert "#SBATCH --nodes=1" in prune and "#SBATCH --ntasks-per-node=1" in prune and "gpus-per-node" not in prune
+    mem = int(re.search(r"#SBATCH --mem=(\d+)G", prune).group(1))
+    assert 16 <= mem <= 24                      # the 8.4B teacher in bf16 (~16.8 GB) plus room, not 8 GPUs
+    assert "#SBATCH --gpus-per-node=1" in text["export-kd-25"] and "#SBATCH --mem=" in text["report"]
+    assert deps["prune-25"] == ("finetune", "importance") and deps["distill-kd-25"] == ("prune-25", "cache")
+    assert deps["distill-ce-25"] == ("prune-25",) and deps["distill-middle-25"] == ("prune-middle-25", "cache")
+    assert deps["report"] == tuple(s.name for s in plan.steps if s.stage == "evaluate")
+    for name, r, _, _ in sub.items:   # each job runs exactly the step's command line of `stc pipeline`
+        step = plan.step(name)
+        assert f"engine.cli {step.stage} --config {plan.config_path}" in r.text, name
+        assert "srun --kill-on-bad-exit=1 " in r.text
 
 
-def test_pipeline_skips_finished_stages(tmp_path):
-    recipe = cfg.load(None, [f"run.out_dir={tmp_path}"])
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "meta.json").write_text("{}")
-    p = slurm.plan([(n, n.split()) for n in slurm.PIPELINE], recipe, slurm.JobOptions(), skip_finished=True)
-    skipped = [n for n, r, why in p.items if r is None]
-    assert skipped == ["shards build"] and "meta.json exists" in p.items[0][2]
+def test_pipeline_skips_done_steps_and_selects_with_stages(seven_b, tmp_path):
+    from engine import pipeline as P
+
+    recipe = cfg.load(ROOT / "configs" / "qwen2audio-7b-en-de.yaml",
+                      [f"model.path={seven_b['model']}", f"data.shards={seven_b['shards']}",
+                       f"run.out_dir={tmp_path / 'run'}", "pipeline.finetune=false"])
+    plan = P.build_plan(recipe, nproc=8)
+    imp = plan.step("importance")
+    imp.marker.parent.mkdir(parents=True)
+    imp.marker.write_text(json.dumps({"config": cfg.to_dict(plan.recipe_of(imp))}))
+    sub = slurm.plan_jobs(plan, slurm.JobOptions(gpus_per_node=8))
+    skipped = [n for n, r, why, _ in sub.items if r is None]
+    assert skipped == ["importance"] and "done" in sub.items[2][2]
+    deps = {n: d for n, _, _, d in sub.items}
+    assert deps["prune-25"] == ()                  # its input is done: no dependency on a job
+    sel = P.build_plan(recipe, nproc=8, select="prune,eval-teacher")
+    assert [s.name for s in sel.active] == ["eval-teacher", "prune-25", "prune-middle-25", "prune-50"]
+    problems = P.check(sel)
+    assert any("prune-middle-25 needs" in p and "importance-middle-25" in p and "--stages" in p for p in problems)
+    assert any("'nope'" in p for p in P.build_plan(recipe, select="nope").problems)
 
 
 def test_gpu_count_of_sinfo_gres():
@@ -199,6 +240,13 @@ def test_daemons_are_live(slurm_cluster):
     assert r.stdout.split()[:2] == [slurm_cluster.node, "idle"]
 
 
+def submission(tmp_path: Path, jobs: list) -> "slurm.Submission":
+    """Jobs (name, command, options, dependencies) rendered into <tmp>/run/slurm, ready for submit_jobs."""
+    out = tmp_path / "run" / "slurm"
+    return slurm.Submission(items=[(n, slurm.render(n, cmd, o, out), "", d) for n, cmd, o, d in jobs],
+                            ledger=(out / "ledger.jsonl").resolve())
+
+
 def submit_ok(*argv: str) -> list[str]:
     r = run_stc("submit", *argv)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -235,53 +283,80 @@ def test_two_task_job_ranks_from_slurm(slurm_cluster, tiny_shards, tmp_path):
     assert jobs.returncode == 0 and f"{job}" in jobs.stdout and "COMPLETED" in jobs.stdout
 
 
-def pipeline_recipe(tmp_path: Path, manifest: Path) -> Path:
-    y = tmp_path / "chain.yaml"
-    sh = tmp_path / "built"
-    y.write_text(f"run: {{out_dir: {tmp_path / 'run'}}}\nshards: {{manifest: {manifest}, out: {sh}, "
-                 f"samples_per_shard: 4}}\ndata: {{shards: {sh}, batch_size: 3, bucket_window: 6}}\n")
+def tiny_plan(root: Path) -> Path:
+    """A 4-layer tiny Qwen2-Audio, shards with train/dev/test, and a 7-step recipe: eval-teacher, importance,
+    prune-50, cache, distill-kd-50, export-kd-50, eval-kd-50."""
+    from engine.models.tiny import build_tiny_qwen2audio
+
+    from sine_data import build_split_shards
+
+    build_tiny_qwen2audio(root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
+    sh = build_split_shards(root, train=8, dev=3, test=3)
+    y = root / "recipe.yaml"
+    y.write_text(
+        f"model: {{path: {root / 'model'}, dtype: fp32}}\n"
+        f"data: {{shards: {sh}, batch_size: 2}}\n"
+        f"run: {{out_dir: {root / 'run'}, threads: 1, device: cpu, progress_s: 0}}\n"
+        "importance: {max_new_tokens: 4, decode_batch_size: 4}\n"
+        "cache: {k: 8, max_new_tokens: 6, batch_size: 2}\n"
+        "distill: {mode: lora, epochs: 1, global_batch: 4, lr: 1.0e-3, lora: {r: 4}, save_every: 100, zero_stage: 2}\n"
+        "evaluate: {max_new_tokens: 6, batch_size: 4}\n"
+        "pipeline: {students: [0.5], ablations: false, shuffle_check: false, report: false}\n")
     return y
 
 
-def test_chain_afterok_second_uses_first_output(slurm_cluster, tmp_path):
-    import numpy as np
-    import soundfile as sf
-
-    y = pipeline_recipe(tmp_path, write_manifest(tmp_path, np, sf))
-    job1, job2 = submit_ok("pipeline", "--config", str(y), "--stages", "shards build,shards stream")
-    assert job_info(job2).get("Dependency", "").startswith(f"afterok:{job1}")
-    assert wait_job(job2)["JobState"] == "COMPLETED"
-    assert job_info(job1).get("JobState", "COMPLETED") == "COMPLETED"
+def test_failing_step_mid_chain_then_resubmission_skips_finished_steps(slurm_cluster, tmp_path):
+    """The plan as jobs with afterok edges: rank 1 of the distill job dies (SIGKILL after step 1); srun
+    --kill-on-bad-exit ends the job within 60 s, its dependents never run, `stc jobs` shows the failure
+    with its log; resubmitting submits only the unfinished steps, a third submission while they are
+    queued is refused, and `stc cancel` stops them."""
+    y = tiny_plan(tmp_path)
     run = tmp_path / "run"
-    ev = ledger_of(run)
-    t_end1 = next(e["time"] for e in ev if e["event"] == "finished" and e["job"] == job1)
-    t_start2 = next(e["time"] for e in ev if e["event"] == "started" and e["job"] == job2)
-    assert t_start2 >= t_end1
-    assert (tmp_path / "built" / "meta.json").exists()
-    log2 = (run / "slurm" / f"shards-stream-{job2}.log").read_text()
-    assert "stream train: 1 rank(s)" in log2, log2
-    assert re.search(r"│\s+all\s+│.*│\s+7\s+│\s+19\s+│", log2), log2  # all 19 train samples streamed
-    # resubmitting the pipeline skips the finished shard build and only chains what is left
-    again = run_stc("submit", "pipeline", "--config", str(y), "--stages", "shards build,shards stream")
-    assert again.returncode == 0, again.stderr
-    assert "skip `stc shards build`" in again.stderr and len(again.stdout.split()) == 1
-    wait_job(again.stdout.split()[0])
-
-
-def test_failing_first_stage_never_runs_the_second(slurm_cluster, tmp_path):
-    y = pipeline_recipe(tmp_path, tmp_path / "missing.jsonl")  # fails before writing anything
-    job1, job2 = submit_ok("pipeline", "--config", str(y), "--stages", "shards build,shards stream")
-    assert wait_job(job1)["JobState"] == "FAILED"
-    info2 = wait_job(job2, timeout=60)
-    assert info2 == {} or info2["JobState"] == "CANCELLED"
-    run = tmp_path / "run"
-    assert not (run / "slurm" / f"shards-stream-{job2}.log").exists()  # it never started
-    assert [e["event"] for e in ledger_of(run) if e["job"] == job2] == ["submitted"]
-    r = run_stc("jobs", "--config", str(y))  # the recipe's run.out_dir holds the ledger
+    env = dict(os.environ, STC_SIGNAL_AT_STEP="1:1:KILL", STC_TORCH_EXTENSIONS_DIR=os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions")))
+    r = run_stc("submit", "pipeline", "--config", str(y), "--ntasks-per-node", "2", env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    log1 = run / "slurm" / f"shards-build-{job1}.log"
-    assert f"log: {log1}" in r.stdout and "missing.jsonl does not exist" in r.stdout  # the log's last lines
-    assert f"never ran: dependency {job1}" in r.stdout
+    jobs = r.stdout.split()
+    names = ["eval-teacher", "importance", "prune-50", "cache", "distill-kd-50", "export-kd-50", "eval-kd-50"]
+    assert len(jobs) == len(names)
+    job = dict(zip(names, jobs))
+    assert job_info(job["distill-kd-50"]).get("Dependency", "").startswith(
+        f"afterok:{job['prune-50']}(")            # scontrol shows each edge: afterok:<id>(state)
+    info = wait_job(job["distill-kd-50"], timeout=600)
+    assert info["JobState"] == "FAILED", (run / "slurm" / f"distill-kd-50-{job['distill-kd-50']}.log").read_text()
+    for n in names[:4]:
+        assert (job_info(job[n]).get("JobState") or "COMPLETED") == "COMPLETED", n
+    ev = ledger_of(run)
+    fin = next(e for e in ev if e["event"] == "finished" and e["job"] == job["distill-kd-50"])
+    died = [json.loads(x) for x in (run / "students" / "r50" / "kd" / "distill" / "metrics.jsonl").read_text()
+            .splitlines() if '"loss"' in x][-1]["time"]
+    ended = time.mktime(time.strptime(fin["time"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    assert ended - died < 60, (ended, died)      # not the 1800 s process-group timeout
+    for n in ("export-kd-50", "eval-kd-50"):     # dependents never ran (cancelled: --kill-on-invalid-dep)
+        assert wait_job(job[n], timeout=60).get("JobState", "CANCELLED") == "CANCELLED", n
+    ev = ledger_of(run)
+    for n in ("export-kd-50", "eval-kd-50"):
+        assert [e["event"] for e in ev if e["job"] == job[n]] == ["submitted"]
+        assert not list((run / "slurm").glob(f"{n}-*.log"))
+    view = run_stc("jobs", "--config", str(y))
+    assert view.returncode == 0, view.stderr
+    log = run / "slurm" / f"distill-kd-50-{job['distill-kd-50']}.log"
+    assert f"job {job['distill-kd-50']} distill-kd-50 (stc distill) FAILED" in view.stdout
+    assert f"log: {log}" in view.stdout and "|" in view.stdout
+    assert f"never ran: dependency {job['distill-kd-50']} (distill-kd-50)" in view.stdout
+
+    again = run_stc("submit", "pipeline", "--config", str(y), "--ntasks-per-node", "2", timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert len(again.stdout.split()) == 3
+    for n in names[:4]:
+        assert f"skip {n}: done" in again.stderr
+    twice = run_stc("submit", "pipeline", "--config", str(y), "--ntasks-per-node", "2", timeout=120)
+    assert twice.returncode == 1 and "is queued or running as job" in twice.stderr
+    pid = re.search(r"stc cancel --pipeline (\S+)", again.stderr).group(1)
+    c = run_stc("cancel", "--pipeline", pid, "--ledger", str(run))
+    assert c.returncode == 0 and all(j in c.stderr for j in again.stdout.split())
+    for j in again.stdout.split():
+        assert wait_job(j, timeout=60).get("JobState", "CANCELLED") == "CANCELLED"
 
 
 def test_bad_partition_shows_slurms_message(slurm_cluster, tmp_path):
@@ -306,12 +381,10 @@ def test_half_submitted_chain_is_cancelled(slurm_cluster, tmp_path, monkeypatch)
         return real(script, dependency)
 
     monkeypatch.setattr(slurm, "sbatch", flaky)
-    recipe = cfg.load(None, [f"run.out_dir={tmp_path / 'run'}"])
-    p = slurm.plan([("shards build", ["shards", "build"]), ("shards stream", ["shards", "stream"])], recipe,
-                   slurm.JobOptions(), skip_finished=False,
-                   command_for=lambda n, a: ["sleep", "30"])
+    p = submission(tmp_path, [("first", ["sleep", "30"], slurm.JobOptions(), ()),
+                              ("second", ["sleep", "30"], slurm.JobOptions(), ("first",))])
     with pytest.raises(slurm.SubmitError) as e:
-        slurm.submit(p)
+        slurm.submit_jobs(p)
     assert "invalid partition" in str(e.value).lower() and "cancelled the jobs already submitted" in str(e.value)
     first = next(x["job"] for x in ledger_of(tmp_path / "run") if x["event"] == "submitted")
     assert wait_job(first, timeout=30).get("JobState", "CANCELLED") == "CANCELLED"
@@ -328,10 +401,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     """USR1 to the batch script (what SLURM does at --signal=B:USR1@s or on preemption) with the
     test-only stand-in stage: forwarded to both tasks, exit 75, requeued, resumed, each step once."""
     work, steps = tmp_path / "work", 30
-    recipe = cfg.load(None, [f"run.out_dir={tmp_path / 'run'}"])
-    p = slurm.plan([("finetune", ["finetune"])], recipe, slurm.JobOptions(ntasks_per_node=2), skip_finished=False,
-                   command_for=lambda n, a: [sys.executable, str(STANDIN), str(work), str(steps)])
-    (rec,) = slurm.submit(p)
+    p = submission(tmp_path, [("finetune", [sys.executable, str(STANDIN), str(work), str(steps)],
+                               slurm.JobOptions(ntasks_per_node=2), ())])
+    (rec,) = slurm.submit_jobs(p)
     job = rec["job"]
     end = time.monotonic() + 60
     while time.monotonic() < end:
@@ -356,19 +428,6 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     assert events == ["submitted", "started", "signal", "requeued", "started", "finished"]
     (view,) = slurm.job_views(tmp_path / "run" / "slurm" / "ledger.jsonl")
     assert (view.state, view.restarts) == ("COMPLETED", 1)
-
-
-def test_cancel_a_pipeline(slurm_cluster, tmp_path):
-    recipe = cfg.load(None, [f"run.out_dir={tmp_path / 'run'}"])
-    p = slurm.plan([("shards build", ["shards", "build"]), ("shards stream", ["shards", "stream"])], recipe,
-                   slurm.JobOptions(), skip_finished=False, command_for=lambda n, a: ["sleep", "60"])
-    jobs = [d["job"] for d in slurm.submit(p)]
-    r = run_stc("cancel", "--pipeline", p.pipeline, "--ledger", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr
-    assert all(j in r.stderr for j in jobs)
-    for j in jobs:
-        assert wait_job(j, timeout=30).get("JobState", "CANCELLED") == "CANCELLED"
-    assert {v.state for v in slurm.job_views(tmp_path / "run" / "slurm" / "ledger.jsonl")} == {"CANCELLED"}
 
 
 # ===================================================================================== real stages
@@ -401,7 +460,6 @@ def same_scan_both_ranks_once(imp_one: dict, out: Path) -> None:
     assert len(keys) == len(set(keys)) == 1 + 4 + 3  # baseline + the candidates of two iterations, each once
 
 
-@needs_stage("importance")
 def test_two_task_importance_equals_one_rank(slurm_cluster, imp_one, tmp_path):
     """`stc importance` on a tiny model as a 2-task SLURM job: both SLURM_PROCIDs computed units, each
     unit once, and the ranking equals the local 1-rank scan."""
@@ -413,7 +471,7 @@ def test_two_task_importance_equals_one_rank(slurm_cluster, imp_one, tmp_path):
     same_scan_both_ranks_once(imp_one, two)
 
 
-@needs_stage("importance")
+@pytest.mark.slow
 def test_two_node_rendezvous_without_slurm(imp_one, tmp_path):
     """Multi-node rendezvous as two `torchrun --nnodes 2 --node_rank i` processes on 127.0.0.1."""
     from launchers.local import free_port, torchrun_command
@@ -440,7 +498,6 @@ def train_workspace(root: Path) -> Path:
     return root
 
 
-@needs_stage("distill")
 def test_preempted_trainer_resumes_with_the_same_losses(slurm_cluster, tmp_path):
     """`stc distill` as a 2-task job gets USR1 (to the batch script, as SLURM sends it) mid-run: all
     ranks checkpoint the same step, exit 75, the job is requeued (restart 1), resumes and ends with

@@ -384,8 +384,8 @@ def built(tmp_path_factory) -> Path:
     import numpy as np
     import soundfile as sf
 
-    shards = pytest.importorskip("engine.data.shards")
     from engine import config as cfg
+    from engine.data import shards
 
     root = tmp_path_factory.mktemp("e2e")
     rows = []

@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 
 from engine import config as cfg
-from engine import teacher_cache as tc
+from engine.cache import build as cb
+from engine.cache import format as cf
+from engine.cache import teacher as ct
+from engine.cache import verify as cv
+from engine.cache.join import joiner
 from engine.data import stream as st
 from engine.data import tario
 from test_teacher_cache import N, make_inputs, overrides, rewrite_shard
@@ -36,10 +40,10 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sc")
     sh, teacher = make_inputs(root)
     plain = root / "plain"
-    tc.build(cfg.load(None, overrides(sh, teacher, plain)))
+    cb.build(cfg.load(None, overrides(sh, teacher, plain)))
     # A second cache with the teacher's own top-k, where the teacher repeats the reference for u00
     # (de-duplicated) and says nothing for u01 (no sequence-level sample).
-    orig = tc.greedy
+    orig = ct.greedy
 
     def scripted(model, featurizer, samples, max_new_tokens, device):
         texts, prompts = orig(model, featurizer, samples, max_new_tokens, device)
@@ -54,29 +58,29 @@ def setup(tmp_path_factory):
 
     # The same cache in packs of 2 samples (shards of 3 -> packs of 2 + 1): the join must not care.
     packed = root / "packed"
-    group = tc.PACK_GROUP
-    tc.PACK_GROUP = 2
+    group = cf.PACK_GROUP
+    cf.PACK_GROUP = 2
     try:
-        tc.build(cfg.load(None, overrides(sh, teacher, packed)))
+        cb.build(cfg.load(None, overrides(sh, teacher, packed)))
     finally:
-        tc.PACK_GROUP = group
-    tc.greedy = scripted
+        cf.PACK_GROUP = group
+    ct.greedy = scripted
     try:
         seq = root / "seq"
-        tc.build(cfg.load(None, overrides(sh, teacher, seq, "cache.teacher_topk=true")))
+        cb.build(cfg.load(None, overrides(sh, teacher, seq, "cache.teacher_topk=true")))
     finally:
-        tc.greedy = orig
+        ct.greedy = orig
     feat = Featurizer(load_processor(teacher), cfg.DataConfig())
     return {"shards": sh, "teacher": teacher, "plain": plain, "seq": seq, "packed": packed, "feat": feat}
 
 
-def records(cache: Path) -> dict[tuple[str, str], tc.Target]:
+def records(cache: Path) -> dict[tuple[str, str], cf.Target]:
     meta = json.loads((cache / "meta.json").read_text())
     out = {}
     for s in meta["shards"]:
         p = cache / s["name"]
-        for e in tc.index_shard(p):
-            for target, rec in tc.decode_record(tc.read_entry(p, e), meta["vocab_size"]).items():
+        for e in cf.index_shard(p):
+            for target, rec in cf.decode_record(cf.read_entry(p, e), meta["vocab_size"]).items():
                 out[(e.key, target)] = rec
     return out
 
@@ -116,7 +120,7 @@ def test_join_by_key_under_any_world_and_workers(setup, world, workers):
     got = []
     for r in range(world):
         s = st.Stream(setup["shards"], "train", Cfg(num_workers=workers), setup["feat"], rank=r, world_size=world,
-                      cache_dir=setup["plain"])
+                      join=joiner(setup["plain"]))
         for b in run_all(s):
             got += check_batch(b, recs)
     assert sorted(got) == sorted((f"u{i:02d}", "ref") for i in range(N))
@@ -129,7 +133,7 @@ def test_packed_layout_joins_by_key_under_another_world_size(setup, world):
     c = setup["packed"]
     name = "train-000000.tar"
     assert [s.key for s in tario.index_tar(c / name)] == ["u00", "u02"]           # <first key>.kdpack
-    assert [e.key for e in tc.index_shard(c / name)] == ["u00", "u01", "u02"]
+    assert [e.key for e in cf.index_shard(c / name)] == ["u00", "u01", "u02"]
     assert len(tario.index_tar(setup["plain"] / name)) == 1
     recs = records(c)
     plain = records(setup["plain"])
@@ -140,11 +144,11 @@ def test_packed_layout_joins_by_key_under_another_world_size(setup, world):
     got = []
     for r in range(world):
         s = st.Stream(setup["shards"], "train", Cfg(num_workers=1), setup["feat"], rank=r, world_size=world,
-                      cache_dir=c)
+                      join=joiner(c))
         for b in run_all(s):
             got += check_batch(b, recs)
     assert sorted(got) == sorted((f"u{i:02d}", "ref") for i in range(N))
-    assert tc.verify(c, deep=True)["problems"] == []
+    assert cv.verify(c, deep=True)["problems"] == []
 
 
 def test_corrupt_pack_is_refused_by_the_join_naming_the_shard(setup, tmp_path):
@@ -154,11 +158,11 @@ def test_corrupt_pack_is_refused_by_the_join_naming_the_shard(setup, tmp_path):
     data = bytearray(p.read_bytes())
     data[512 + 12] ^= 0x55                          # inside the first pack's index: CRC mismatch
     p.write_bytes(bytes(data))
-    with pytest.raises(tc.CacheJoinError, match=r"train-000002.tar: pack u06.kdpack: pack index CRC mismatch"):
-        run_all(st.Stream(setup["shards"], "train", Cfg(), cache_dir=c))
+    with pytest.raises(cf.CacheJoinError, match=r"train-000002.tar: pack u06.kdpack: pack index CRC mismatch"):
+        run_all(st.Stream(setup["shards"], "train", Cfg(), join=joiner(c)))
     p.write_bytes(bytes(setup["packed"].joinpath(p.name).read_bytes()[:-900]))
-    with pytest.raises(tc.CacheJoinError, match="train-000002.tar is truncated"):
-        run_all(st.Stream(setup["shards"], "train", Cfg(), cache_dir=c))
+    with pytest.raises(cf.CacheJoinError, match="train-000002.tar is truncated"):
+        run_all(st.Stream(setup["shards"], "train", Cfg(), join=joiner(c)))
 
 
 def test_seq_kd_adds_deduplicated_teacher_samples_exactly_once(setup):
@@ -170,7 +174,7 @@ def test_seq_kd_adds_deduplicated_teacher_samples_exactly_once(setup):
     got = []
     for r in range(2):
         s = st.Stream(setup["shards"], "train", Cfg(num_workers=2), setup["feat"], rank=r, world_size=2,
-                      cache_dir=setup["seq"], seq_kd=True)
+                      join=joiner(setup["seq"], seq_kd=True))
         for b in run_all(s):
             got += check_batch(b, recs)
     assert sorted(got) == want
@@ -183,7 +187,7 @@ def test_seq_kd_resume_on_another_world_size_is_exactly_once(setup):
     first, states = [], []
     for r in range(2):
         s = st.Stream(setup["shards"], "train", Cfg(), setup["feat"], rank=r, world_size=2,
-                      cache_dir=setup["seq"], seq_kd=True)
+                      join=joiner(setup["seq"], seq_kd=True))
         it = iter(s)
         first += check_batch(next(it), recs)
         it.close()
@@ -191,20 +195,26 @@ def test_seq_kd_resume_on_another_world_size_is_exactly_once(setup):
     assert states[0] == states[1]
     state = json.loads(json.dumps(states[0]))
     s = st.Stream(setup["shards"], "train", Cfg(batch_size=2), setup["feat"], rank=0, world_size=1,
-                  cache_dir=setup["seq"], seq_kd=True, num_workers=1)
+                  join=joiner(setup["seq"], seq_kd=True), num_workers=1)
     s.load_state_dict(state)
     rest = [x for b in run_all(s) for x in check_batch(b, recs)]
     assert Counter(first + rest).most_common(1)[0][1] == 1
     assert len(first + rest) == 2 * N - 2
     # a state of a stream without the teacher samples belongs to another sample set
-    plain = st.Stream(setup["shards"], "train", Cfg(), rank=0, world_size=1, cache_dir=setup["seq"])
+    plain = st.Stream(setup["shards"], "train", Cfg(), rank=0, world_size=1, join=joiner(setup["seq"]))
     with pytest.raises(st.StreamError, match="fingerprint"):
         plain.load_state_dict(state)
 
 
 def test_seq_kd_needs_a_cache_with_teacher_targets(setup, tmp_path):
-    with pytest.raises(st.StreamError, match="needs a teacher cache"):
-        st.Stream(setup["shards"], "train", Cfg(), seq_kd=True)
+    ref_only = tmp_path / "ref-only"
+    shutil.copytree(setup["plain"], ref_only)
+    meta = json.loads((ref_only / "meta.json").read_text())
+    meta["targets"] = ["ref"]
+    (ref_only / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(cf.CacheJoinError, match="has no teacher translations"):
+        st.Stream(setup["shards"], "train", Cfg(), join=joiner(ref_only, seq_kd=True))
+    st.Stream(setup["shards"], "train", Cfg(), join=joiner(ref_only))   # word-level KD alone is fine
 
 
 def test_label_ids_that_differ_are_refused_naming_the_key(setup):
@@ -219,8 +229,8 @@ def test_label_ids_that_differ_are_refused_naming_the_key(setup):
                               for s in samples])
 
     s = st.Stream(setup["shards"], "train", Cfg(shuffle=False), Other(setup["feat"]), rank=0, world_size=1,
-                  cache_dir=setup["plain"])
-    with pytest.raises(tc.CacheJoinError, match=r"key 'u\d\d' \(ref\): the featurizer's label ids differ"):
+                  join=joiner(setup["plain"]))
+    with pytest.raises(cf.CacheJoinError, match=r"key 'u\d\d' \(ref\): the featurizer's label ids differ"):
         run_all(s)
 
 
@@ -232,17 +242,17 @@ def test_other_tokenizer_prompt_or_vocabulary_is_refused(setup):
 
     proc = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128),
                                tokenizer=build_bpe_tokenizer(vocab_size=400), chat_template=CHAT_TEMPLATE)
-    with pytest.raises(tc.CacheJoinError, match="tokenizer differs") as ei:
-        st.Stream(setup["shards"], "train", Cfg(), Featurizer(proc), cache_dir=setup["plain"])
+    with pytest.raises(cf.CacheJoinError, match="tokenizer differs") as ei:
+        st.Stream(setup["shards"], "train", Cfg(), Featurizer(proc), join=joiner(setup["plain"]))
     assert "vocabulary" in str(ei.value)
     other_prompt = Featurizer(setup["feat"].builder.processor, cfg.DataConfig(system_prompt="Be brief."))
-    with pytest.raises(tc.CacheJoinError, match="prompt template"):
-        st.Stream(setup["shards"], "train", Cfg(), other_prompt, cache_dir=setup["plain"])
-    meta = tc.read_cache_meta(setup["plain"])
+    with pytest.raises(cf.CacheJoinError, match="prompt template"):
+        st.Stream(setup["shards"], "train", Cfg(), other_prompt, join=joiner(setup["plain"]))
+    meta = cf.read_cache_meta(setup["plain"])
     v = meta["vocab_size"]
-    tc.check_compatible(meta, builder=setup["feat"].builder, teacher=setup["teacher"], student_rows=v + 64)
-    with pytest.raises(tc.CacheJoinError, match=f"output layer has {v - 1} rows"):
-        tc.check_compatible(meta, student_rows=v - 1)
+    cf.check_compatible(meta, builder=setup["feat"].builder, teacher=setup["teacher"], student_rows=v + 64)
+    with pytest.raises(cf.CacheJoinError, match=f"output layer has {v - 1} rows"):
+        cf.check_compatible(meta, student_rows=v - 1)
 
 
 def test_changed_audio_and_bad_cache_shards_are_refused(setup, tmp_path):
@@ -250,47 +260,48 @@ def test_changed_audio_and_bad_cache_shards_are_refused(setup, tmp_path):
         return data.replace(b"Hallo", b"Hello", 1) if ext == "json" else data
 
     changed = rewrite_shard(setup["shards"], tmp_path / "sh", "train-000001.tar", edit)
-    with pytest.raises(tc.CacheJoinError, match="train-000001.tar: the audio shard changed since caching"):
-        st.Stream(changed, "train", Cfg(), cache_dir=setup["plain"])
+    with pytest.raises(cf.CacheJoinError, match="train-000001.tar: the audio shard changed since caching"):
+        st.Stream(changed, "train", Cfg(), join=joiner(setup["plain"]))
 
     c = tmp_path / "trunc"
     shutil.copytree(setup["plain"], c)
     (c / "train-000002.tar").write_bytes((c / "train-000002.tar").read_bytes()[:-600])
-    with pytest.raises(tc.CacheJoinError, match="train-000002.tar is truncated"):
-        run_all(st.Stream(setup["shards"], "train", Cfg(), cache_dir=c))
+    with pytest.raises(cf.CacheJoinError, match="train-000002.tar is truncated"):
+        run_all(st.Stream(setup["shards"], "train", Cfg(), join=joiner(c)))
 
     c = tmp_path / "miss"
     shutil.copytree(setup["plain"], c)
     src = c / "train-000000.tar"
-    idx = tc.index_shard(src)
-    members = tc.read_shard(src)[:1] + tc.read_shard(src)[2:]
-    src.write_bytes(tc.shard_bytes([k for k, _ in members], [r for _, r in members]))
+    idx = cf.index_shard(src)
+    members = cf.read_shard(src)[:1] + cf.read_shard(src)[2:]
+    src.write_bytes(cf.shard_bytes([k for k, _ in members], [r for _, r in members]))
     meta = json.loads((c / "meta.json").read_text())
     meta["shards"][0]["bytes"] = src.stat().st_size
     (c / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(tc.CacheJoinError, match=f"key {idx[1].key!r} is missing"):
-        run_all(st.Stream(setup["shards"], "train", Cfg(), cache_dir=c))
+    with pytest.raises(cf.CacheJoinError, match=f"key {idx[1].key!r} is missing"):
+        run_all(st.Stream(setup["shards"], "train", Cfg(), join=joiner(c)))
 
     meta["shards"] = meta["shards"][1:]
     (c / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(tc.CacheJoinError, match="train-000000.tar: not in the cache"):
-        st.Stream(setup["shards"], "train", Cfg(), cache_dir=c)
+    with pytest.raises(cf.CacheJoinError, match="train-000000.tar: not in the cache"):
+        st.Stream(setup["shards"], "train", Cfg(), join=joiner(c))
 
 
 def test_joined_targets_feed_the_sparse_kd_loss(setup):
-    """The batch layout is the one engine.losses expects: the teacher distilled into itself costs ~0."""
+    """The batch layout is the one engine.train.losses expects: the teacher distilled into itself costs ~0."""
     import torch
     from transformers import Qwen2AudioForConditionalGeneration
 
-    losses = pytest.importorskip("engine.losses")
+    from engine.cache import codec
+    from engine.train import losses
     model = Qwen2AudioForConditionalGeneration.from_pretrained(setup["teacher"], dtype=torch.float32).eval()
     s = st.Stream(setup["shards"], "train", Cfg(shuffle=False), setup["feat"], rank=0, world_size=1,
-                  cache_dir=setup["plain"])
+                  join=joiner(setup["plain"]))
     b = next(iter(s))
     with torch.no_grad():
-        logits = model(**tc.model_inputs(b, "cpu")).logits.float()
+        logits = model(**ct.model_inputs(b, "cpu")).logits.float()
     m = b["kd_mask"][:, 1:]
     out = losses.sparse_kd_loss(logits[:, :-1][m], b["kd_ids"][:, 1:][m], b["kd_logprobs"][:, 1:][m],
                                 b["kd_tail"][:, 1:][m], kind="forward_kl")
     assert int(out.count) == int((b["labels"] != -100).sum())
-    assert float(out.total) / int(out.count) <= 2 * tc.topk_codec.kl_bound() + 1e-4
+    assert float(out.total) / int(out.count) <= 2 * codec.kl_bound() + 1e-4

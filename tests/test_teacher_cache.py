@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 
 from engine import config as cfg
-from engine import teacher_cache as tc
-from engine import topk_codec
+from engine.cache import build as cb
+from engine.cache import format as cf
+from engine.cache import teacher as ct
+from engine.cache import verify as cv
+from engine.cache import codec as topk_codec
 
 N = 10           # samples; 3 per shard -> shards of 3, 3, 3, 1
 
@@ -60,7 +63,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 def cache1(inputs, tmp_path_factory) -> Path:
     sh, teacher = inputs
     out = tmp_path_factory.mktemp("c1") / "cache"
-    tc.build(cfg.load(None, overrides(sh, teacher, out)))
+    cb.build(cfg.load(None, overrides(sh, teacher, out)))
     return out
 
 
@@ -83,17 +86,17 @@ def test_record_roundtrip_and_label_packing():
     rng = np.random.default_rng(0)
     V, n, k = 151_646, 7, 16
     lab = rng.integers(0, V, n)
-    assert np.array_equal(tc.unpack_ids(tc.pack_ids(lab, V), n, V), lab)
-    assert len(tc.pack_ids(lab, V)) == (n * 18 + 7) // 8
+    assert np.array_equal(cf.unpack_ids(cf.pack_ids(lab, V), n, V), lab)
+    assert len(cf.pack_ids(lab, V)) == (n * 18 + 7) // 8
     logits = rng.normal(size=(n, 64)) * 3
     lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     ids = np.stack([rng.choice(V, k, replace=False) for _ in range(n)])
     top = np.sort(lp, 1)[:, ::-1][:, :k]
     tail = np.log1p(-np.exp(top).sum(1))
-    recs = [tc.Target("ref", lab, topk_codec.TopK(ids, top.astype(np.float32), tail.astype(np.float32))),
-            tc.Target("teacher", lab[:3], text="Grüß Gott", equals_ref=False)]
-    buf = tc.encode_record(recs, V)
-    out = tc.decode_record(buf, V)
+    recs = [cf.Target("ref", lab, topk_codec.TopK(ids, top.astype(np.float32), tail.astype(np.float32))),
+            cf.Target("teacher", lab[:3], text="Grüß Gott", equals_ref=False)]
+    buf = cf.encode_record(recs, V)
+    out = cf.decode_record(buf, V)
     assert set(out) == {"ref", "teacher"} and out["teacher"].text == "Grüß Gott" and out["teacher"].topk is None
     r = out["ref"]
     assert np.array_equal(r.label_ids, lab)
@@ -101,15 +104,15 @@ def test_record_roundtrip_and_label_packing():
         want = dict(zip(ids[j].tolist(), top[j].tolist()))
         for i, v in zip(r.topk.ids[j].tolist(), r.topk.logprobs[j].tolist()):
             assert abs(want[i] - v) <= topk_codec.max_logprob_error() + 1e-6
-    with pytest.raises(tc.CacheError, match="u01: corrupt cache record"):
-        tc.decode_record(buf[:-5], V, name="u01")
+    with pytest.raises(cf.CacheError, match="u01: corrupt cache record"):
+        cf.decode_record(buf[:-5], V, name="u01")
 
 
 def test_tar_is_deterministic_and_readable(tmp_path):
     from engine.data import tario
 
-    data = tc.tar_bytes([("a.kd", b"x" * 10), ("b.kd", b"")])
-    assert data == tc.tar_bytes([("a.kd", b"x" * 10), ("b.kd", b"")])
+    data = cf.tar_bytes([("a.kd", b"x" * 10), ("b.kd", b"")])
+    assert data == cf.tar_bytes([("a.kd", b"x" * 10), ("b.kd", b"")])
     assert len(data) == 512 + 512 + 512 + 1024      # no padding to tar's 10 KB record size
     p = tmp_path / "t.tar"
     p.write_bytes(data)
@@ -125,41 +128,41 @@ def test_packed_shard_layout_and_refusals(tmp_path):
 
     keys = [f"k{i:02d}" for i in range(7)]
     recs = [bytes([i]) * (5 + 37 * i) for i in range(7)]
-    data = tc.shard_bytes(keys, recs, group=3)
-    assert data == tc.shard_bytes(keys, recs, group=3)
+    data = cf.shard_bytes(keys, recs, group=3)
+    assert data == cf.shard_bytes(keys, recs, group=3)
     p = tmp_path / "s.tar"
     p.write_bytes(data)
     assert [(s.key, set(s.members)) for s in tario.index_tar(p)] == [
         ("k00", {"kdpack"}), ("k03", {"kdpack"}), ("k06", {"kdpack"})]
-    idx = tc.index_shard(p)
+    idx = cf.index_shard(p)
     assert [e.key for e in idx] == keys
-    assert [tc.read_entry(p, e) for e in idx] == recs
-    assert tc.read_shard(p) == list(zip(keys, recs))
+    assert [cf.read_entry(p, e) for e in idx] == recs
+    assert cf.read_shard(p) == list(zip(keys, recs))
     # the default group: one pack for a small shard, 512-byte header + padding once, not per sample
-    one = tc.shard_bytes(keys, recs)
+    one = cf.shard_bytes(keys, recs)
     (only,) = tario.index_tar(_w(tmp_path / "o.tar", one))
     size = only.members["kdpack"][1]
     assert size < sum(map(len, recs)) + 150 and len(one) == 512 + (size + 511) // 512 * 512 + 1024
 
     long = [f"{i:03d}" + "x" * 90 for i in range(60)]      # a pack index longer than the first read
-    r = _w(tmp_path / "long.tar", tc.shard_bytes(long, [b"r"] * 60, group=60))
-    assert [e.key for e in tc.index_shard(r)] == long and {tc.read_entry(r, e) for e in tc.index_shard(r)} == {b"r"}
+    r = _w(tmp_path / "long.tar", cf.shard_bytes(long, [b"r"] * 60, group=60))
+    assert [e.key for e in cf.index_shard(r)] == long and {cf.read_entry(r, e) for e in cf.index_shard(r)} == {b"r"}
 
     q = tmp_path / "trunc.tar"
     q.write_bytes(data[:-1500])
-    with pytest.raises(tc.CacheError, match="trunc.tar"):
-        [tc.read_entry(q, e) for e in tc.index_shard(q)]
+    with pytest.raises(cf.CacheError, match="trunc.tar"):
+        [cf.read_entry(q, e) for e in cf.index_shard(q)]
     for name, at in (("crc.tar", 512 + 12), ("magic.tar", 512)):    # a byte of the first pack's index/magic
         bad = bytearray(data)
         bad[at] ^= 0x55
         r = tmp_path / name
         r.write_bytes(bytes(bad))
-        with pytest.raises(tc.CacheError, match=f"{name}: pack k00.kdpack: .*(CRC|magic)"):
-            tc.index_shard(r)
+        with pytest.raises(cf.CacheError, match=f"{name}: pack k00.kdpack: .*(CRC|magic)"):
+            cf.index_shard(r)
     old = tmp_path / "old.tar"                      # format 1: one .kd member per sample
-    old.write_bytes(tc.tar_bytes([(f"{k}.kd", r) for k, r in zip(keys, recs)]))
-    with pytest.raises(tc.CacheError, match=r"old.tar: pack k00.kdpack: member\(s\) .kd where a .kdpack"):
-        tc.index_shard(old)
+    old.write_bytes(cf.tar_bytes([(f"{k}.kd", r) for k, r in zip(keys, recs)]))
+    with pytest.raises(cf.CacheError, match=r"old.tar: pack k00.kdpack: member\(s\) .kd where a .kdpack"):
+        cf.index_shard(old)
 
 
 def _w(p: Path, data: bytes) -> Path:
@@ -183,7 +186,7 @@ def test_cache_meta_counts_and_verify(cache1, inputs):
     assert meta["counts"]["samples"] == N and meta["counts"]["label_tokens"] > 0
     assert meta["counts"]["bytes"] == sum(len(b) for b in tars(cache1).values())
     assert {"host", "rank", "pid"} <= set(meta["shards"][0])
-    assert tc.verify(cache1, deep=True)["problems"] == []
+    assert cv.verify(cache1, deep=True)["problems"] == []
 
 
 def test_records_equal_a_fresh_teacher_forward(cache1, inputs):
@@ -204,16 +207,16 @@ def test_records_equal_a_fresh_teacher_forward(cache1, inputs):
     bound = topk_codec.max_logprob_error() + 1e-4
     checked = 0
     for si in (0, 3):
-        idx = tc.index_shard(cache1 / shards[si].name)
+        idx = cf.index_shard(cache1 / shards[si].name)
         for i in range(shards[si].n):
             s = dict(reader.read((si, i)), pad=False)
             b = feat([s])
             with torch.no_grad():
-                lp = torch.log_softmax(model(**tc.model_inputs(b, "cpu")).logits.float(), -1)[0]
+                lp = torch.log_softmax(model(**ct.model_inputs(b, "cpu")).logits.float(), -1)[0]
             pos = torch.nonzero(b["labels"][0] != -100)[:, 0]
             full = lp[pos - 1]                                    # [n, rows]: one sample alone, no padding
             assert idx[i].key == s["key"]
-            rec = tc.decode_record(tc.read_entry(cache1 / shards[si].name, idx[i]), V)["ref"]
+            rec = cf.decode_record(cf.read_entry(cache1 / shards[si].name, idx[i]), V)["ref"]
             assert np.array_equal(rec.label_ids, b["labels"][0, pos].numpy())
             ids = torch.from_numpy(rec.topk.ids)
             ref_top = full[:, :V].topk(64).values
@@ -247,7 +250,7 @@ def test_sigkill_mid_shard_then_rerun_gives_the_same_cache(cache1, inputs, tmp_p
     sh, teacher = inputs
     out = tmp_path / "ck"
     argv = ("cache", "build", *overrides(sh, teacher, out))
-    r = cli(stc_cmd, stc_env, *argv, env_extra={tc.FAULT_ENV: "train-000001.tar:0"}, check=False)
+    r = cli(stc_cmd, stc_env, *argv, env_extra={ct.FAULT_ENV: "train-000001.tar:0"}, check=False)
     assert r.returncode == -9, r.stderr[-2000:]                        # killed inside shard 1
     assert sorted(p.name for p in (out / "done").iterdir()) == ["train-000000.tar.json"]
     assert not (out / "meta.json").exists()
@@ -262,7 +265,7 @@ def test_sigkill_mid_shard_then_rerun_gives_the_same_cache(cache1, inputs, tmp_p
     pids = {s["name"]: s["pid"] for s in meta["shards"]}
     assert pids["train-000000.tar"] == first_pid                      # skipped on the rerun, not redone
     assert len({pids[n] for n in pids if n != "train-000000.tar"} - {first_pid}) == 1
-    assert tc.verify(out, deep=True)["problems"] == []               # no duplicate or missing keys
+    assert cv.verify(out, deep=True)["problems"] == []               # no duplicate or missing keys
 
 
 def test_rerun_is_a_no_op_and_other_inputs_are_refused(cache1, inputs, tmp_path):
@@ -270,10 +273,10 @@ def test_rerun_is_a_no_op_and_other_inputs_are_refused(cache1, inputs, tmp_path)
     out = tmp_path / "c"
     shutil.copytree(cache1, out)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    tc.build(cfg.load(None, overrides(sh, teacher, out)))
+    cb.build(cfg.load(None, overrides(sh, teacher, out)))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
-    with pytest.raises(tc.CacheError, match=r"cache of other inputs(.|\n)*k: 64 then, 8 now"):
-        tc.build(cfg.load(None, overrides(sh, teacher, out, "cache.k=8")))
+    with pytest.raises(cf.CacheError, match=r"cache of other inputs(.|\n)*k: 64 then, 8 now"):
+        cb.build(cfg.load(None, overrides(sh, teacher, out, "cache.k=8")))
 
 
 # ============================================================================================ bad input
@@ -312,7 +315,7 @@ def test_audio_shards_changed_since_caching(cache1, inputs, tmp_path):
     meta = json.loads((c / "meta.json").read_text())
     meta["source"]["shards_dir"] = str(changed)
     (c / "meta.json").write_text(json.dumps(meta))
-    problems = tc.verify(c)["problems"]
+    problems = cv.verify(c)["problems"]
     assert any("changed since caching" in p and "data fingerprint" in p for p in problems)
     assert any(p.startswith("train-000002.tar: the audio shard changed") for p in problems)
 
@@ -322,7 +325,7 @@ def test_truncated_cache_shard(cache1, tmp_path):
     shutil.copytree(cache1, c)
     p = c / "train-000001.tar"
     p.write_bytes(p.read_bytes()[:-700])
-    problems = tc.verify(c)["problems"]
+    problems = cv.verify(c)["problems"]
     assert problems and "train-000001.tar" in problems[0] and "truncated" in problems[0]
 
 
@@ -339,7 +342,7 @@ def test_corrupt_pack_is_refused_by_verify(cache1, tmp_path):
         if s["name"] == p.name:
             s["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
     (c / "meta.json").write_text(json.dumps(meta))
-    problems = tc.verify(c)["problems"]
+    problems = cv.verify(c)["problems"]
     assert problems and "train-000001.tar" in problems[0] and "CRC" in problems[0], problems
 
 
@@ -349,7 +352,7 @@ def test_cache_of_another_format_is_refused(cache1, tmp_path):
     meta = json.loads((c / "meta.json").read_text())
     meta["format"] = "stc-kd/1"
     (c / "meta.json").write_text(json.dumps(meta))
-    assert "this engine reads 'stc-kd/2'" in tc.verify(c)["problems"][0]
+    assert "this engine reads 'stc-kd/2'" in cv.verify(c)["problems"][0]
 
 
 def test_key_present_twice_and_missing_key(cache1, tmp_path):
@@ -362,22 +365,22 @@ def test_key_present_twice_and_missing_key(cache1, tmp_path):
         (c / "meta.json").write_text(json.dumps(meta))
 
     src = cache1 / "train-000000.tar"
-    members = tc.read_shard(src)
-    idx = tc.index_shard(src)
+    members = cf.read_shard(src)
+    idx = cf.index_shard(src)
     c = tmp_path / "dup"
     shutil.copytree(cache1, c)
     m = members[:2] + [members[0]]
-    (c / src.name).write_bytes(tc.shard_bytes([k for k, _ in m], [r for _, r in m]))
+    (c / src.name).write_bytes(cf.shard_bytes([k for k, _ in m], [r for _, r in m]))
     fix_meta(c, src.name)
-    problems = tc.verify(c)["problems"]
+    problems = cv.verify(c)["problems"]
     assert problems and idx[0].key in problems[0] and ("twice" in problems[0] or "comes back" in problems[0] or
                                                          "again" in problems[0]), problems
     c = tmp_path / "miss"
     shutil.copytree(cache1, c)
     m = members[:1] + members[2:]
-    (c / src.name).write_bytes(tc.shard_bytes([k for k, _ in m], [r for _, r in m]))
+    (c / src.name).write_bytes(cf.shard_bytes([k for k, _ in m], [r for _, r in m]))
     fix_meta(c, src.name)
-    problems = tc.verify(c)["problems"]
+    problems = cv.verify(c)["problems"]
     assert problems and f"key {idx[1].key!r} is missing" in problems[0]
 
 
@@ -392,30 +395,30 @@ def test_sample_without_label_tokens(inputs, tmp_path):
         return data
 
     bad = rewrite_shard(sh, tmp_path / "sh", "train-000001.tar", empty)
-    with pytest.raises(tc.CacheError, match="u04: no label tokens"):
-        tc.build(cfg.load(None, overrides(bad, teacher, tmp_path / "c")))
+    with pytest.raises(cf.CacheError, match="u04: no label tokens"):
+        cb.build(cfg.load(None, overrides(bad, teacher, tmp_path / "c")))
 
 
 def test_k_larger_than_the_vocabulary(inputs, tmp_path):
     sh, teacher = inputs
-    with pytest.raises(tc.CacheError, match=r"cache.k=100000 is larger than the vocabulary \(\d+ tokens\)"):
-        tc.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.k=100000")))
+    with pytest.raises(cf.CacheError, match=r"cache.k=100000 is larger than the vocabulary \(\d+ tokens\)"):
+        cb.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.k=100000")))
 
 
 def test_teacher_directory_without_weights(inputs, tmp_path):
     sh, teacher = inputs
     t = tmp_path / "t"
     shutil.copytree(teacher, t, ignore=shutil.ignore_patterns("*.safetensors"))
-    with pytest.raises(tc.CacheError, match="no weights"):
-        tc.build(cfg.load(None, overrides(sh, t, tmp_path / "c")))
+    with pytest.raises(cf.CacheError, match="no weights"):
+        cb.build(cfg.load(None, overrides(sh, t, tmp_path / "c")))
 
 
 def test_zero3_is_refused_with_nf4_and_fp16(inputs, tmp_path):
     sh, teacher = inputs
-    with pytest.raises(tc.CacheError, match="nf4 teacher is not supported"):
-        tc.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.zero3=true", "cache.quant=nf4")))
-    with pytest.raises(tc.CacheError, match="fp16 teacher"):
-        tc.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.zero3=true", "cache.dtype=fp16")))
+    with pytest.raises(cf.CacheError, match="nf4 teacher is not supported"):
+        cb.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.zero3=true", "cache.quant=nf4")))
+    with pytest.raises(cf.CacheError, match="fp16 teacher"):
+        cb.build(cfg.load(None, overrides(sh, teacher, tmp_path / "c", "cache.zero3=true", "cache.dtype=fp16")))
     assert not (tmp_path / "c").exists()           # refused before anything was written
 
 
@@ -437,7 +440,7 @@ def test_zero3_teacher_on_two_ranks_writes_the_same_cache(cache1, inputs, tmp_pa
         assert z["world_size"] == 2 and z["params"] > 0 and z["zero_init"]   # loaded partitioned
         assert z["partitioned"] == z["params"]                      # threshold 0: every parameter sliced
         assert z["local_numel"] * 2 <= z["numel"] + z["params"]     # about half of the elements per rank
-    assert tc.verify(out, deep=True)["problems"] == []
+    assert cv.verify(out, deep=True)["problems"] == []
 
 
 def test_cli_verify_and_build_errors(cache1, inputs, tmp_path, stc_cmd, stc_env):

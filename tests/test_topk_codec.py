@@ -1,4 +1,4 @@
-"""engine.topk_codec: round trip, the stated error bound, sizes on LM-like peaked distributions,
+"""engine.cache.codec: round trip, the stated error bound, sizes on LM-like peaked distributions,
 refusal of corrupt payloads and invalid inputs."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import topk_codec as C
+from engine.cache import codec as C
 
 QWEN_V = 151_680
 
@@ -193,7 +193,7 @@ def test_torch_inputs_accepted():
 
 
 # ----------------------------------------------------------------------------------------------
-# size (DESIGN 5: <= 160 B per label token at k=64, V >= 150k, all overhead included)
+# size (the target: <= 160 B per label token at k=64, V >= 150k, all overhead included)
 
 def test_size_per_position_meets_budget(peaked_targets):
     sizes = {}
@@ -268,8 +268,8 @@ def test_invalid_inputs_are_refused():
 
 
 def test_decoded_targets_feed_the_sparse_losses(peaked_targets):
-    """Decoded records go straight into engine.losses; the KD value moves by little."""
-    from engine import losses as L
+    """Decoded records go straight into engine.train.losses; the KD value moves by little."""
+    from engine.train import losses as L
     ids, lp, tail = topk_of_prefix(*peaked_targets[0.5], 64)
     out = C.decode(C.encode(ids[:20], lp[:20], tail[:20], QWEN_V))
     g = torch.Generator().manual_seed(0)

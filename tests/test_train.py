@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import train, train_ckpt
-from engine import train_ds as tds
+from engine import zero as tds
+from engine.train import checkpoint as train_ckpt
+from engine.train import trainer as train
 
 GiB = 2 ** 30
 
@@ -96,7 +97,7 @@ def test_lr_schedules():
 def test_cached_style_targets_from_a_live_teacher_match_full_vocab_kd():
     """kd_* built like the cache (row t = teacher distribution for labels[t]) with k = V give exactly the
     full-vocabulary KD, with the causal shift in the right place."""
-    from engine import losses
+    from engine.train import losses
 
     torch.manual_seed(0)
     b, t, v = 2, 7, 11
@@ -176,7 +177,7 @@ def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
 def _reference_sums(logits, batch):
     """The plain full-logits reference: CE and forward KL over every label row of [B, T, V], the teacher
     distribution read back from the k = V top-k fields (so both sides see the same fp32 targets)."""
-    from engine import losses
+    from engine.train import losses
 
     pos = batch["labels"][:, 1:] != -100
     rows = logits[:, :-1][pos]

@@ -8,6 +8,7 @@ into TORCH_EXTENSIONS_DIR (~35 s once).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,9 @@ def train_keys(ws: Path) -> set[str]:
 WORKER = r'''
 import sys, torch
 from dataclasses import replace
-from engine import config as cfg, dist, train, train_ckpt
+from engine import config as cfg, dist
+from engine.train import checkpoint as train_ckpt
+from engine.train import trainer as train
 from engine.data.stream import Stream
 out = sys.argv[1]
 recipe = cfg.load(None, sys.argv[2:])
@@ -101,7 +104,7 @@ dist.finalize()
 
 @pytest.mark.parametrize("stage", ["2", "3"])
 def test_one_rank_accum_2_equals_two_ranks_accum_1(ws, tmp_path, stc_env, stage):
-    """DESIGN 2b: the loss and the update are those of the global batch, whatever world size x accumulation."""
+    """The loss and the update are those of the global batch, whatever world size x accumulation."""
     import torch
 
     script = tmp_path / "worker.py"
@@ -128,14 +131,24 @@ def test_one_rank_accum_2_equals_two_ranks_accum_1(ws, tmp_path, stc_env, stage)
 
 @pytest.fixture(scope="module")
 def z2_lora(ws, tmp_path_factory, stc_cmd_m, stc_env_m):
+    """A reference run; a run stopped at step 2 (SIGTERM to rank 1) and resumed in place; the same stopped
+    run copied with its shards to other folders (node-local staging, a scratch disk) and resumed there."""
+    import shutil
+
     d = tmp_path_factory.mktemp("z2lora")
     ref, cut = d / "ref", d / "cut"
-    stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, ref, **{"distill.zero_stage": 2}), nproc=2)
+    rref = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, ref, **{"distill.zero_stage": 2}), nproc=2)
     r = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, cut, **{"distill.zero_stage": 2}), nproc=2,
             signal_at="2:1", expect=None)
     first = metrics(cut)
+    moved, moved_sh = d / "elsewhere" / "cut", d / "staged" / "sh"
+    shutil.copytree(cut, moved)
+    shutil.copytree(ws / "sh", moved_sh)
     stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, cut, **{"distill.zero_stage": 2}), nproc=2)
-    return {"ref": ref, "cut": cut, "stop_rc": r.returncode, "first": first}
+    rm = stc(stc_cmd_m, stc_env_m, "distill",
+             base_args(ws, moved, **{"distill.zero_stage": 2, "data.shards": moved_sh}), nproc=2, expect=None)
+    return {"ref": ref, "cut": cut, "stop_rc": r.returncode, "first": first, "moved": moved, "moved_rc": rm,
+            "ref_stderr": rref.stderr}
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +186,31 @@ def test_resume_gives_identical_losses_and_exactly_once_data(ws, z2_lora):
     assert sorted(keys) == sorted(train_keys(ws)) and len(keys) == N_TRAIN
     assert all_keys(z2_lora["ref"]) == keys
     assert any(m.get("resumed_from") for m in metrics(z2_lora["cut"]) if m.get("event") == "start")
+
+
+def test_two_ranks_log_to_files_and_libraries_speak_once(z2_lora):
+    """Rank 0 writes the console and logs/rank0.log, rank 1 only logs/rank1.log: what libraries print at
+    start-up shows once in the job's output, and the known CPU-only noise not at all."""
+    err = z2_lora["ref_stderr"]
+    logs = z2_lora["ref"] / "logs"
+    assert (logs / "rank0.log").exists() and (logs / "rank1.log").exists()
+    assert err.count("ZeRO-2 (forced by the config)") == 1              # each rank logs it; the job shows one
+    assert "ZeRO-2 (forced by the config)" in (logs / "rank1.log").read_text()
+    assert "distill: 4/4 steps (100%)" in (logs / "rank0.log").read_text()
+    for noise in ("kernels-community", "Setting accelerator to CPU", "FutureWarning", "rank1"):
+        assert noise not in err, noise
+
+
+def test_a_run_copied_to_other_folders_resumes(z2_lora):
+    """The checkpoint's identity is content (model, data and cache fingerprints, settings), not paths."""
+    r = z2_lora["moved_rc"]
+    assert r.returncode == 0, r.stderr[-4000:]
+    start = [m for m in metrics(z2_lora["moved"]) if m.get("event") == "start"]
+    assert start[-1]["resumed_from"] and "elsewhere" in start[-1]["resumed_from"]
+    ref, moved = losses(z2_lora["ref"]), losses(z2_lora["moved"])
+    assert [s for s, _ in moved] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(ref, moved):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
 
 
 def test_resume_refuses_another_config_and_names_the_difference(ws, z2_lora, stc_cmd_m, stc_env_m, tmp_path):
@@ -300,3 +338,46 @@ def test_teacher_with_another_vocabulary_is_refused(ws, tmp_path, stc_cmd_m, stc
                                   dtype="fp32")
     r = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, tmp_path / "o", **{"model.path": other}), expect=1)
     assert "teacher/student vocabulary mismatch" in r.stderr
+
+
+# ============================================================================================ one run per output, dead ranks
+
+def test_a_second_distill_into_the_same_out_dir_is_refused(ws, tmp_path, stc_cmd_m, stc_env_m):
+    """Two `stc distill` in one out dir: the second is refused naming the first's pid and host; the first
+    finishes with every step once (no resumes of each other's checkpoints)."""
+    import socket
+    import time
+
+    from engine import lock
+
+    out = tmp_path / "out"
+    first = subprocess.Popen([*stc_cmd_m, "distill", *base_args(ws, out, **{"distill.zero_stage": 2})],
+                             env=stc_env_m, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 60
+    while time.monotonic() < end and not (lock.lock_path(out).exists() and lock.lock_path(out).read_text().strip()):
+        time.sleep(0.05)
+    second = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, out, **{"distill.zero_stage": 2}), expect=1)
+    assert f"(pid {first.pid} on {socket.gethostname()}" in second.stderr and "stc distill" in second.stderr
+    _, err = first.communicate(timeout=400)
+    assert first.returncode == 0, err[-3000:]
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4]
+    # stderr is a pipe here, as in a batch job: plain progress lines (the first step and the end at least)
+    assert re.search(r"distill: 1/4 steps \(25%\) \| loss [0-9.]+ \| .*tok/s \| elapsed \d+m\d\ds \| ETA", err), err[-3000:]
+    assert "distill: 4/4 steps (100%)" in err
+    assert "distill: 4/4 steps (100%)" in (out / "logs" / "rank0.log").read_text()
+
+
+def test_a_rank_that_dies_takes_the_job_down_quickly(ws, tmp_path, stc_cmd_m, stc_env_m):
+    """Rank 1 is SIGKILLed after step 1: the job ends (non-zero) within 60 s of the death, not after the
+    process-group timeout, and says which rank failed."""
+    import time
+
+    out = tmp_path / "out"
+    t0 = time.time()
+    r = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, out, **{"distill.zero_stage": 2}), nproc=2,
+            signal_at="1:1:KILL", expect=None)
+    ended = time.time()
+    assert r.returncode not in (0, 75), r.stderr[-3000:]
+    died = [m["time"] for m in metrics(out) if m.get("step") == 1 and "loss" in m][0]
+    assert t0 < died < ended and ended - died < 60, (ended - died)
+    assert "rank" in (r.stdout + r.stderr).lower()

@@ -103,9 +103,10 @@ def test_distill_on_a_built_cache_has_a_finite_positive_kd_term(cached_runs):
 
 @pytest.mark.slow
 def test_seq_kd_adds_the_teacher_translations(ws, cached_runs):
-    from engine import teacher_cache as tc
+    from engine.cache import build as cb
+    from engine.cache import format as cf
 
-    meta = tc.read_cache_meta(ws / "cache")
+    meta = cf.read_cache_meta(ws / "cache")
     n_teacher = sum(len(r.get("teacher_samples") or []) for r in meta["shards"])
     assert 0 < n_teacher <= N_TRAIN                          # de-duplicated: never more than one per sample
     word, seq = steps(cached_runs["word"]), steps(cached_runs["seq"])
@@ -123,15 +124,16 @@ def test_missing_cache_key_is_a_clear_error(ws, tmp_path, env_m):
     with a message naming the key, not a traceback."""
     import hashlib
 
-    from engine import teacher_cache as tc
+    from engine.cache import build as cb
+    from engine.cache import format as cf
 
     c = tmp_path / "cache"
     shutil.copytree(ws / "cache", c)
     name = sorted(p.name for p in c.glob("train-*.tar"))[0]
-    recs = tc.read_shard(c / name)          # the cache module's own shard reader/writer: layout-agnostic
+    recs = cf.read_shard(c / name)          # the cache module's own shard reader/writer: layout-agnostic
     gone = recs[1][0]
     keep = [r for r in recs if r[0] != gone]
-    (c / name).write_bytes(tc.shard_bytes([k for k, _ in keep], [b for _, b in keep]))
+    (c / name).write_bytes(cf.shard_bytes([k for k, _ in keep], [b for _, b in keep]))
     meta = json.loads((c / "meta.json").read_text())
     for r in meta["shards"]:
         if r["name"] == name:
@@ -228,7 +230,7 @@ def test_export_of_a_qlora_student_reloads_in_plain_transformers(ws, qlora_run, 
 def test_offload_config_accepts_the_engines_torch_optimizer():
     """ZeRO-3 + offload with the engine's torch AdamW: DeepSpeed refuses a client optimizer under offload
     unless zero_force_ds_cpu_optimizer is false (found by bench/train.py; the run itself is benched)."""
-    from engine import train_ds as tds
+    from engine import zero as tds
 
     ds = tds.fill_config(tds.load_template(3, True), stage=3, micro_batch=1, accum=1, world_size=2, dtype="fp32",
                          grad_clip=1.0, offload=True, on_cpu=True)

@@ -6,6 +6,11 @@ two-hour recording cut into MuST-C-style segments costs only the segments. Probl
 :class:`AudioError` with a short ``code`` (for summaries) and a reason that names the fix; the
 shard builder turns those into rejected rows, so one bad file never stops a build.
 
+A segment that asks for more than the file holds (``offset_s + duration_s`` past the end, beyond
+``overrun_tolerance_s``) is rejected (``overrun="reject"``) or cut to what exists with the missing
+seconds reported (``overrun="truncate"``); it is never shortened silently. Samples above full scale
+(float audio with ``|x| > 1``) are clipped to [-1, 1] and counted in :attr:`Clip.clipped`.
+
 Why the extra checks: libsndfile quietly shortens a WAV whose data chunk is cut off and mpg123
 skips damaged MP3 frames, so "it decoded" does not mean "it is whole". A cut WAV is caught from its
 RIFF header, other formats by decoding fewer frames than the header declares.
@@ -22,11 +27,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ..errors import StcError
+
 # mpg123 counts frames from a Xing/Info header or an estimate: allow a small shortfall for MP3 only
 _MP3_SLACK = 0.01
 
 
-class AudioError(ValueError):
+class AudioError(StcError, ValueError):
     def __init__(self, code: str, reason: str):
         super().__init__(reason)
         self.code = code
@@ -41,6 +48,8 @@ class Clip:
     source_rate: int
     source_channels: int
     source_format: str
+    overrun_s: float = 0.0       # seconds a segment asked for past the end of its file (overrun="truncate")
+    clipped: int = 0             # samples above full scale (|x| > 1) that were clipped to [-1, 1]
 
     @property
     def duration_s(self) -> float:
@@ -80,12 +89,15 @@ def _fmt(seconds: float) -> str:
 
 def load(path: str | os.PathLike, *, offset_s: float | None = None, duration_s: float | None = None,
          sample_rate: int = 16000, max_s: float = 30.0, long_audio: str = "truncate",
-         min_s: float = 0.05, silence_dbfs: float = -70.0) -> Clip:
+         min_s: float = 0.05, silence_dbfs: float = -70.0, overrun: str = "reject",
+         overrun_tolerance_s: float = 0.05, long_audio_why: str = "") -> Clip:
     """Read ``path`` (or the segment ``offset_s``..``offset_s + duration_s``) as a checked mono clip.
 
     Raises :class:`AudioError` for: a missing or zero-byte file, an unreadable/corrupt/truncated file,
-    an offset at or beyond the end, no audio or less than ``min_s`` seconds, non-finite samples,
+    an offset at or beyond the end, (with ``overrun="reject"``) a segment ending more than
+    ``overrun_tolerance_s`` past the end, no audio or less than ``min_s`` seconds, non-finite samples,
     a peak below ``silence_dbfs``, or (with ``long_audio="reject"``) more than ``max_s`` seconds.
+    ``long_audio_why`` is added to the ``too_long`` reason (which rule rejected the row).
     """
     p = os.fspath(path)
     if not os.path.exists(p):
@@ -119,15 +131,30 @@ def load(path: str | os.PathLike, *, offset_s: float | None = None, duration_s: 
                                  f"offset_s={offset_s} is at or beyond the end of {p} "
                                  f"({_fmt(frames / sr_in)} long); fix the segment times")
         avail = frames - start
-        want = avail if duration_s is None else min(avail, int(round(duration_s * sr_in)))
+        want = avail
+        overrun_s = 0.0
+        if duration_s is not None:
+            asked = int(round(duration_s * sr_in))
+            want = min(avail, asked)
+            missing = (asked - avail) / sr_in
+            if missing > overrun_tolerance_s:
+                if overrun != "truncate":
+                    end = (offset_s or 0.0) + duration_s
+                    raise AudioError("segment_overrun",
+                                     f"segment offset_s={offset_s or 0} + duration_s={duration_s} ends at "
+                                     f"{end:.2f} s, past the end of {p} ({_fmt(frames / sr_in)} long): "
+                                     f"{_fmt(missing)} of the segment do not exist; fix the segment times "
+                                     f"(or set shards.segment_overrun=truncate to keep the "
+                                     f"{_fmt(avail / sr_in)} that exist)")
+                overrun_s = missing
         max_in = int(math.floor(max_s * sr_in))
         truncated_s = 0.0
         if want > max_in:
             if long_audio == "reject":
                 raise AudioError("too_long", f"{p}: {_fmt(want / sr_in)} of audio, longer than "
-                                             f"shards.max_audio_s={max_s} s (the encoder window); cut it "
-                                             f"into segments with offset_s/duration_s or set "
-                                             f"shards.long_audio=truncate")
+                                             f"shards.max_audio_s={max_s} s (the encoder window)"
+                                             f"{long_audio_why}; cut it into segments with "
+                                             f"offset_s/duration_s or set shards.long_audio=truncate")
             truncated_s = (want - max_in) / sr_in
             want = max_in
         try:
@@ -153,7 +180,9 @@ def load(path: str | os.PathLike, *, offset_s: float | None = None, duration_s: 
     limit = int(math.floor(max_s * sample_rate))
     if len(mono) > limit:  # resampling can round one sample past the window
         mono = mono[:limit]
-    mono = np.clip(mono, -1.0, 1.0)
+    clipped = int(np.count_nonzero(np.abs(mono) > 1.0))
+    if clipped:
+        mono = np.clip(mono, -1.0, 1.0)
     dur = len(mono) / sample_rate
     if dur < min_s:
         raise AudioError("too_short", f"{p}: {_fmt(dur)} of audio, shorter than shards.min_audio_s="
@@ -163,7 +192,7 @@ def load(path: str | os.PathLike, *, offset_s: float | None = None, duration_s: 
         lv = "-inf" if math.isinf(level) else f"{level:.1f}"
         raise AudioError("silent_audio", f"{p} is silent (peak {lv} dBFS, below shards.silence_dbfs="
                                          f"{silence_dbfs}); check the recording or lower silence_dbfs")
-    return Clip(mono, sample_rate, round(truncated_s, 6), sr_in, channels, fmt)
+    return Clip(mono, sample_rate, round(truncated_s, 6), sr_in, channels, fmt, round(overrun_s, 6), clipped)
 
 
 def _short(e: Exception) -> str:

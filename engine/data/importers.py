@@ -1,4 +1,4 @@
-"""Importers: the layouts real corpora ship in -> the engine's manifest (JSONL, DESIGN 2b).
+"""Importers: the layouts real corpora ship in -> the engine's manifest (JSONL; fields in engine.data.manifest).
 
 ``stc import mustc``  MuST-C (and corpora distributed like it: ACL 60/60, IWSLT test sets):
     ``<root>/<split>/txt/<split>.yaml`` lists segments of long talks ({wav, offset, duration, ...}),
@@ -26,9 +26,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import io, langs
-from ..cli import StageError
+from ..errors import StageError
 from . import manifest as _manifest
 
 MUSTC_CORPUS = "must-c"
@@ -133,7 +134,11 @@ def _json_line(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
 
 
-def _write(summary: ImportSummary, rows: list[dict], check: bool) -> ImportSummary:
+def _write(summary: ImportSummary, rows: list[dict], check: bool, dry_run: bool = False) -> ImportSummary:
+    if dry_run:   # everything read and checked; nothing written
+        summary.written = len(rows)
+        summary.notes.append(f"dry run: {summary.manifest} and {summary.rejects_file} not written")
+        return summary
     if not rows:
         _write_rejects(summary)
         raise StageError(f"no rows to write to {summary.manifest}: all {summary.read} rows were rejected "
@@ -291,7 +296,8 @@ def _seconds(seg: dict, name: str) -> float | None:
 
 
 def import_mustc(root: str | os.PathLike, split: str, src: str, tgt: str, out: str | os.PathLike, *,
-                 as_split: str | None = None, corpus: str = MUSTC_CORPUS, check: bool = False) -> ImportSummary:
+                 as_split: str | None = None, corpus: str = MUSTC_CORPUS, check: bool = False,
+                 dry_run: bool = False) -> ImportSummary:
     """Write the manifest ``out`` for one MuST-C-style split; see the module docstring for the layout.
 
     ``as_split`` is the manifest's split name (default: ``split`` made a usable name, tst-COMMON ->
@@ -363,7 +369,7 @@ def import_mustc(root: str | os.PathLike, split: str, src: str, tgt: str, out: s
         rows.append({"id": sid, "audio": _rel(audio, base), "offset_s": round(offset, 6),
                      "duration_s": round(duration, 6), "src_text": src_text, "tgt_text": tgt_text,
                      "src_lang": src, "tgt_lang": tgt, "split": name, "corpus": corpus})
-    return _write(summary, rows, check)
+    return _write(summary, rows, check, dry_run)
 
 
 # ------------------------------------------------------------------------------------------ CoVoST 2
@@ -395,7 +401,7 @@ def _covost_clips(clips: Path, first_path: str | None) -> Path:
 
 def import_covost(tsv: str | os.PathLike, clips: str | os.PathLike, out: str | os.PathLike, *,
                   src: str | None = None, tgt: str | None = None, split_name: str | None = None,
-                  corpus: str = COVOST_CORPUS, check: bool = False) -> ImportSummary:
+                  corpus: str = COVOST_CORPUS, check: bool = False, dry_run: bool = False) -> ImportSummary:
     """Write the manifest ``out`` from one CoVoST 2 TSV; see the module docstring for the layout.
 
     Languages come from the file name unless ``src``/``tgt`` are given; the split from
@@ -479,4 +485,30 @@ def import_covost(tsv: str | os.PathLike, clips: str | os.PathLike, out: str | o
             r["split"] = row_split
         r["corpus"] = corpus
         rows.append(r)
-    return _write(summary, rows, check)
+    return _write(summary, rows, check, dry_run)
+
+
+# ------------------------------------------------------------------------------------------ stc entries
+
+def _print(summary: ImportSummary, dry_run: bool = False) -> None:
+    """The summary: on stderr after an import, on stdout for a dry run (what the import would write)."""
+    import sys
+
+    for line in summary.lines():
+        print(f"stc import{' (dry run)' if dry_run else ''}: {line}", file=sys.stdout if dry_run else sys.stderr)
+
+
+def mustc_main(recipe: object, args: object) -> int:
+    """``stc import mustc ROOT --split S --src en --tgt de --out M``."""
+    a: Any = args
+    _print(import_mustc(a.root, a.split, a.src, a.tgt, a.out, as_split=a.as_split, corpus=a.corpus or MUSTC_CORPUS,
+                        check=a.check, dry_run=a.dry_run), a.dry_run)
+    return 0
+
+
+def covost_main(recipe: object, args: object) -> int:
+    """``stc import covost --tsv T --clips DIR --out M``."""
+    a: Any = args
+    _print(import_covost(a.tsv, a.clips, a.out, src=a.src, tgt=a.tgt, split_name=a.split_name,
+                         corpus=a.corpus or COVOST_CORPUS, check=a.check, dry_run=a.dry_run), a.dry_run)
+    return 0

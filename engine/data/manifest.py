@@ -2,10 +2,10 @@
 
 Every row either becomes a :class:`Row` or a :class:`Reject` that names the line, the problem and
 the fix; one bad line never stops the rest. Only a manifest that cannot be read at all (missing,
-empty, a TSV without the required columns) raises :class:`StageError`, because then there is
+empty, a TSV with a header and no rows, a TSV without the required columns) raises :class:`StageError`, because then there is
 nothing sensible to build.
 
-Fields (DESIGN 2b): ``id``, ``audio`` (relative to the manifest's folder, or absolute; empty for a
+Fields: ``id``, ``audio`` (relative to the manifest's folder, or absolute; empty for a
 text-only row), ``src_text``, ``tgt_text``, ``src_lang``, ``tgt_lang`` (ISO 639-1 codes from
 :mod:`engine.langs`), optional ``split`` and optional ``offset_s``/``duration_s``. TSV cells are
 taken literally (no quoting or escapes), so a TSV text cannot contain a tab or a newline; use JSONL
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import langs
-from ..cli import StageError
+from ..errors import StageError
 
 REQUIRED_TSV = ("id", "audio", "tgt_text", "src_lang", "tgt_lang")
 KNOWN_FIELDS = ("id", "audio", "src_text", "tgt_text", "src_lang", "tgt_lang", "split", "offset_s",
@@ -127,9 +127,13 @@ def _records(path: Path, lines: list[bytes], fmt: str) -> Iterator[tuple[int, di
     """(line number, record, problem) per non-blank line; with a problem, the record is None or holds
     only a best-effort id under the key ``"\\0id"``."""
     header: list[str] | None = None
+    header_line = 0
+    rows_seen = 0
     for no, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
+        if header is not None:
+            rows_seen += 1
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -166,6 +170,7 @@ def _records(path: Path, lines: list[bytes], fmt: str) -> Iterator[tuple[int, di
                 if dup:
                     raise StageError(f"manifest {path}: header names column(s) {', '.join(dup)} twice; "
                                      f"each column once")
+                header_line = no
                 continue
             if len(cells) != len(header):
                 # keep the id (when the id column is there) so the reject can be found by id
@@ -178,6 +183,9 @@ def _records(path: Path, lines: list[bytes], fmt: str) -> Iterator[tuple[int, di
     if fmt == "tsv" and header is None:
         raise StageError(f"manifest {path} is empty; a TSV manifest needs a header row "
                          f"({', '.join(REQUIRED_TSV)}, ...) and one row per sample")
+    if fmt == "tsv" and not rows_seen:
+        raise StageError(f"manifest {path} is empty: it has a header (line {header_line}) but no rows; "
+                         f"add one row per sample below the header")
 
 
 def _number(rec: dict, name: str) -> tuple[float | None, str | None]:

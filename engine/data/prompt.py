@@ -1,6 +1,6 @@
 """The paper's prompt, its label mask, and the featurizer that turns decoded samples into a model batch.
 
-Prompt (DESIGN 1): system = ``DataConfig.system_prompt``; user = the audio, then
+Prompt (the paper's): system = ``DataConfig.system_prompt``; user = the audio, then
 ``DataConfig.instruction`` with the language names from :mod:`engine.langs` (any language of the
 table); assistant = the translation, closed by the end-of-turn token (``<|im_end|>`` for Qwen).
 Rows without audio (text MT, or a decoder-only LM) get ``DataConfig.text_instruction``, a newline
@@ -32,11 +32,12 @@ import torch
 
 from .. import langs
 from ..config import DataConfig
+from ..errors import StcError
 
 IGNORE = -100
 
 
-class PromptError(ValueError):
+class PromptError(StcError, ValueError):
     """The prompt cannot be built or its label mask cannot be trusted; the message names the sample."""
 
 

@@ -1,6 +1,6 @@
 """``stc shards build|inspect``: a manifest becomes WebDataset tar shards of 16 kHz mono FLAC + JSON.
 
-Layout of ``<out>`` (DESIGN 2b, 3)::
+Layout of ``<out>``::
 
     {split}-{index:06d}.tar   samples_per_shard samples each (the last of a split shorter); per sample
                               ``<key>.audio.flac`` (absent for text-only rows) and ``<key>.json``
@@ -18,6 +18,12 @@ plan (which rows, in which order, with which key) is recomputed from the manifes
 is deterministic; the journal's first line pins the manifest's sha256 and every option that
 changes the output, and a rerun with a different manifest or options refuses instead of mixing.
 
+Bad lengths are never silent: a segment running past its file's end is rejected
+(``shards.segment_overrun=reject``, code ``segment_overrun``) or written short and counted
+(``truncate``); audio longer than ``shards.max_audio_s`` is rejected in the training split and
+truncated in the others (``shards.long_audio=auto``), and meta.json says how many rows each rule
+hit per split; samples above full scale are clipped, counted and warned about once per build.
+
 Rows are processed split by split in manifest order; decoding, resampling and FLAC encoding run on
 a thread pool (libsndfile and soxr release the GIL) with results consumed in order, so shard
 contents do not depend on the number of threads. Tar members are written with fixed owner, mode
@@ -28,7 +34,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -39,9 +44,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .. import dist, log
+from .. import dist, log, stages
 from .. import config as cfg
-from ..cli import StageError
+from ..errors import StageError
 from ..io import append_jsonl, atomic_write_text, read_jsonl, remove_stale_tmp, sha256_file, tmp_path_for
 from ..meta import META_NAME, MetaError, build_meta, fingerprint_data, read_meta, write_meta
 from . import audio as _audio
@@ -50,11 +55,10 @@ from . import tario
 
 JOURNAL = "build.jsonl"
 REJECTS = "rejects.jsonl"
-LOCK = ".build.lock"
 # Bump when the bytes a build writes for the same input change: a journal of another version refuses.
 BUILDER_VERSION = 1
 _PARAM_KEYS = ("split", "samples_per_shard", "sample_rate", "max_audio_s", "long_audio", "min_audio_s",
-               "silence_dbfs", "flac_compression", "corpus")
+               "silence_dbfs", "flac_compression", "corpus", "segment_overrun", "overrun_tolerance_s")
 
 # Test hook: called with each journal record right after it is appended (simulate a kill there).
 _on_journal: Callable[[dict], None] | None = None
@@ -114,25 +118,48 @@ class _ShardWriter:
             os.unlink(self.tmp)
 
 
-def _prepare(row: _manifest.Row, sc: cfg.ShardsConfig, corpus: str) -> tuple[dict | None, _manifest.Reject | None]:
+def long_audio_rule(setting: str, split: str, train_split: str) -> str:
+    """The rule for audio longer than ``shards.max_audio_s`` in ``split``: ``auto`` rejects rows of the
+    training split (a cut clip would keep the whole translation: a wrong pair to learn from) and
+    truncates the others (the paper scores its test audio cut to 30 s)."""
+    if setting == "auto":
+        return "reject" if split == train_split else "truncate"
+    return setting
+
+
+def _long_why(setting: str, split: str, train_split: str) -> str:
+    if setting == "auto":
+        return (f"; shards.long_audio=auto rejects such rows of the training split {split!r} "
+                f"(data.train_split={train_split!r}) because a cut clip would keep the full translation")
+    return ""
+
+
+def _prepare(row: _manifest.Row, sc: cfg.ShardsConfig, corpus: str,
+             train_split: str = "train") -> tuple[dict | None, _manifest.Reject | None]:
     """One row -> (members, stats) or a reject. Runs on worker threads: touches no shared state."""
     flac = None
-    duration = truncated = 0.0
+    duration = truncated = overrun = 0.0
+    clipped = 0
     if row.audio:
         try:
             clip = _audio.load(row.audio, offset_s=row.offset_s, duration_s=row.duration_s,
-                               sample_rate=sc.sample_rate, max_s=sc.max_audio_s, long_audio=sc.long_audio,
-                               min_s=sc.min_audio_s, silence_dbfs=sc.silence_dbfs)
+                               sample_rate=sc.sample_rate, max_s=sc.max_audio_s,
+                               long_audio=long_audio_rule(sc.long_audio, row.split, train_split),
+                               long_audio_why=_long_why(sc.long_audio, row.split, train_split),
+                               min_s=sc.min_audio_s, silence_dbfs=sc.silence_dbfs,
+                               overrun=sc.segment_overrun, overrun_tolerance_s=sc.overrun_tolerance_s)
         except _audio.AudioError as e:
             return None, _manifest.Reject(row.line, row.id, row.audio, e.code, e.reason)
         flac = _audio.encode_flac(clip.samples, sc.sample_rate, sc.flac_compression)
         duration, truncated = round(clip.duration_s, 6), clip.truncated_s
+        overrun, clipped = clip.overrun_s, clip.clipped
     doc = {"id": row.id, "src_text": row.src_text, "tgt_text": row.tgt_text, "src_lang": row.src_lang,
            "tgt_lang": row.tgt_lang, "duration_s": duration, "corpus": row.corpus or corpus, "split": row.split,
            "truncated_s": truncated}
     members = {"audio.flac": flac} if flac is not None else {}
     members["json"] = json.dumps(doc, ensure_ascii=False).encode("utf-8")
-    return {"members": members, "duration": duration, "truncated": truncated}, None
+    return {"members": members, "duration": duration, "truncated": truncated, "overrun": overrun,
+            "clipped": clipped}, None
 
 
 def _ordered(rows: list, fn: Callable, workers: int) -> Iterator:
@@ -157,10 +184,12 @@ def _ordered(rows: list, fn: Callable, workers: int) -> Iterator:
 
 # ------------------------------------------------------------------------------------------ journal
 
-def _params(sc: cfg.ShardsConfig, corpus: str) -> dict:
+def _params(sc: cfg.ShardsConfig, corpus: str, train_split: str = "train") -> dict:
     p = {k: getattr(sc, k) for k in _PARAM_KEYS}
     p["corpus"] = corpus
     p["builder"] = BUILDER_VERSION
+    if sc.long_audio == "auto":  # which split auto treats as training changes the output
+        p["data.train_split"] = train_split
     return p
 
 
@@ -173,7 +202,7 @@ def _diff(old: dict, new: dict) -> list[str]:
     op, np_ = old.get("params", {}), new["params"]
     for k in sorted(set(op) | set(np_)):
         if op.get(k) != np_.get(k):
-            name = "builder version" if k == "builder" else f"shards.{k}"
+            name = "builder version" if k == "builder" else k if "." in k else f"shards.{k}"
             out.append(f"{name}: {op.get(k)!r} then, {np_.get(k)!r} now")
     return out
 
@@ -248,29 +277,13 @@ def _check_shard_files(records: Iterable[dict], out: Path, hash_them: bool) -> l
     return problems
 
 
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """One build per output folder: a second one would delete the first one's temporaries."""
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(f"another `stc shards build` is writing to {out}; wait for it or use "
-                             f"another --out") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------------------ build
 
 def _out_dir(recipe: cfg.Recipe) -> Path:
-    sc = recipe.shards
-    return Path(sc.out) if sc.out else Path(recipe.run.out_dir) / "shards"
+    return stages.out_dir("shards build", recipe)
 
 
-def build(recipe: cfg.Recipe, workers: int | None = None) -> dict:
+def build(recipe: cfg.Recipe, workers: int | None = None, *, dry_run: bool = False) -> dict:
     """Build (or resume, or confirm) the shards for ``recipe.shards``; returns a summary dict.
 
     Raises :class:`StageError` for a missing/unreadable manifest, and when ``<out>`` holds a build
@@ -284,66 +297,101 @@ def build(recipe: cfg.Recipe, workers: int | None = None) -> dict:
         return {"status": "skipped (not rank 0)", "read": 0, "written": 0, "rejected": 0, "problems": []}
     if not sc.manifest:
         raise StageError("no manifest given; pass --manifest PATH (or shards.manifest=PATH)")
+    if sc.overrun_tolerance_s < 0:
+        raise StageError(f"shards.overrun_tolerance_s must be >= 0 seconds, got {sc.overrun_tolerance_s}; "
+                         f"set it to 0 or a small positive value such as 0.05")
     man_path = Path(sc.manifest).expanduser()
     out = _out_dir(recipe)
     default_split = sc.split or "train"
     man = _manifest.read(man_path, default_split=default_split, only_split=sc.split)
     corpus = sc.corpus or man_path.stem
     source = {"manifest": str(man_path.resolve()), "manifest_sha256": man.sha256, "format": man.format,
-              "params": _params(sc, corpus)}
+              "params": _params(sc, corpus, recipe.data.train_split)}
     lg = log.get()
     if man.unknown_fields:
         lg.warning("manifest has fields this engine ignores (misspelt?): "
                    + ", ".join(f"{k} ({n} rows)" for k, n in sorted(man.unknown_fields.items())))
 
+    if dry_run:
+        return _dry_run(out, man, source)
     out.mkdir(parents=True, exist_ok=True)
-    with _lock(out):
-        if (out / META_NAME).exists():
-            return _already_built(out, source)
-        journal = out / JOURNAL
-        recs = _read_journal(journal)
-        if recs:
-            if recs[0].get("type") != "start":
-                raise StageError(f"{journal}: the first line is not a start record; delete {out} and rebuild")
-            diffs = _diff(recs[0].get("source", {}), source)
-            if diffs:
-                raise StageError(f"{out} holds an unfinished build of another input; differences:\n  - "
-                                 + "\n  - ".join(diffs)
-                                 + f"\nrerun with the original manifest and options to finish it, or use "
-                                   f"another --out (or delete {out}) to start over")
-        else:
-            strays = sorted(p.name for p in out.glob("*.tar"))
-            if strays:
-                raise StageError(f"{out} already holds tar files ({', '.join(strays[:3])}"
-                                 f"{', ...' if len(strays) > 3 else ''}) but no build journal; use an "
-                                 f"empty --out folder")
-        stale = remove_stale_tmp(out)
-        if stale:
-            lg.info(f"removed {len(stale)} temporary file(s) left by a killed run")
-        cfg.save_resolved(recipe, out)
+    # one build per folder: `stc shards build` holds the lock of <out> (engine.lock)
+    if (out / META_NAME).exists():
+        return _already_built(out, source)
+    journal = out / JOURNAL
+    recs = _read_journal(journal)
+    if recs:
+        if recs[0].get("type") != "start":
+            raise StageError(f"{journal}: the first line is not a start record; delete {out} and rebuild")
+        diffs = _diff(recs[0].get("source", {}), source)
+        if diffs:
+            raise StageError(f"{out} holds an unfinished build of another input; differences:\n  - "
+                             + "\n  - ".join(diffs)
+                             + f"\nrerun with the original manifest and options to finish it, or use "
+                               f"another --out (or delete {out}) to start over")
+    else:
+        strays = sorted(p.name for p in out.glob("*.tar"))
+        if strays:
+            raise StageError(f"{out} already holds tar files ({', '.join(strays[:3])}"
+                             f"{', ...' if len(strays) > 3 else ''}) but no build journal; use an "
+                             f"empty --out folder")
+    stale = remove_stale_tmp(out)
+    if stale:
+        lg.info(f"removed {len(stale)} temporary file(s) left by a killed run")
+    cfg.save_resolved(recipe, out)
 
-        plan: dict[str, list[_manifest.Row]] = {s: [] for s in man.splits()}
-        for row in man.rows:
-            plan[row.split].append(row)
-        state = _resume_state(recs, plan, out, journal)
-        done_records = [r["record"] for st in state.values() for r in st["shards"]]
-        bad = _check_shard_files(done_records, out, hash_them=True)
-        if bad:
-            raise StageError(f"{out}: shards listed in {JOURNAL} do not match it: " + "; ".join(bad)
-                             + f"; delete {out} and rebuild")
-        if not recs:
-            append_jsonl(journal, {"type": "start", "source": source, "host": socket.gethostname(),
-                                   "pid": os.getpid(), "time": time.time()})
-        elif done_records or any(st["tail"] for st in state.values()):
-            lg.info(f"resuming {out}: {len(done_records)} finished shard(s) kept, continuing after them")
+    plan: dict[str, list[_manifest.Row]] = {s: [] for s in man.splits()}
+    for row in man.rows:
+        plan[row.split].append(row)
+    state = _resume_state(recs, plan, out, journal)
+    done_records = [r["record"] for st in state.values() for r in st["shards"]]
+    bad = _check_shard_files(done_records, out, hash_them=True)
+    if bad:
+        raise StageError(f"{out}: shards listed in {JOURNAL} do not match it: " + "; ".join(bad)
+                         + f"; delete {out} and rebuild")
+    if not recs:
+        append_jsonl(journal, {"type": "start", "source": source, "host": socket.gethostname(),
+                               "pid": os.getpid(), "time": time.time()})
+    elif done_records or any(st["tail"] for st in state.values()):
+        lg.info(f"resuming {out}: {len(done_records)} finished shard(s) kept, continuing after them")
 
-        _run(plan, state, sc, corpus, out, journal, workers)
-        meta = _meta(recipe, man, source, state, out)
+    _run(plan, state, sc, corpus, out, journal, workers, train_split=recipe.data.train_split)
+    meta = _meta(recipe, man, source, state, out)
     counts = meta["counts"]
     lg.info(f"wrote {len(meta['shards'])} shard(s), {counts['written']} samples, {meta['hours']:.3f} h "
             f"to {out}; rejected {counts['rejected']} row(s) (see {out / REJECTS})")
+    if counts["clipped"]:
+        lg.warning(f"{counts['clipped']} row(s) hold audio above full scale (|x| > 1, e.g. float WAV): "
+                   f"{counts['clipped_samples']} sample(s) were clipped to [-1, 1] (example: id "
+                   f"{meta.get('clipped_example')!r}); lower the level of those files to keep their peaks")
     status = "resumed" if recs else "built"
     return _summary(meta, out, status)
+
+
+def _dry_run(out: Path, man: _manifest.Manifest, source: dict) -> dict:
+    """What a build would do, checked as the build checks it, without writing anything."""
+    splits = collections.Counter(r.split for r in man.rows)
+    if (out / META_NAME).exists():
+        done = _already_built(out, source)
+        what = f"{out} is already built from this manifest: nothing to do"
+        return {**done, "status": "dry run", "plan": what}
+    recs = _read_journal(out / JOURNAL) if (out / JOURNAL).exists() else []
+    if recs:
+        diffs = _diff(recs[0].get("source", {}), source)
+        if diffs:
+            raise StageError(f"{out} holds an unfinished build of another input; differences:\n  - "
+                             + "\n  - ".join(diffs))
+        n = sum(1 for r in recs if r.get("type") == "shard")
+        what = f"resume the unfinished build in {out} ({n} shard(s) done)"
+    elif out.exists() and any(out.glob("*.tar")):
+        raise StageError(f"{out} already holds tar files but no build journal; use an empty --out folder")
+    else:
+        what = f"build {out}"
+    print(f"shards build (dry run): {len(man.rows)} manifest rows ("
+          + ", ".join(f"{s} {n}" for s, n in sorted(splits.items())) + f") from {source['manifest']}; "
+          + what)
+    return {"status": "dry run", "out": str(out), "read": len(man.rows), "written": 0, "rejected": 0,
+            "splits": {}, "problems": [], "notes": [], "plan": what}
 
 
 def _already_built(out: Path, source: dict) -> dict:
@@ -363,16 +411,21 @@ def _already_built(out: Path, source: dict) -> dict:
     return _summary(meta, out, "up to date")
 
 
+def _new_stats() -> dict:
+    return {"truncated": 0, "truncated_seconds": 0.0, "overrun": 0, "overrun_seconds": 0.0, "clipped": 0,
+            "clipped_samples": 0, "clipped_example": "", "languages": collections.Counter()}
+
+
 def _run(plan: dict[str, list[_manifest.Row]], state: dict[str, dict], sc: cfg.ShardsConfig, corpus: str,
-         out: Path, journal: Path, workers: int | None) -> None:
+         out: Path, journal: Path, workers: int | None, *, train_split: str = "train") -> None:
     nworkers = workers if workers is not None else min(8, os.cpu_count() or 1)
     total = sum(len(r) for r in plan.values())
     already = sum(st["pos"] for st in state.values())
     t0 = time.monotonic()
     seen = 0
     hours = sum(r["record"]["seconds"] for st in state.values() for r in st["shards"]) / 3600
-    with log.progress("samples") as prog:
-        task = prog.add_task("shards", total=total, completed=already, extra="")
+    with log.progress() as prog:
+        task = prog.task("shards build", total=total, unit="rows", completed=already)
         for split, rows in plan.items():
             st = state[split]
             if st["tail"] is not None or st["pos"] >= len(rows):
@@ -381,7 +434,7 @@ def _run(plan: dict[str, list[_manifest.Row]], state: dict[str, dict], sc: cfg.S
             writer: _ShardWriter | None = None
             cur: list[list] = []
             rejects: list[dict] = []
-            stats = {"truncated": 0, "truncated_seconds": 0.0, "languages": collections.Counter()}
+            stats = _new_stats()
 
             def finish(next_pos: int) -> None:
                 nonlocal writer, cur, rejects, start, stats
@@ -394,7 +447,9 @@ def _run(plan: dict[str, list[_manifest.Row]], state: dict[str, dict], sc: cfg.S
                         "name": writer.path.name, "split": split, "n": len(cur), "bytes": nbytes,
                         "sha256": digest, "seconds": round(sum(c[1] for c in cur), 6), "samples": cur},
                         truncated=stats["truncated"], truncated_seconds=round(stats["truncated_seconds"], 6),
-                        languages=dict(stats["languages"]))
+                        overrun=stats["overrun"], overrun_seconds=round(stats["overrun_seconds"], 6),
+                        clipped=stats["clipped"], clipped_samples=stats["clipped_samples"],
+                        clipped_example=stats["clipped_example"], languages=dict(stats["languages"]))
                     st["shards"].append(rec)
                     st["index"] += 1
                 else:
@@ -402,11 +457,11 @@ def _run(plan: dict[str, list[_manifest.Row]], state: dict[str, dict], sc: cfg.S
                 append_jsonl(journal, rec)
                 st["pos"] = start = next_pos
                 writer, cur, rejects = None, [], []
-                stats = {"truncated": 0, "truncated_seconds": 0.0, "languages": collections.Counter()}
+                stats = _new_stats()
                 if _on_journal is not None:
                     _on_journal(rec)
 
-            results = _ordered(rows[start:], lambda r: _prepare(r, sc, corpus), nworkers)
+            results = _ordered(rows[start:], lambda r: _prepare(r, sc, corpus, train_split), nworkers)
             try:
                 # closing(): on an error, cancel queued rows and join the pool before the error leaves
                 with contextlib.closing(results):
@@ -423,10 +478,17 @@ def _run(plan: dict[str, list[_manifest.Row]], state: dict[str, dict], sc: cfg.S
                             if res["truncated"] > 0:
                                 stats["truncated"] += 1
                                 stats["truncated_seconds"] += res["truncated"]
+                            if res["overrun"] > 0:
+                                stats["overrun"] += 1
+                                stats["overrun_seconds"] += res["overrun"]
+                            if res["clipped"] > 0:
+                                stats["clipped"] += 1
+                                stats["clipped_samples"] += res["clipped"]
+                                stats["clipped_example"] = stats["clipped_example"] or row.id
                             hours += res["duration"] / 3600
                         seen += 1
                         rate = seen / max(time.monotonic() - t0, 1e-9)
-                        prog.update(task, advance=1, extra=f"{hours:.2f} h audio, {rate:.1f} rows/s")
+                        task.advance(1, **{"h audio": round(hours, 3), "rows/s": round(rate, 1)})
                         if len(cur) == sc.samples_per_shard:
                             finish(i + 1)
                     if cur or rejects:
@@ -467,7 +529,25 @@ def _meta(recipe: cfg.Recipe, man: _manifest.Manifest, source: dict, state: dict
     counts = {"read": man.read, "written": written, "rejected": len(rejects),
               "truncated": sum(r["truncated"] for r in shard_recs),
               "truncated_seconds": round(sum(r["truncated_seconds"] for r in shard_recs), 6),
+              "too_long_rejected": by_reason.get("too_long", 0),
+              "overrun": sum(r.get("overrun", 0) for r in shard_recs),
+              "overrun_seconds": round(sum(r.get("overrun_seconds", 0.0) for r in shard_recs), 6),
+              "overrun_rejected": by_reason.get("segment_overrun", 0),
+              "clipped": sum(r.get("clipped", 0) for r in shard_recs),
+              "clipped_samples": sum(r.get("clipped_samples", 0) for r in shard_recs),
               "other_split": man.other_split}
+    clipped_example = next((r["clipped_example"] for r in shard_recs if r.get("clipped_example")), "")
+    sc = recipe.shards
+    long_audio: dict[str, Any] = {"setting": sc.long_audio, "max_audio_s": sc.max_audio_s, "splits": {}}
+    if sc.long_audio == "auto":
+        long_audio["train_split"] = recipe.data.train_split
+    for split, st in state.items():
+        recs_ = st["shards"] + ([st["tail"]] if st["tail"] else [])
+        long_audio["splits"][split] = {
+            "rule": long_audio_rule(sc.long_audio, split, recipe.data.train_split),
+            "rejected": sum(1 for r in recs_ for rj in r["rejects"] if rj["code"] == "too_long"),
+            "truncated": sum(r["truncated"] for r in st["shards"]),
+            "truncated_seconds": round(sum(r["truncated_seconds"] for r in st["shards"]), 6)}
     atomic_write_text(out / REJECTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     meta = build_meta(
         "shards",
@@ -484,6 +564,8 @@ def _meta(recipe: cfg.Recipe, man: _manifest.Manifest, source: dict, state: dict
         languages=dict(sorted(languages.items())),
         hours=round(sum(r["seconds"] for r in records) / 3600, 6),
         key_map=key_map,
+        long_audio=long_audio,
+        clipped_example=clipped_example,
     )
     write_meta(out, meta)
     return meta
@@ -496,6 +578,12 @@ def _summary(meta: dict, out: Path, status: str, problems: list[str] | None = No
         "status": status, "out": str(out),
         "read": c.get("read", 0), "written": c.get("written", 0), "rejected": c.get("rejected", 0),
         "truncated": c.get("truncated", 0), "truncated_seconds": c.get("truncated_seconds", 0.0),
+        "too_long_rejected": c.get("too_long_rejected", 0),
+        "overrun": c.get("overrun", 0), "overrun_seconds": c.get("overrun_seconds", 0.0),
+        "overrun_rejected": c.get("overrun_rejected", 0),
+        "clipped": c.get("clipped", 0), "clipped_samples": c.get("clipped_samples", 0),
+        "clipped_example": meta.get("clipped_example", ""),
+        "long_audio": meta.get("long_audio", {}),
         "other_split": c.get("other_split", 0),
         "shards": len(meta.get("shards", [])), "hours": meta.get("hours", 0.0),
         "splits": meta.get("splits", {}), "languages": meta.get("languages", {}),
@@ -608,6 +696,21 @@ def print_summary(summary: dict[str, Any]) -> None:
               f"rejected {summary.get('rejected', 0)}; truncated {summary.get('truncated', 0)} "
               f"({summary.get('truncated_seconds', 0.0):.1f} s cut)"
               + (f"; {summary['other_split']} rows of other splits skipped" if summary.get("other_split") else ""))
+    la = summary.get("long_audio") or {}
+    if la.get("splits"):
+        how = ", ".join(
+            f"{name}: {v['rule']} ({v['rejected']} rejected, {v['truncated']} truncated)"
+            for name, v in sorted(la["splits"].items()))
+        con.print(f"audio over {la.get('max_audio_s')} s (shards.long_audio={la.get('setting')}"
+                  + (f", training split {la['train_split']!r}" if la.get("train_split") else "") + f"): {how}")
+    if summary.get("overrun") or summary.get("overrun_rejected"):
+        con.print(f"segments past the end of their file: {summary.get('overrun_rejected', 0)} rejected, "
+                  f"{summary.get('overrun', 0)} written short ({summary.get('overrun_seconds', 0.0):.2f} s "
+                  f"missing)")
+    if summary.get("clipped"):
+        con.print(f"[yellow]clipped:[/] {summary['clipped']} row(s) above full scale, "
+                  f"{summary.get('clipped_samples', 0)} sample(s) clipped (e.g. id "
+                  f"{summary.get('clipped_example')!r})")
     if summary.get("rejected_by_reason"):
         rt = Table(title="rejected by reason", title_justify="left")
         rt.add_column("reason")
@@ -620,3 +723,22 @@ def print_summary(summary: dict[str, Any]) -> None:
         con.print(f"[yellow]note:[/] {n}")
     for p in summary.get("problems", []):
         con.print(f"[bold red]problem:[/] {p}")
+
+
+# ------------------------------------------------------------------------------------------ stc entries
+
+def main(recipe: cfg.Recipe, args: Any) -> int:
+    """``stc shards build``: 0 when something was written (or nothing was to be), 1 when every row was
+    rejected."""
+    summary = build(recipe, dry_run=bool(getattr(args, "dry_run", False)))
+    if summary.get("status") == "dry run":
+        return 0
+    print_summary(summary)
+    return 0 if summary.get("written", 0) > 0 or summary.get("read", 0) == 0 else 1
+
+
+def inspect_main(recipe: Any, args: Any) -> int:
+    """``stc shards inspect DIR [--verify]``: 1 when a problem is found."""
+    summary = inspect(args.dir, verify=args.verify)
+    print_summary(summary)
+    return 0 if not summary.get("problems") else 1

@@ -41,30 +41,15 @@ the new world. Improvement over the brief, with its reason: the state also recor
 the samples the current plan excluded (empty for a fresh epoch). Without it a run that was re-planned
 once could not be resumed batch-for-batch a second time, because its plan could not be rebuilt.
 
-**Teacher cache join** (``cache_dir``, ``seq_kd``; formats in :mod:`engine.teacher_cache`). The
-join happens here, per sample, before bucketing: cache shard ``X.tar`` mirrors audio shard ``X.tar``
-(same keys, same order), so sample ``i`` of a shard is joined with record ``i`` of its cache shard
-and the key is checked; it is independent of world size, batch size, shard order and workers.
-At construction the cache's ``meta.json`` must list every audio shard of the split with the sha256
-the shard has now (else: "audio shard changed since caching"), and when the featurizer has a
-``builder`` (:class:`engine.data.prompt.Featurizer`) its tokenizer, vocabulary size and rendered
-prompt template must be the cache's (:func:`engine.teacher_cache.check_compatible`; the trainer
-can also pass the teacher dir and the student's embedding row count to that function). Each batch
-then also carries ``targets`` (``"ref"``/``"teacher"`` per sample) and, aligned with ``labels``:
-``kd_ids`` [B,T,k] int64, ``kd_logprobs`` [B,T,k] float32, ``kd_tail`` [B,T] float32 (log of the
-mass outside the top k) and ``kd_mask`` [B,T] bool: ``kd_*[b,t]`` is the teacher's distribution for
-the token ``labels[b,t]``; ``kd_mask`` is False where ``labels == -100``, on pad samples and on
-teacher samples cached without their own top-k (CE only there). The featurizer's label ids must
-equal the ones the cache stored for that sample, else :class:`engine.teacher_cache.CacheJoinError`
-naming the key; a missing key, a truncated or non-mirroring cache shard is an error too, never a
-skip. With ``seq_kd=True`` the epoch also holds the teacher's translations that differ from their
-reference (the paper's de-duplication) as additional samples: for each audio shard ``X.tar`` with
-such samples a *virtual shard* ``X.tar#teacher`` is appended after the real shards, listing them
-with (audio duration, translation length) from the cache's ``meta.json``; the planner, the ranges
-of the state and resume treat it like any shard, so exactly-once and resume hold for both kinds of
-sample. A teacher sample's text and labels are the teacher's (its ``meta["tgt_text"]`` is
-replaced). The shard fingerprint then covers the virtual shards, so a state saved without
-``seq_kd`` is refused by a stream with it and vice versa.
+**Teacher cache join** (``join``). The stream does not know the cache format: the caller hands it a
+factory ``join(shards, builder=...)`` (in practice :func:`engine.cache.join.joiner`) and the stream uses what it returns, per sample, before bucketing:
+``virtual_infos`` (extra :class:`ShardInfo` entries, e.g. the teacher translations for sequence-level
+KD, planned like any shard so exactly-once and resume hold for them too), ``wrap_reader(reader)``
+(reads a ref of a real or virtual shard and attaches the cache record) and ``wrap_featurizer(f)``
+(adds the targets aligned with ``labels``). Batches then also carry ``targets`` and ``kd_ids``
+[B,T,k], ``kd_logprobs`` [B,T,k], ``kd_tail`` [B,T], ``kd_mask`` [B,T] (meaning and checks in
+:mod:`engine.cache.join`). The shard fingerprint covers the virtual shards, so a state saved without
+them is refused by a stream with them and vice versa.
 
 **Split-by-node check.** Like webdataset's ``single_node_only``, a stream that is told
 ``world_size=1`` (or any world or rank that differs from the launcher's) while the dist layer sees
@@ -85,11 +70,21 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import soundfile as sf
+import soxr
+
+from .. import dist
+from ..errors import StcError
+from ..io import atomic_write_json, sha256_file
+from ..log import console
+from ..meta import fingerprint_data
+from . import tario
 
 STATE_VERSION = 1
 
@@ -97,7 +92,7 @@ Ref = tuple[int, int]          # (shard position in name order, sample index wit
 Ranges = dict[str, list[list[int]]]  # shard name -> sorted, merged [start, end) index ranges
 
 
-class StreamError(RuntimeError):
+class StreamError(StcError):
     """A problem with the shards, the plan or a saved state; the message says what to do."""
 
 
@@ -138,9 +133,21 @@ def shards_from_meta(meta: Mapping[str, Any], split: str | None = None,
     return out
 
 
-def shards_fingerprint(shards: Sequence[ShardInfo]) -> str:
-    from ..meta import fingerprint_data
+def splits_in(meta: Mapping[str, Any]) -> list[str]:
+    """The split names a shards ``meta.json`` holds."""
+    return sorted({str(r.get("split")) for r in meta.get("shards") or [] if r.get("split") is not None})
 
+
+def split_shards(meta: Mapping[str, Any], split: str, source: str = "meta.json") -> list[ShardInfo]:
+    """The shards of ``split``; :class:`StreamError` naming the splits that exist when it has none."""
+    out = shards_from_meta(meta, split, source=source)
+    if not out:
+        raise StreamError(f"{source}: no shards of split {split!r}; splits there: "
+                          f"{', '.join(splits_in(meta)) or 'none'}")
+    return out
+
+
+def shards_fingerprint(shards: Sequence[ShardInfo]) -> str:
     if not shards:
         return "sha256:none"
     return fingerprint_data({"name": s.name, "sha256": s.sha256} for s in shards)
@@ -323,16 +330,12 @@ def plan_epoch(shards: Sequence[ShardInfo], *, seed: int, epoch: int, world_size
 def decode_flac(data: bytes, *, sample_rate: int = 16000, max_s: float | None = None,
                 name: str = "audio") -> np.ndarray:
     """FLAC (or any soundfile format) bytes -> float32 mono at ``sample_rate``, cut at ``max_s``."""
-    import soundfile as sf
-
     try:
         wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises its own LibsndfileError/RuntimeError
         raise StreamError(f"{name}: cannot decode audio ({e})") from None
     wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
     if sr != sample_rate:
-        import soxr
-
         wav = soxr.resample(wav, sr, sample_rate).astype(np.float32)
     if max_s is not None and max_s > 0:
         wav = wav[: int(round(max_s * sample_rate))]
@@ -366,8 +369,6 @@ class ShardReader:
             raise StreamError(f"shard {path} is {what}: {size} bytes on disk, meta.json says {info.bytes}; "
                               f"rebuild the shards")
         if self.verify_sha256 and info.sha256:
-            from ..io import sha256_file
-
             got = sha256_file(path)
             if got != info.sha256:
                 raise StreamError(f"shard {path}: sha256 {got[:12]}... differs from meta.json's "
@@ -375,8 +376,6 @@ class ShardReader:
         self._checked.add(si)
 
     def _open(self, si: int) -> list:
-        from . import tario
-
         idx = self._index.get(si)
         if idx is not None:
             return idx
@@ -395,8 +394,6 @@ class ShardReader:
 
     def read(self, ref: Ref) -> dict[str, Any]:
         """Decoded sample: ``key``, ``shard``, ``index``, ``meta`` (the json) and ``audio`` (or None)."""
-        from . import tario
-
         si, i = ref
         entry = self._open(si)[i]
         path = self.dir / self.shards[si].name
@@ -440,7 +437,7 @@ def _produce(reader: ShardReader, featurizer: Callable[[list[dict]], dict], batc
 
 
 def _iterable_dataset_cls():
-    import torch.utils.data as tud
+    import torch.utils.data as tud  # torch: only when workers are asked for
 
     class _EpochBatches(tud.IterableDataset):
         """This rank's remaining planned batches; each worker takes every W-th, starting at its id."""
@@ -472,18 +469,14 @@ class Stream:
                  featurizer: Callable[[list[dict]], dict] | None = None, *, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
                  verify_sha256: bool = False, allow_unsplit: bool = False, sample_rate: int = 16000,
-                 cache_dir: str | os.PathLike | None = None, seq_kd: bool = False):
-        from .. import dist
-
+                 join: Callable[..., Any] | None = None):
         self.dir = Path(shard_dir)
         meta_path = self.dir / "meta.json"
         if not meta_path.exists():
             raise StreamError(f"{self.dir}: no meta.json; build shards with `stc shards build` first")
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-        self.shards = shards_from_meta(meta, split, source=str(meta_path))
-        if not self.shards:
-            raise StreamError(f"{self.dir}: no shards of split {split!r}")
+        self.shards = split_shards(meta, split, source=str(meta_path))
         self.split = split
         env = dist.env()
         rank = env.rank if rank is None else rank
@@ -505,15 +498,10 @@ class Stream:
         self.reader = ShardReader(self.dir, self.shards, verify_sha256=verify_sha256,
                                   sample_rate=sample_rate, max_audio_s=float(data_cfg.max_audio_s))
         self.cache = None
-        if seq_kd and cache_dir is None:
-            raise StreamError("seq_kd=True needs a teacher cache (cache_dir): the teacher translations live there")
-        if cache_dir is not None:
-            # The join (module docstring, "Teacher cache join"): checks the cache against these shards
-            # and the featurizer's tokenizer/prompt, then adds the teacher samples as virtual shards.
-            from ..teacher_cache import CacheJoin
-
-            self.cache = CacheJoin(cache_dir, self.shards, seq_kd=seq_kd,
-                                   builder=getattr(self.featurizer, "builder", None))
+        if join is not None:
+            # The join (module docstring, "Teacher cache join"), made for these shards and the
+            # featurizer's tokenizer/prompt: checks the cache, adds teacher samples as virtual shards.
+            self.cache = join(self.shards, builder=getattr(self.featurizer, "builder", None))
             self.shards = self.shards + self.cache.virtual_infos
             self.reader = self.cache.wrap_reader(self.reader)
             self.featurizer = self.cache.wrap_featurizer(self.featurizer)
@@ -599,7 +587,7 @@ class Stream:
                 self.reader.check(si)
         ds = _iterable_dataset_cls()(self.reader, self.featurizer, mine, start, epoch)
         if self.num_workers > 0:
-            import torch.utils.data as tud
+            import torch.utils.data as tud  # torch: only when workers are asked for
 
             # collate_fn=_identity: torch's default would turn numpy arrays into tensors only when
             # workers are used, so a batch would differ in type between 0 and N workers.
@@ -636,30 +624,16 @@ def run_diagnostic(recipe: Any, *, shards: str, split: str, model: str | None = 
     provenance), saves the state on rank 0 after checking that every rank computed the same state,
     and prints a summary on rank 0. Returns the summary (all ranks).
     """
-    from .. import dist
-
-    owns_group = not dist.is_initialized()
-    env = dist.init()
-    try:
+    with dist.session() as env:
         return _diagnose(recipe, env, shards=shards, split=split, model=model, max_batches=max_batches,
                          state_in=state_in, state_out=state_out, dump=dump, verify_sha256=verify_sha256)
-    finally:
-        if owns_group:
-            # A gloo group left alive at interpreter exit can abort the process ("terminate called
-            # without an active exception"), so the stage that started it tears it down.
-            dist.finalize()
 
 
 def _diagnose(recipe: Any, env: Any, *, shards: str, split: str, model: str | None, max_batches: int | None,
               state_in: str | None, state_out: str | None, dump: str | None, verify_sha256: bool) -> dict[str, Any]:
-    import time
-
-    from .. import dist
-    from ..io import atomic_write_json
-
     featurizer = None
     if model:
-        from .prompt import Featurizer, load_processor
+        from .prompt import Featurizer, load_processor  # torch + transformers: only with a model
 
         featurizer = Featurizer(load_processor(model), recipe.data)
     stream = Stream(shards, split, recipe.data, featurizer, seed=recipe.run.seed, verify_sha256=verify_sha256)
@@ -724,8 +698,6 @@ def _diagnose(recipe: Any, env: Any, *, shards: str, split: str, model: str | No
 def print_diagnostic(summary: Mapping[str, Any]) -> None:
     from rich.table import Table
 
-    from ..log import console
-
     st = summary["start"]
     t = Table(title=f"stream {summary['split']}: {summary['world_size']} rank(s) x {summary['num_workers']} "
                     f"worker(s), from epoch {st['epoch']} batch {st['batch']} of {st['plan_batches']}"
@@ -746,3 +718,23 @@ def print_diagnostic(summary: Mapping[str, Any]) -> None:
     s = summary["state"]
     console.print(f"state: epoch {s['epoch']}, {s['batches_consumed']} batches consumed, "
                   f"{sum(b - a for rs in s['delivered'].values() for a, b in rs)} samples delivered this epoch")
+
+
+def diagnostic_main(recipe: Any, args: Any) -> int:
+    """``stc shards stream``; with ``--dry-run`` it prints the epoch plan (batches per rank) and reads no audio."""
+    shards = args.shards or recipe.data.shards
+    split = args.split or recipe.data.train_split
+    if args.dry_run:
+        env = dist.env()
+        s = Stream(shards, split, recipe.data, seed=recipe.run.seed, rank=env.rank, world_size=env.world_size)
+        if args.state_in:
+            with open(args.state_in, encoding="utf-8") as f:
+                s.load_state_dict(json.load(f))
+        n = sum(si.n for si in s.shards)
+        print(f"stream {split} of {shards}: {n} samples in {len(s.shards)} shard(s); {env.world_size} "
+              f"rank(s) x {s.num_workers} worker(s); epoch {s.epoch}: {len(s)} batches of up to "
+              f"{s.batch_size} per rank, from batch {s.consumed}")
+        return 0
+    run_diagnostic(recipe, shards=shards, split=split, model=args.model, max_batches=args.max_batches,
+                   state_in=args.state_in, state_out=args.state_out, dump=args.dump, verify_sha256=args.verify)
+    return 0

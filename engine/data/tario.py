@@ -21,6 +21,8 @@ import os
 import re
 from typing import Iterator, NamedTuple
 
+from ..errors import StcError
+
 BLOCK = 512
 
 # type flags (POSIX ustar, pax, GNU)
@@ -39,7 +41,7 @@ _META_RE = re.compile(r"(^|/)__[^/]*__($|/)")
 _MAX_MEMBER = 1 << 36
 
 
-class TarError(ValueError):
+class TarError(StcError, ValueError):
     """A shard that cannot be read safely; the message names the shard and what is wrong."""
 
 

@@ -4,7 +4,8 @@ Modules (public names re-exported here):
 
 * :mod:`.layers`: :func:`without_layers`, the reversible skip (no model copy);
 * :mod:`.devset`: the dev set read once, checked against the test split, decoder inputs cached;
-* :mod:`.scorers`: :func:`nll_scores` (prefix reuse), :func:`block_influence`, :func:`task_scores`;
+* :mod:`.scorers`: :func:`nll_scores` / :func:`iter_nll_scores` (prefix reuse), :func:`block_influence`,
+  :func:`task_scores`;
 * :mod:`.journal`: per-rank JSON-lines journal with fingerprinted header;
 * :mod:`.search`: plan validation, parallel unit runner, iterative / one-shot / middle-block search;
 * :mod:`.report`: ``ranking.json``, ``ranking.md``, ``importance.png``;
@@ -16,14 +17,14 @@ from .devset import (DevBatch, DevSample, DevSet, ImportanceError, check_disjoin
                      read_dev)
 from .layers import backbone, without_layers
 from .scorers import (METRICS, BlockInfluence, Score, block_influence, block_influence_scores, corpus_metrics,
-                      generation_config, nll_scores, resolve_metric, task_scores, translate)
+                      generation_config, iter_nll_scores, nll_scores, resolve_metric, task_scores, translate)
 from .search import Plan, Result, Runner, Unit, assign, make_plan, rank_order, run_search
 from .stage import run_importance, run_prune
 
 __all__ = [
     "BlockInfluence", "DevBatch", "DevSample", "DevSet", "ImportanceError", "METRICS", "Plan", "Result", "Runner",
     "Score", "Unit", "assign", "backbone", "block_influence", "block_influence_scores", "check_disjoint",
-    "corpus_metrics", "decoder_inputs", "generation_config", "make_plan", "nll_scores", "prepare", "rank_order",
-    "read_dev", "resolve_metric", "run_importance", "run_prune", "run_search", "task_scores", "translate",
-    "without_layers",
+    "corpus_metrics", "decoder_inputs", "generation_config", "iter_nll_scores", "make_plan", "nll_scores", "prepare",
+    "rank_order", "read_dev", "resolve_metric", "run_importance", "run_prune", "run_search", "task_scores",
+    "translate", "without_layers",
 ]

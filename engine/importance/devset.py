@@ -18,7 +18,7 @@ Two views of each batch are kept, both cut from the same captured embeddings:
 Samples are sorted by length (audio duration, then source and target characters, then key) before
 batching, so a batch wastes little on padding and generation stops early for short batches.
 
-Dev and test are kept apart (DESIGN 1: the paper selected layers on its test set): a dev sample whose
+Dev and test are kept apart (the paper selected layers on its test set): a dev sample whose
 key, or whose normalised source text, also occurs in the test split is refused.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 
 from .. import langs
 from ..config import DataConfig
+from ..errors import StcError
 from ..data import tario
 from ..data.prompt import IGNORE, Featurizer, PromptBuilder, PromptError
 from ..data.stream import ShardInfo, ShardReader, StreamError, shards_fingerprint, shards_from_meta
@@ -41,7 +42,7 @@ from ..meta import fingerprint_obj
 from . import layers as L
 
 
-class ImportanceError(ValueError):
+class ImportanceError(StcError, ValueError):
     """A problem with the importance inputs (config, dev set, journal); the message names the fix."""
 
 

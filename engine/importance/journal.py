@@ -7,7 +7,9 @@ ranks, reads all of them.
 
 Unit: ``(iteration, removed_so_far, candidate)``; ``candidate`` None is the model with just
 ``removed_so_far`` taken out (the baseline when nothing is). The key uses the *set* of removed
-layers (a unit's score depends on nothing else); the record keeps the removal order.
+layers (a unit's score depends on nothing else); the record keeps the removal order. Every scorer
+journals a unit as soon as it is scored. A task-scorer record names its translations file
+(``hypotheses``, relative to the journal's directory), written before the record.
 
 Header fingerprints (``model``, ``tokenizer``, ``features``, ``prompt``, ``dev``, ``scorer``) are
 compared on every rerun: a journal written for another model, dev set, metric or prompt is refused
@@ -192,9 +194,11 @@ class Writer:
 
 
 def unit_record(*, iteration: int, removed: list[int], candidate: int | None, score: Any,
-                provenance: Mapping[str, Any]) -> dict:
+                provenance: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict:
+    """One finished unit; ``extra``: further fields (``hypotheses``: the task scorer's file, relative to
+    the journal's directory)."""
     return {"type": "unit", "iteration": iteration, "removed": list(removed), "candidate": candidate,
             "metric": score.metric, "score": float(score.score),
             "metrics": {k: float(v) for k, v in score.metrics.items()}, "n_samples": score.n_samples,
             "n_tokens": score.n_tokens, "seconds": round(score.seconds, 6), **dict(provenance),
-            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **dict(extra or {})}

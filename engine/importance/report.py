@@ -35,6 +35,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
              f"({_pct((doc.get('final') or {}).get('relative'))} of unpruned)"]
     if doc.get("stopped"):
         lines.append(f"- stopped early: {doc['stopped']}")
+    if (doc.get("baseline") or {}).get("hypotheses") or any(it.get("hypotheses") for it in doc["iterations"]):
+        lines.append("- translations of every scored model: `hypotheses/*.jsonl` next to this file (key, target "
+                     "language, reference and hypothesis per dev sample; `ranking.json` names each file)")
     lines += ["", "## Removal order", "", "| step | layer | original layer | score | of unpruned | runner-up |",
               "|---:|---:|---:|---:|---:|---|"]
     orig = dict(zip(doc["removed"], doc["removed_original"]))

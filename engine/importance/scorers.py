@@ -6,23 +6,30 @@ iterations; a candidate ``None`` scores the model with just ``removed`` taken ou
 ``removed`` is empty). The model is never copied: layers are skipped with
 :func:`engine.importance.layers.without_layers` and everything is restored on return.
 
-* :func:`nll_scores`: teacher-forced NLL per reference token without the candidate. The hidden states
-  before layer i are the same with and without layer i, so one forward of the current model stores
-  every layer's input (pre-hooks) and candidate i only runs layers i+1.. from the stored input of
-  layer i. Logits are computed only at positions that predict a label token. A scan over L candidates
-  runs L + L(L-1)/2 layers instead of L^2 (plus no audio encoder and no full-sequence logits).
+* :func:`nll_scores` / :func:`iter_nll_scores`: teacher-forced NLL per reference token without the
+  candidate. The hidden states before layer i are the same with and without layer i, so candidate i
+  only runs layers i+1.. from the input of layer i. Candidates are scored one after the other in layer
+  order (each is final, and can be journaled, as soon as it is yielded): every dev batch keeps one
+  hidden state, the input of the layer the scan has reached, and moving on to the next candidate runs
+  only the layers in between. Logits are computed only at positions that predict a label token. A
+  scan over L candidates and the baseline runs L + L(L-1)/2 layers instead of L^2 (plus no audio
+  encoder and no full-sequence logits); the price is one (B, T, H) hidden state per dev batch.
 * :func:`block_influence`: one forward; for every layer 1 - cos(input, output) of its hidden states at
   label positions (ShortGPT's Block Influence), and for n-layer blocks the angular distance
   arccos(cos(h_l, h_{l+n})) / pi (the "unreasonable ineffectiveness of deeper layers" criterion).
 * :func:`task_scores`: the paper's scorer: greedy-translate the dev set without the candidate and
   score with sacrebleu (chrF++ with word_order=2, chrF, BLEU with the target's tokenizer).
+
+Every scorer takes ``interrupt``, a function called between dev batches: it raises (the scan's stop
+request, :class:`engine.importance.search.StopScan`) to abandon the unit in flight.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +46,7 @@ METRICS: dict[str, bool] = {"chrf++": True, "chrf": True, "bleu": True, "primary
 TASK_METRICS = ("chrf++", "chrf", "bleu", "primary")
 SCORERS = ("task", "nll", "block_influence")
 _HEAD_CHUNK = 2048  # label positions per lm_head call: (chunk, V) fp32 logits, 1.3 GB at V=156k
+Interrupt = Callable[[], None] | None
 
 
 @dataclass
@@ -107,62 +115,80 @@ def _nll_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) 
     return total
 
 
+def _span(model: torch.nn.Module, bb: torch.nn.Module, batch: Any, start: int, stop: int,
+          hidden: torch.Tensor | None, norm: torch.nn.Module | None, capture: bool = False) -> torch.Tensor:
+    """Run the backbone over the current decoder layers ``start .. stop-1`` only, ``hidden`` (the input
+    of layer ``start``) fed to layer ``start`` (to the final norm when the span is empty). ``hidden``
+    None: the backbone's own embedding of the batch, which is the input of layer 0, so it is only
+    valid with ``start`` 0 or a span that starts right after layer 0 was skipped. Returns the
+    final-normed hidden states, or with ``capture`` the output of layer ``stop-1``."""
+    layers = surgery.decoder_layers(model)
+    nc = len(layers)
+    target = layers[start] if start < stop else norm
+    got: list[torch.Tensor] = []
+    hook = None
+    if capture:
+        hook = layers[stop - 1].register_forward_hook(lambda mod, args, out: got.append(L.first_out(out)))
+    feed = L.replace_input(target, hidden) if hidden is not None else contextlib.nullcontext()
+    try:
+        with L.without_layers(model, [i for i in range(nc) if not start <= i < stop]), feed:
+            h = bb(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    finally:
+        if hook is not None:
+            hook.remove()
+    return got[0] if capture else h
+
+
 @torch.inference_mode()
-def nll_scores(model: torch.nn.Module, dev: DevSet, candidates: Sequence[int | None],
-               removed: Sequence[int] = ()) -> dict[int | None, Score]:
-    """Per-token NLL of the references for each candidate (lower keeps more), with prefix reuse."""
+def iter_nll_scores(model: torch.nn.Module, dev: DevSet, candidates: Sequence[int | None],
+                    removed: Sequence[int] = (), *, interrupt: Interrupt = None) -> Iterator[tuple[int | None, Score]]:
+    """Yields (candidate, Score) as each candidate finishes: per-token NLL of the references without
+    it (lower keeps more), with prefix reuse (module docstring). Candidates in layer order, the
+    baseline (``None``) last, from the deepest prefix."""
     n = L.num_layers(model)
     rem, pos = _positions(n, removed)
     cands = list(dict.fromkeys(candidates))
     _check_candidates(cands, pos, n)
-    bb, head = L.backbone(model), model.get_output_embeddings()
-    sums = {c: 0.0 for c in cands}
-    secs = {c: 0.0 for c in cands}
-    n_tok = 0
-    with L.without_layers(model, rem):
-        layers = surgery.decoder_layers(model)
-        nc = len(layers)
-        need = sorted({pos[c] for c in cands if c is not None})
-        norm = L.final_norm(model)
-        if need and need[-1] == nc - 1 and norm is None:
-            raise ImportanceError(f"{type(model).__name__}: no final norm module found, so the last layer "
-                                  "cannot be scored by prefix reuse; protect it")
-        for batch in dev.batches:
-            if batch.embeds is None:
-                raise ImportanceError("the dev set was prepared without the teacher-forced view")
-            stored: dict[int, torch.Tensor] = {}
-
-            def keeper(j: int):
-                def pre(mod, args, kwargs):
-                    stored[j] = L.first_arg(args, kwargs)
-                return pre
-
-            hooks = [layers[j].register_forward_pre_hook(keeper(j), with_kwargs=True) for j in need]
-            t0 = time.perf_counter()
-            try:
-                h = bb(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-            finally:
-                for hk in hooks:
-                    hk.remove()
-            base = _nll_sum(head, h, batch.labels) if None in sums else 0.0
-            share = (time.perf_counter() - t0) / max(1, len(cands))
-            del h
-            for c in cands:
-                t1 = time.perf_counter()
-                if c is None:
-                    sums[c] += base
-                else:
-                    j = pos[c]
-                    target = layers[j + 1] if j + 1 < nc else norm
-                    with L.without_layers(model, range(j + 1)), L.replace_input(target, stored[j]):
-                        hc = bb(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
-                                use_cache=False).last_hidden_state
-                    sums[c] += _nll_sum(head, hc, batch.labels)
-                secs[c] += time.perf_counter() - t1 + share
-            n_tok += batch.n_label_tokens
+    if any(b.embeds is None for b in dev.batches):
+        raise ImportanceError("the dev set was prepared without the teacher-forced view")
+    n_tok = sum(b.n_label_tokens for b in dev.batches)
     if n_tok == 0:
         raise ImportanceError("the dev set has no label tokens to score")
-    return {c: Score("nll", sums[c] / n_tok, {"nll": sums[c] / n_tok}, dev.n_samples, n_tok, secs[c]) for c in cands}
+    order = sorted((c for c in cands if c is not None), key=lambda c: pos[c]) + ([None] if None in cands else [])
+    bb, head = L.backbone(model), model.get_output_embeddings()
+    with L.without_layers(model, rem):
+        nc = len(surgery.decoder_layers(model))
+        norm = L.final_norm(model)
+        if norm is None and any(c is not None and pos[c] == nc - 1 for c in cands):
+            raise ImportanceError(f"{type(model).__name__}: no final norm module found, so the last layer "
+                                  "cannot be scored by prefix reuse; protect it")
+        # per dev batch: the layer the scan has reached and its input (None: the embedded batch, layer 0)
+        front = [0] * len(dev.batches)
+        hid: list[torch.Tensor | None] = [None] * len(dev.batches)
+        for c in order:
+            t0 = time.perf_counter()
+            total = 0.0
+            for k, batch in enumerate(dev.batches):
+                if interrupt is not None:
+                    interrupt()
+                if c is None:
+                    h = _span(model, bb, batch, front[k], nc, hid[k], norm)
+                else:
+                    j = pos[c]
+                    if j > front[k]:
+                        hid[k] = _span(model, bb, batch, front[k], j, hid[k], norm, capture=True)
+                        front[k] = j
+                    h = _span(model, bb, batch, j + 1, nc, hid[k], norm)
+                total += _nll_sum(head, h, batch.labels)
+                del h
+            v = total / n_tok
+            yield c, Score("nll", v, {"nll": v}, dev.n_samples, n_tok, time.perf_counter() - t0)
+
+
+def nll_scores(model: torch.nn.Module, dev: DevSet, candidates: Sequence[int | None],
+               removed: Sequence[int] = ()) -> dict[int | None, Score]:
+    """:func:`iter_nll_scores` collected: {candidate: Score}."""
+    return dict(iter_nll_scores(model, dev, candidates, removed))
 
 
 # ---------------------------------------------------------------------------------------------- block influence
@@ -179,7 +205,7 @@ class BlockInfluence:
 
 @torch.inference_mode()
 def block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence[int] = (),
-                    block_sizes: Sequence[int] = ()) -> BlockInfluence:
+                    block_sizes: Sequence[int] = (), *, interrupt: Interrupt = None) -> BlockInfluence:
     n = L.num_layers(model)
     rem, pos = _positions(n, removed)
     orig = {j: o for o, j in pos.items()}
@@ -193,6 +219,8 @@ def block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence[int] 
         ang = {s: [0.0] * (nc - s + 1) for s in sizes}
         n_tok = 0
         for batch in dev.batches:
+            if interrupt is not None:
+                interrupt()
             if batch.embeds is None:
                 raise ImportanceError("the dev set was prepared without the teacher-forced view")
             m = batch.labels[:, 1:] != IGNORE
@@ -228,14 +256,14 @@ def block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence[int] 
 
 
 def block_influence_scores(model: torch.nn.Module, dev: DevSet, candidates: Sequence[int | None],
-                           removed: Sequence[int] = ()) -> dict[int | None, Score]:
+                           removed: Sequence[int] = (), *, interrupt: Interrupt = None) -> dict[int | None, Score]:
     """Block influence of each candidate in the current model (lower: the layer changes its input less)."""
     if any(c is None for c in candidates):
         raise ImportanceError("block_influence scores layers, not a whole model: it has no baseline")
     n = L.num_layers(model)
     _, pos = _positions(n, removed)
     _check_candidates(candidates, pos, n)
-    res = block_influence(model, dev, removed)
+    res = block_influence(model, dev, removed, interrupt=interrupt)
     share = res.seconds / max(1, len(candidates))
     return {c: Score("block_influence", res.layer[c], {"block_influence": res.layer[c]}, dev.n_samples,
                      res.n_tokens, share) for c in candidates}
@@ -304,10 +332,13 @@ def decode_new_tokens(tokenizer: Any, seqs: torch.Tensor, eos: Sequence[int]) ->
 
 
 @torch.inference_mode()
-def translate(model: torch.nn.Module, tokenizer: Any, dev: DevSet, gen_cfg: Any) -> list[str]:
+def translate(model: torch.nn.Module, tokenizer: Any, dev: DevSet, gen_cfg: Any, *,
+              interrupt: Interrupt = None) -> list[str]:
     """Greedy translations of the dev set (in dev order) from the cached prompt embeddings."""
     hyps: list[str] = []
     for batch in dev.batches:
+        if interrupt is not None:
+            interrupt()
         if batch.gen_embeds is None:
             raise ImportanceError("the dev set was prepared without the prompt-only view")
         seqs = model.generate(inputs_embeds=batch.gen_embeds, attention_mask=batch.gen_mask,
@@ -318,7 +349,8 @@ def translate(model: torch.nn.Module, tokenizer: Any, dev: DevSet, gen_cfg: Any)
 
 
 def task_scores(model: torch.nn.Module, tokenizer: Any, dev: DevSet, candidates: Sequence[int | None],
-                removed: Sequence[int] = (), *, metric: str, gen_cfg: Any) -> Iterator[tuple[int | None, Score]]:
+                removed: Sequence[int] = (), *, metric: str, gen_cfg: Any,
+                interrupt: Interrupt = None) -> Iterator[tuple[int | None, Score]]:
     """Yields (candidate, Score) as each candidate finishes (so a journal can record it at once)."""
     if metric not in TASK_METRICS:
         raise ImportanceError(f"unknown metric {metric!r} for the task scorer; one of {', '.join(TASK_METRICS)}")
@@ -330,6 +362,6 @@ def task_scores(model: torch.nn.Module, tokenizer: Any, dev: DevSet, candidates:
         t0 = time.perf_counter()
         drop = rem + ([c] if c is not None else [])
         with L.without_layers(model, drop):
-            hyps = translate(model, tokenizer, dev, gen_cfg)
+            hyps = translate(model, tokenizer, dev, gen_cfg, interrupt=interrupt)
         mets = corpus_metrics(hyps, refs, dev.tgt_langs)
         yield c, Score(metric, mets[metric], mets, dev.n_samples, 0, time.perf_counter() - t0, hyps)

@@ -10,6 +10,10 @@ Every decision is a pure function of the unit records, which every rank holds id
 reads the journal and broadcasts it; each iteration's new records are all-gathered), so every rank
 decides the same. Ties (also scores equal up to float noise: 9 significant digits) go to the lower
 layer index, so a 1-rank and a 2-rank run, or a resumed one, choose the same layers.
+
+Stopping: the runner asks ``Runner.stop`` after every journaled unit, and the scorers ask between dev
+batches (raising :class:`StopScan`); a rank that stops goes on to the iteration's gather with what
+it finished, and when any rank stopped every rank raises :class:`engine.errors.Resumable` (exit 75).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .. import dist
 from ..config import ImportanceConfig
+from ..errors import Resumable
 from ..models import surgery
 from . import journal as J
 from .devset import ImportanceError
@@ -166,15 +171,26 @@ def assign(units: Sequence[Unit], world: int, cost: Callable[[Unit], float]) -> 
 ComputeFn = Callable[[Sequence[Unit]], Iterable[tuple[Unit, Any]]]
 
 
+class StopScan(Exception):
+    """A stop was requested while a unit was being computed (raised between dev batches); the unit in
+    flight is abandoned, finished ones are in the journal."""
+
+
 @dataclass
 class Runner:
-    """Runs units on this rank, journals them, gathers everybody's records."""
+    """Runs units on this rank, journals them, gathers everybody's records.
+
+    ``annotate(unit, score)``: extra fields of the unit's journal record (written before the record,
+    e.g. the task scorer's hypotheses file). ``stop()``: why to stop (e.g. ``"SIGTERM"``) or None.
+    """
     compute: ComputeFn
     writer: J.Writer
     done: dict[J.UnitKey, dict]
     cost: Callable[[Unit], float]
     on_unit: Callable[[Unit, dict], None] = lambda u, r: None
     on_start: Callable[[int, int], None] = lambda it, n: None
+    annotate: Callable[[Unit, Any], dict] = lambda u, s: {}
+    stop: Callable[[], str | None] = lambda: None
     computed: int = 0
     skipped: int = 0
 
@@ -185,17 +201,38 @@ class Runner:
         mine = assign(todo, env.world_size, self.cost)[env.rank]
         self.on_start(units[0].iteration if units else 0, len(mine))
         prov = dist.provenance()
-        new = []
-        for unit, score in self.compute(mine):
-            rec = J.unit_record(iteration=unit.iteration, removed=list(unit.removed), candidate=unit.candidate,
-                                score=score, provenance=prov)
-            self.writer.append(rec)
-            new.append(rec)
-            self.computed += 1
-            self.on_unit(unit, rec)
-        for recs in dist.all_gather_object(new):
-            for rec in recs:
+        new: list[dict] = []
+        reason = self.stop()
+        if mine and reason is None:
+            it = iter(self.compute(mine))
+            try:
+                for unit, score in it:
+                    rec = J.unit_record(iteration=unit.iteration, removed=list(unit.removed),
+                                        candidate=unit.candidate, score=score, provenance=prov,
+                                        extra=self.annotate(unit, score))
+                    self.writer.append(rec)
+                    new.append(rec)
+                    self.computed += 1
+                    self.on_unit(unit, rec)
+                    reason = self.stop()
+                    if reason is not None:
+                        break
+            except StopScan:
+                reason = self.stop() or "a stop request"
+            finally:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()  # restores the model (the scorers' layer-skip contexts) at once
+        gathered = dist.all_gather_object({"records": new, "stop": reason})
+        for g in gathered:
+            for rec in g["records"]:
                 self.done.setdefault(J.record_key(rec), rec)
+        stops = [g["stop"] for g in gathered if g["stop"]]
+        if stops:
+            exc = Resumable(f"stopped by {stops[0]}; every finished unit is in the journal ({self.computed} from this "
+                            f"run on this rank): rerun the same command to continue")
+            exc.agreed = True  # type: ignore[attr-defined]
+            raise exc
         missing = [u for u in units if u.key not in self.done]
         if missing:
             raise ImportanceError(f"internal: units {[(u.iteration, u.candidate) for u in missing]} were not computed")
@@ -220,21 +257,28 @@ class Result:
 def _summary(rec: dict | None, baseline: float | None, hib: bool) -> dict | None:
     if rec is None:
         return None
-    return {"score": rec["score"], "metrics": rec["metrics"], "relative": relative(rec["score"], baseline, hib),
-            "n_samples": rec["n_samples"]}
+    out = {"score": rec["score"], "metrics": rec["metrics"], "relative": relative(rec["score"], baseline, hib),
+           "n_samples": rec["n_samples"]}
+    if rec.get("hypotheses"):
+        out["hypotheses"] = rec["hypotheses"]
+    return out
 
 
 def _iteration_entry(it: int, before: Sequence[int], recs: dict[int, dict], chosen: list[int],
                      baseline: float | None, hib: bool) -> dict:
-    return {"iteration": it, "removed_before": list(before),
-            "scores": {str(c): recs[c]["score"] for c in sorted(recs)},
-            "metrics": {str(c): recs[c]["metrics"] for c in sorted(recs)},
-            "computed_by": {str(c): {k: recs[c].get(k) for k in ("host", "rank", "pid")} for c in sorted(recs)},
-            "seconds": round(sum(recs[c].get("seconds", 0.0) for c in recs), 6),
-            "ranked": rank_order({c: r["score"] for c, r in recs.items()}, hib),
-            "chosen": chosen,
-            "score": recs[chosen[0]]["score"] if len(chosen) == 1 else None,
-            "relative": relative(recs[chosen[0]]["score"], baseline, hib) if len(chosen) == 1 else None}
+    entry = {"iteration": it, "removed_before": list(before),
+             "scores": {str(c): recs[c]["score"] for c in sorted(recs)},
+             "metrics": {str(c): recs[c]["metrics"] for c in sorted(recs)},
+             "computed_by": {str(c): {k: recs[c].get(k) for k in ("host", "rank", "pid")} for c in sorted(recs)},
+             "seconds": round(sum(recs[c].get("seconds", 0.0) for c in recs), 6),
+             "ranked": rank_order({c: r["score"] for c, r in recs.items()}, hib),
+             "chosen": chosen,
+             "score": recs[chosen[0]]["score"] if len(chosen) == 1 else None,
+             "relative": relative(recs[chosen[0]]["score"], baseline, hib) if len(chosen) == 1 else None}
+    hyps = {str(c): recs[c]["hypotheses"] for c in sorted(recs) if recs[c].get("hypotheses")}
+    if hyps:
+        entry["hypotheses"] = hyps
+    return entry
 
 
 def run_search(plan: Plan, runner: Runner, log: Any = None) -> Result:

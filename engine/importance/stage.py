@@ -3,38 +3,61 @@
 ``stc importance`` (any number of ranks): validate the plan before anything heavy, check dev/test
 separation, read the journal(s), load the model once per rank, prepare the dev set (audio encoder
 once), run the search, then rank 0 writes ``ranking.json``, ``ranking.md``, ``importance.png``,
-``meta.json`` (kind ``journal``) and ``config.yaml`` into ``importance.out``.
+``meta.json`` (kind ``journal``) and ``config.yaml`` into ``importance.out``. The task scorer also
+keeps every scored model's translations: ``hypotheses/<unit>.jsonl``, one line per dev sample (key,
+target language, reference, hypothesis), named in the unit's journal record and in ``ranking.json``.
+
+One ranking per ``importance.out``: a scan with another method, scorer or metric than the ranking
+already there is refused (its ``ranking.json`` would silently replace the other, and ``stc prune
+--from`` the directory would then remove other layers); give it its own ``importance.out``.
+
+Stopping: SIGTERM/SIGUSR1 during a scan set a flag; the scan stops at the next dev batch or unit,
+the ranks agree, and the stage raises :class:`engine.errors.Resumable` (exit 75; finished units stay
+in the journal, the unit in flight is recomputed by the rerun). A second signal stops at once. A
+signal that comes after the scan finished lets the outputs be written (exit 0). Test hook:
+``STC_SIGNAL_AFTER_UNITS=<n>[:<rank>]`` makes that rank (default 0) send itself SIGTERM after it
+journaled its n-th unit of the run, as a scheduler would.
 
 ``stc prune`` (rank 0): remove the layers of a ranking (or ``--layers``) with
 :func:`engine.models.surgery.drop_layers` and save a model that plain ``transformers`` reloads, with
 ``meta.json`` (kind ``model``) recording kept/removed original layers and parameter/storage counts.
+The weights are saved in ``prune.dtype``; ``auto`` keeps the source checkpoint's dtype (its
+safetensors, else ``config.json``), whatever ``model.dtype`` an importance scan used, so a bf16
+checkpoint stays bf16 and the pruned model is smaller than its source.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import dataclasses
 import json
 import os
 import shutil
+import signal
+import struct
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 from .. import config as cfg
-from .. import dist, log
+from .. import dist, log, stages
+from ..errors import Resumable
+from ..io import atomic_write_text
 from ..meta import (MetaError, build_meta, fingerprint_feature_extractor, fingerprint_model, fingerprint_obj,
                     fingerprint_prompt, fingerprint_tokenizer, read_meta, write_meta)
 from ..models import surgery
+from ..models.counts import param_counts, storage_bytes
+from ..models.load import ModelLoadError, check_model_dir, detect_kind, load_model, load_processor
 from . import devset as D
 from . import journal as J
 from . import report, scorers, search
 from .devset import ImportanceError
 
-LOCK = ".importance.lock"
-
-
 def out_dir(recipe: cfg.Recipe) -> Path:
-    return Path(recipe.importance.out or Path(recipe.run.out_dir) / "importance")
+    return stages.out_dir("importance", recipe)
 
 
 def _model_info(model_dir: Path) -> tuple[int, list[int]]:
@@ -50,8 +73,6 @@ def _model_info(model_dir: Path) -> tuple[int, list[int]]:
 
 
 def _check_model_dir(path: str) -> tuple[Path, str]:
-    from ..models.load import ModelLoadError, check_model_dir, detect_kind
-
     try:
         p = check_model_dir(path)
         return p, detect_kind(p)
@@ -83,30 +104,11 @@ def scorer_config(recipe: cfg.Recipe, metric: str) -> dict:
 
 def _agree(error: str | None) -> None:
     """Raise the same error on every rank when any rank hit one (so no rank waits in a collective)."""
-    errs = [e for e in dist.all_gather_object(error) if e]
-    if errs:
-        raise ImportanceError(errs[0])
+    dist.agree(error, ImportanceError)
 
 
-@contextlib.contextmanager
-def _lock(out: Path, enabled: bool) -> Iterator[str | None]:
-    if not enabled:
-        yield None
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK, "w")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield f"another `stc importance` is writing to {out} (lock {LOCK} held); wait for it or use another importance.out"
-            return
-        yield None
-    finally:
-        f.close()
-
-
-def _compute_fn(scorer: str, model: Any, tokenizer: Any, dev: D.DevSet, metric: str, gen_cfg: Any):
+def _compute_fn(scorer: str, model: Any, tokenizer: Any, dev: D.DevSet, metric: str, gen_cfg: Any,
+                interrupt: scorers.Interrupt = None):
     def compute(units):
         groups: dict[tuple[int, ...], list] = {}
         for u in units:
@@ -114,14 +116,14 @@ def _compute_fn(scorer: str, model: Any, tokenizer: Any, dev: D.DevSet, metric: 
         for removed, us in groups.items():
             by_c = {u.candidate: u for u in us}
             if scorer == "nll":
-                res = scorers.nll_scores(model, dev, list(by_c), removed)
-                yield from ((by_c[c], res[c]) for c in by_c)
+                for c, sc in scorers.iter_nll_scores(model, dev, list(by_c), removed, interrupt=interrupt):
+                    yield by_c[c], sc
             elif scorer == "block_influence":
-                res = scorers.block_influence_scores(model, dev, list(by_c), removed)
+                res = scorers.block_influence_scores(model, dev, list(by_c), removed, interrupt=interrupt)
                 yield from ((by_c[c], res[c]) for c in by_c)
             else:
                 for c, sc in scorers.task_scores(model, tokenizer, dev, list(by_c), removed, metric=metric,
-                                                 gen_cfg=gen_cfg):
+                                                 gen_cfg=gen_cfg, interrupt=interrupt):
                     yield by_c[c], sc
     return compute
 
@@ -131,32 +133,148 @@ def _cost_fn(scorer: str, num_layers: int):
         if scorer != "nll":
             return 1.0
         if u.candidate is None:
-            return 0.5  # free with the prefix pass the rank runs anyway
+            return 0.5  # cheap: it continues from the prefix the rank's candidates reached
         return 1.0 + sum(1 for i in range(u.candidate + 1, num_layers) if i not in u.removed)
     return cost
 
 
-def run_importance(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
-    owns = not dist.is_initialized()
-    env = dist.init()
+# ------------------------------------------------------------------------------------------------ hypotheses
+
+HYPOTHESES = "hypotheses"
+
+
+def hypotheses_name(u: search.Unit) -> str:
+    """``hypotheses/it2-layer7-without-3.13.jsonl``: iteration 2, layer 7 removed from the model without
+    layers 3 and 13; ``it0-model.jsonl``: the unpruned model (one file per unit key)."""
+    what = "model" if u.candidate is None else f"layer{u.candidate}"
+    rest = "-without-" + ".".join(str(r) for r in sorted(u.removed)) if u.removed else ""
+    return f"{HYPOTHESES}/it{u.iteration}-{what}{rest}.jsonl"
+
+
+def _hypotheses_writer(out: Path, dev: D.DevSet):
+    """``Runner.annotate`` for the task scorer: write the unit's translations (before its journal record,
+    so a journaled unit always has its file) and name the file in the record."""
+    refs = [r for b in dev.batches for r in b.refs]
+
+    def annotate(u: search.Unit, score: Any) -> dict:
+        hyps = getattr(score, "hypotheses", None)
+        if hyps is None:
+            return {}
+        name = hypotheses_name(u)
+        atomic_write_text(out / name, "".join(
+            json.dumps({"key": k, "tgt_lang": t, "ref": r, "hyp": h}, ensure_ascii=False) + "\n"
+            for k, t, r, h in zip(dev.keys, dev.tgt_langs, refs, hyps)))
+        return {"hypotheses": name}
+    return annotate
+
+
+# ------------------------------------------------------------------------------------------------ stopping
+
+SIGNAL_HOOK = "STC_SIGNAL_AFTER_UNITS"
+
+
+class _Stop:
+    """SIGTERM/SIGUSR1 while ``handling()``: the first sets the flag the runner and scorers poll, a
+    second raises :class:`Resumable` at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def __call__(self) -> str | None:
+        return self.signal
+
+    def check(self) -> None:
+        """The scorers' ``interrupt``: abandon the unit in flight once a stop was requested."""
+        if self.signal is not None:
+            raise search.StopScan(self.signal)
+
+    def agree(self, where: str) -> None:
+        """Raise :class:`Resumable` on every rank when any rank was asked to stop (a collective)."""
+        if dist.any_flag(self.signal is not None):
+            exc = Resumable(f"stopped by {self.signal or 'a signal to another rank'} {where}; finished units are "
+                            f"kept in the journal: rerun the same command to continue")
+            exc.agreed = True  # type: ignore[attr-defined]
+            raise exc
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            raise Resumable(f"stopped by a second {name}; finished units are kept in the journal: rerun the same "
+                            f"command to continue")
+        self.signal = name
+        log.get().warning(f"received {name}: stopping after the current dev batch; finished units stay in the "
+                          f"journal (exit 75: rerun the same command to continue)")
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator["_Stop"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _signal_hook(rank: int) -> int | None:
+    """``STC_SIGNAL_AFTER_UNITS=<n>[:<rank>]``: after how many units this rank signals itself (None: never)."""
+    v = os.environ.get(SIGNAL_HOOK, "").strip()
+    if not v:
+        return None
+    n, _, r = v.partition(":")
     try:
-        return _run_importance(recipe, env, dry_run)
-    finally:
-        if owns:
-            dist.finalize()
+        return int(n) if int(r or 0) == rank else None
+    except ValueError:
+        raise ImportanceError(f"{SIGNAL_HOOK}={v!r}: expected <units>[:<rank>]") from None
 
 
-def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool) -> dict | None:
-    import torch
+# ------------------------------------------------------------------------------------------------ one ranking per out
 
+def _check_same_ranking(out: Path, method: str, scorer: str, metric: str) -> None:
+    """Refuse a scan whose ``ranking.json`` would replace a ranking of another method/scorer/metric."""
+    p = out / report.RANKING
+    if not p.is_file():
+        return
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # not a readable ranking: nothing a later prune could take from it
+    if not isinstance(doc, dict) or doc.get("kind") != "importance_ranking":
+        return
+    theirs = (doc.get("method"), doc.get("scorer"), doc.get("metric"))
+    if theirs == (method, scorer, metric):
+        return
+    other = out.with_name(f"{out.name}-{method}-{scorer}")
+    raise ImportanceError(
+        f"{out} already holds a ranking ({p.name}: method={theirs[0]}, scorer={theirs[1]}, metric={theirs[2]}); "
+        f"this scan (method={method}, scorer={scorer}, metric={metric}) would replace it, and `stc prune --from "
+        f"{out}` would then remove other layers. Give this scan its own directory (importance.out={other}), or "
+        f"delete {p} to replace that ranking")
+
+
+def run_importance(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
+    """``stc importance`` (any number of ranks); returns the ranking document on rank 0."""
+    if dry_run:
+        return _run_importance(recipe, dist.env(), dry_run, _Stop())
+    stop = _Stop()
+    with dist.session() as env, stop.handling():
+        return _run_importance(recipe, env, dry_run, stop)
+
+
+def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: _Stop) -> dict | None:
     ic, data = recipe.importance, recipe.data
     out = out_dir(recipe)
-    lg = log.setup(recipe.run.log_level, out)
+    lg = log.get() if dry_run else log.setup(recipe.run.log_level, out, progress_s=recipe.run.progress_s)
     if recipe.run.threads > 0:
         torch.set_num_threads(recipe.run.threads)
     if not data.shards:
         raise ImportanceError("data.shards is empty: point it at a directory written by `stc shards build`")
     model_dir, kind = _check_model_dir(recipe.model.path)
+    if recipe.model.kind not in ("auto", kind):   # refused now, not after the dev set is read
+        raise ImportanceError(f"{model_dir} holds a {kind} model but model.kind is {recipe.model.kind!r}; set "
+                              f"model.kind={kind} or auto")
     n_layers, original = _model_info(model_dir)
     is_audio = kind == "qwen2audio"
 
@@ -171,6 +289,7 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool) -> dic
     if ic.scorer != "task" and ic.selector != "auto" and env.is_main:
         lg.warning(f"importance.selector={ic.selector} applies to the task scorer only; {ic.scorer} ranks by {metric}")
     plan = search.make_plan(ic, n_layers, metric)
+    signal_after = _signal_hook(env.rank)
     for note in D.check_disjoint(data.shards, data.dev_split, data.test_split, [s.key for s in samples],
                                  [s.meta.get("src_text", "") for s in samples]):
         if env.is_main:
@@ -179,14 +298,12 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool) -> dic
         if env.is_main:
             lg.warning(f"dev sample {k} skipped: {r}")
     if dry_run:
+        _check_same_ranking(out, plan.method, ic.scorer, metric)
         if env.is_main:
-            log.console.print(f"importance plan: {plan.method} search by {metric} ({ic.scorer}) over {n_layers} "
-                              f"decoder layers; remove {plan.n_remove} (forced {list(plan.forced)}), protected "
-                              f"{list(plan.protected)}, candidates {plan.prunable}; {len(samples)} dev samples; "
-                              f"out {out}")
+            print(f"importance (dry run): {plan.method} search by {metric} ({ic.scorer}) over {n_layers} "
+                  f"decoder layers; remove {plan.n_remove} (forced {list(plan.forced)}), protected "
+                  f"{list(plan.protected)}, candidates {plan.prunable}; {len(samples)} dev samples; out {out}")
         return None
-
-    from ..models.load import load_model, load_processor
 
     processor = load_processor(model_dir)
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -203,79 +320,86 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool) -> dic
                           "scorer_config": scorer_config(recipe, metric), "num_layers": n_layers})
 
     out.mkdir(parents=True, exist_ok=True)
-    with _lock(out, env.is_main) as lock_err:
-        _agree(lock_err)
-        J.repair_tail(J.journal_path(out, env.rank))
+    # one scan per output: `stc importance` holds the lock of importance.out (engine.lock)
+    J.repair_tail(J.journal_path(out, env.rank))
+    dist.barrier()
+    state, err = None, None
+    if env.is_main:
+        try:
+            state = J.read(out, fps, metric)  # another scorer or metric: refused here, naming what differs
+            _check_same_ranking(out, plan.method, ic.scorer, metric)
+        except ImportanceError as e:
+            err = str(e)
+    _agree(err)
+    state = dist.broadcast_object(state)
+    if env.is_main:
+        for p in state.problems:
+            lg.warning(f"journal: {p}")
+        if state.units:
+            lg.info(f"journal: {len(state.units)} finished unit(s) from {', '.join(state.files)} will not be recomputed")
+    writer = J.Writer(out, env.rank, head)
+
+    device = dist.device() if recipe.run.device != "cpu" else torch.device("cpu")
+    if recipe.run.device == "cuda" and device.type != "cuda":
+        raise ImportanceError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+    model = load_model(recipe.model, device=device if device.type == "cuda" else None)
+    stop.agree("while the model was loading")
+    t0 = time.perf_counter()
+    dev = D.prepare(model, processor, samples, data, batch_size=ic.decode_batch_size,
+                    teacher_forced=ic.scorer != "task", prompt_only=ic.scorer == "task")
+    if dev.n_samples == 0:
+        why = "; ".join(f"{k}: {r}" for k, r in dev.skipped[:5])
+        raise ImportanceError(f"the dev split {data.dev_split!r} has no usable samples after building prompts ({why})")
+    if env.is_main:
+        lg.info(f"dev set: {dev.n_samples} samples in {len(dev.batches)} batches; decoder inputs cached in "
+                f"{time.perf_counter() - t0:.1f}s")
+    gen_cfg = None
+    if ic.scorer == "task":
+        b = D.prompt_builder(processor, data)
+        gen_cfg = scorers.generation_config(model, b.end_id, b.pad_id, ic.max_new_tokens)
+    stop.agree("while the dev set was prepared")
+
+    with log.progress() as prog:
+        task_id: dict[str, Any] = {}
+
+        def on_start(it: int, n: int) -> None:
+            task_id["t"] = prog.task(f"importance iteration {it}", total=max(n, 1), unit="candidates")
+
+        def on_unit(u: search.Unit, rec: dict) -> None:
+            task_id["t"].advance(1)
+            if signal_after is not None and runner.computed == signal_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        runner = search.Runner(compute=_compute_fn(ic.scorer, model, tokenizer, dev, metric, gen_cfg, stop.check),
+                               writer=writer, done=dict(state.units), cost=_cost_fn(ic.scorer, n_layers),
+                               on_unit=on_unit, on_start=on_start, stop=stop,
+                               annotate=_hypotheses_writer(out, dev) if ic.scorer == "task" else lambda u, sc: {})
         dist.barrier()
-        state, err = None, None
-        if env.is_main:
-            try:
-                state = J.read(out, fps, metric)
-            except ImportanceError as e:
-                err = str(e)
-        _agree(err)
-        state = dist.broadcast_object(state)
-        if env.is_main:
-            for p in state.problems:
-                lg.warning(f"journal: {p}")
-            if state.units:
-                lg.info(f"journal: {len(state.units)} finished unit(s) from {', '.join(state.files)} will not be recomputed")
-        writer = J.Writer(out, env.rank, head)
-
-        device = dist.device() if recipe.run.device != "cpu" else torch.device("cpu")
-        if recipe.run.device == "cuda" and device.type != "cuda":
-            raise ImportanceError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
-        model = load_model(recipe.model, device=device if device.type == "cuda" else None)
-        t0 = time.perf_counter()
-        dev = D.prepare(model, processor, samples, data, batch_size=ic.decode_batch_size,
-                        teacher_forced=ic.scorer != "task", prompt_only=ic.scorer == "task")
-        if dev.n_samples == 0:
-            why = "; ".join(f"{k}: {r}" for k, r in dev.skipped[:5])
-            raise ImportanceError(f"the dev split {data.dev_split!r} has no usable samples after building prompts ({why})")
-        if env.is_main:
-            lg.info(f"dev set: {dev.n_samples} samples in {len(dev.batches)} batches; decoder inputs cached in "
-                    f"{time.perf_counter() - t0:.1f}s")
-        gen_cfg = None
-        if ic.scorer == "task":
-            b = D.prompt_builder(processor, data)
-            gen_cfg = scorers.generation_config(model, b.end_id, b.pad_id, ic.max_new_tokens)
-
-        with log.progress("candidates") as prog:
-            task_id: dict[str, Any] = {}
-
-            def on_start(it: int, n: int) -> None:
-                task_id["t"] = prog.add_task(f"iteration {it}", total=max(n, 1), extra=f"rank {env.rank}")
-
-            def on_unit(u: search.Unit, rec: dict) -> None:
-                prog.advance(task_id["t"])
-
-            runner = search.Runner(compute=_compute_fn(ic.scorer, model, tokenizer, dev, metric, gen_cfg),
-                                   writer=writer, done=dict(state.units), cost=_cost_fn(ic.scorer, n_layers),
-                                   on_unit=on_unit, on_start=on_start)
-            dist.barrier()
-            t_scan = time.perf_counter()
-            result = search.run_search(plan, runner, lg if env.is_main else None)
-            dist.barrier()
-            scan_s = time.perf_counter() - t_scan
-        computed = dist.all_gather_object({"rank": env.rank, "computed": runner.computed,
-                                           "skipped": runner.skipped, **dist.provenance()})
-        angular = None
-        if ic.scorer == "block_influence" and env.is_main:
-            bi = scorers.block_influence(model, dev, (), [plan.n_remove])
-            angular = {str(k): {str(c): v for c, v in vals.items()} for k, vals in bi.angular.items()}
-        doc = None
-        if env.is_main:
-            doc = ranking_doc(result, plan, recipe, model_dir=model_dir, original=original, fps=fps, dev=dev,
-                              scan_s=scan_s, computed=computed, angular=angular, skipped=skipped)
-            report.write(out, doc)
-            write_meta(out, build_meta("journal", fingerprints=fps, config=recipe, ranking=report.RANKING,
-                                       journal_files=sorted(p.name for p in out.glob(J.JOURNAL_GLOB)),
-                                       journal_problems=state.problems, units=doc["scan"], method=plan.method,
-                                       metric=metric, removed=result.removed))
-            cfg.save_resolved(recipe, out)
-            _print_summary(doc, out)
+        t_scan = time.perf_counter()
+        result = search.run_search(plan, runner, lg if env.is_main else None)
         dist.barrier()
-        return doc
+        scan_s = time.perf_counter() - t_scan
+    if stop.signal is not None and env.is_main:
+        lg.warning(f"{stop.signal} came after the scan finished: writing the outputs before exiting")
+    computed = dist.all_gather_object({"rank": env.rank, "computed": runner.computed,
+                                       "skipped": runner.skipped, **dist.provenance()})
+    angular = None
+    if ic.scorer == "block_influence" and env.is_main:
+        bi = scorers.block_influence(model, dev, (), [plan.n_remove])
+        angular = {str(k): {str(c): v for c, v in vals.items()} for k, vals in bi.angular.items()}
+    doc = None
+    if env.is_main:
+        doc = ranking_doc(result, plan, recipe, model_dir=model_dir, original=original, fps=fps, dev=dev,
+                          scan_s=scan_s, computed=computed, angular=angular, skipped=skipped)
+        report.write(out, doc)
+        write_meta(out, build_meta("journal", fingerprints=fps, config=recipe, ranking=report.RANKING,
+                                   journal_files=sorted(p.name for p in out.glob(J.JOURNAL_GLOB)),
+                                   journal_problems=state.problems, units=doc["scan"], method=plan.method,
+                                   metric=metric, removed=result.removed))
+        cfg.save_resolved(recipe, out)
+        _print_summary(doc, out)
+    dist.barrier()
+    return doc
 
 
 def ranking_doc(result: search.Result, plan: search.Plan, recipe: cfg.Recipe, *, model_dir: Path,
@@ -299,26 +423,55 @@ def ranking_doc(result: search.Result, plan: search.Plan, recipe: cfg.Recipe, *,
     }
 
 
-def _print_summary(doc: dict, out: Path) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"{doc['method']} importance by {doc['metric']}: removal order")
-    for c in ("step", "layer", "original", doc["metric"], "of unpruned"):
-        t.add_column(c, justify="right")
-    step = 0
+def summary_rows(doc: dict) -> list[tuple[str, str, str, str, str]]:
+    """The removal order as table rows (step, layer, original layer, score, of unpruned): forced layers,
+    then each search step; a middle block is one row per layer, its score (the model without the
+    whole block) on the last."""
+    orig = dict(zip(doc["removed"], doc["removed_original"]))
+    rows = []
     for c in doc["forced"]:
-        step += 1
-        t.add_row(str(step), str(c), str(doc["removed_original"][step - 1]), "forced", "-")
+        rows.append((str(len(rows) + 1), str(c), str(orig[c]), "forced", "-"))
     for it in doc["iterations"]:
         for c in it["chosen"]:
-            step += 1
             rel = it["relative"] if len(it["chosen"]) == 1 else None
-            t.add_row(str(step), str(c), str(doc["removed_original"][doc["removed"].index(c)]),
-                      f"{it['scores'][str(c)]:.4f}", "-" if rel is None else f"{100 * rel:.1f}%")
-    log.console.print(t)
+            rows.append((str(len(rows) + 1), str(c), str(orig[c]), report.fmt_cell(it["scores"][str(c)]),
+                         "-" if rel is None else f"{100 * rel:.1f}%"))
+    block = doc.get("block") or []
     fin = doc.get("final") or {}
-    log.console.print(f"unpruned {((doc.get('baseline') or {}).get('score'))}, pruned {fin.get('score')}; "
-                      f"scan {doc['scan']['seconds']}s on {doc['scan']['world_size']} rank(s); wrote {out / report.RANKING}")
+    for k, c in enumerate(block):
+        last = k == len(block) - 1
+        rel = fin.get("relative")
+        rows.append((str(len(rows) + 1), str(c), str(orig[c]), report.fmt_cell(fin.get("score")) if last else "block",
+                     ("-" if rel is None else f"{100 * rel:.1f}%") if last else "-"))
+    return rows
+
+
+def _print_summary(doc: dict, out: Path, console: Any = None) -> None:
+    """The removal order on the console. Every cell is short and no column may shrink below its
+    widest value, so an 80-column terminal shows every value whole; the closing line is not
+    wrapped by rich (a long path stays one string)."""
+    from rich.table import Table
+
+    con = console if console is not None else log.console
+    title = f"{doc['method']} importance by {doc['metric']}: removal order"
+    if doc.get("block"):
+        title = f"middle block of {len(doc['block'])} layers by {doc['metric']}"
+    rows = summary_rows(doc)
+    heads = ("step", "layer", "original", doc["metric"], "of unpruned")
+    t = Table(title=title, title_justify="left")
+    for k, h in enumerate(heads):
+        width = max([len(h)] + [len(r[k]) for r in rows])
+        t.add_column(h, justify="right", no_wrap=True, overflow="fold", min_width=width)
+    for r in rows:
+        t.add_row(*r)
+    con.print(t)
+    base, fin = doc.get("baseline") or {}, doc.get("final") or {}
+    rel = fin.get("relative")
+    con.print(f"unpruned {report.fmt_cell(base.get('score'))}, pruned {report.fmt_cell(fin.get('score'))}"
+              + ("" if rel is None else f" ({100 * rel:.1f}% of unpruned)")
+              + f"; scan {doc['scan']['seconds']}s on {doc['scan']['world_size']} rank(s); "
+              f"wrote {out / report.RANKING}",
+              soft_wrap=True)
 
 
 # ================================================================================================ prune
@@ -350,17 +503,69 @@ def _ranking_layers(path: str, model_fp: dict, count: int) -> tuple[list[int], d
     return layers, doc
 
 
-def run_prune(recipe: cfg.Recipe) -> dict | None:
+_ST_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+_CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
+                  "fp32": "fp32"}
+
+
+def _safetensors_dtypes(path: Path) -> Counter:
+    """Bytes per dtype of one safetensors file, from its header (no tensor is read)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = json.loads(f.read(n))
+    out: Counter = Counter()
+    for name, t in head.items():
+        if name != "__metadata__" and isinstance(t, dict):
+            a, b = t.get("data_offsets", (0, 0))
+            out[t.get("dtype")] += b - a
+    return out
+
+
+def source_dtype(model_dir: Path) -> tuple[str | None, str]:
+    """(bf16 | fp16 | fp32 or None, where it was read): the floating dtype that holds most bytes of the
+    checkpoint's safetensors, else ``config.json`` ``torch_dtype``/``dtype`` (top level, then the
+    text config)."""
+    total: Counter = Counter()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        try:
+            total.update(_safetensors_dtypes(f))
+        except (OSError, ValueError, struct.error):
+            continue
+    floats = {k: v for k, v in total.items() if k in _ST_DTYPES}
+    if floats:
+        return _ST_DTYPES[max(floats, key=lambda k: (floats[k], k))], "its safetensors"
+    try:
+        c = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, ""
+    for d in (c, c.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            v = d.get(key) if isinstance(d, dict) else None
+            if isinstance(v, str) and v.replace("torch.", "") in _CONFIG_DTYPES:
+                return _CONFIG_DTYPES[v.replace("torch.", "")], f"config.json {key}"
+    return None, ""
+
+
+def prune_dtype(pc: cfg.PruneConfig, model_cfg: cfg.ModelConfig, model_dir: Path) -> tuple[str, str]:
+    """(dtype to load and save the pruned model in, why)."""
+    if pc.dtype != "auto":
+        return pc.dtype, "prune.dtype"
+    d, where = source_dtype(model_dir)
+    if d is None:
+        log.get().warning(f"prune.dtype=auto: cannot tell the dtype of {model_dir} (no safetensors header or "
+                          f"config.json dtype); saving in model.dtype={model_cfg.dtype}")
+        return model_cfg.dtype, "model.dtype (source dtype unknown)"
+    return d, f"the source's ({where})"
+
+
+def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
     """Rank 0 prunes; other ranks (under `stc run --nproc N prune`) have nothing to do."""
     if dist.env().rank != 0:
         return None
-    from ..models.counts import param_counts, storage_bytes
-    from ..models.load import load_model, load_processor
-
     pc = recipe.prune
-    lg = log.setup(recipe.run.log_level)
+    lg = log.get()
     model_dir, _ = _check_model_dir(recipe.model.path)
-    out = Path(pc.out or Path(recipe.run.out_dir) / "pruned")
+    out = stages.out_dir("prune", recipe)
     src_fp = {"model": fingerprint_model(model_dir), "weights": J.weights_probe(model_dir)}
     if pc.ranking and pc.layers:
         raise ImportanceError("give a ranking (--from / prune.ranking) or layers (--layers / prune.layers), not both")
@@ -385,7 +590,15 @@ def run_prune(recipe: cfg.Recipe) -> dict | None:
         layers = surgery.normalise_indices(layers, n_layers)
     except surgery.SurgeryError as e:
         raise ImportanceError(f"prune layers: {e}") from None
-    model = load_model(recipe.model)
+    dtype, dtype_why = prune_dtype(pc, recipe.model, model_dir)
+    if dry_run:
+        print(f"prune (dry run): remove decoder layer(s) {[original[i] for i in layers]} (original "
+                          f"numbering; indices {layers} of {n_layers}) from {model_dir}"
+                          + (f" and audio layer(s) {list(pc.prune_audio_layers)}" if pc.prune_audio_layers else "")
+                          + f"; write {out} in {dtype} ({dtype_why})")
+        return None
+    # loaded in the dtype it is saved in: nothing is computed, and a bf16 source never takes fp32 memory
+    model = load_model(dataclasses.replace(recipe.model, dtype=dtype))
     before = param_counts(model)
     bytes_before = storage_bytes(model_dir)
     try:
@@ -401,7 +614,9 @@ def run_prune(recipe: cfg.Recipe) -> dict | None:
     pruned = {"removed": layers, "removed_original": removed_original, "kept_original": kept_original,
               "audio_removed": list(pc.prune_audio_layers), "source": str(model_dir),
               "ranking": str(pc.ranking) if pc.ranking else None,
-              "ranking_metric": ranking_doc_.get("metric") if ranking_doc_ else None}
+              "ranking_metric": ranking_doc_.get("metric") if ranking_doc_ else None,
+              "ranking_method": ranking_doc_.get("method") if ranking_doc_ else None,
+              "dtype": dtype, "dtype_from": dtype_why}
     counts = {"before": {"total": before["total"], "stored": before["stored"], "stored_bytes": before["stored_bytes"],
                          "storage_bytes": bytes_before},
               "after": {"total": after["total"], "stored": after["stored"], "stored_bytes": after["stored_bytes"],
@@ -410,7 +625,7 @@ def run_prune(recipe: cfg.Recipe) -> dict | None:
            "tokenizer": fingerprint_tokenizer(tmp),
            "features": fingerprint_feature_extractor(tmp)}
     write_meta(tmp, build_meta("model", fingerprints=fps, config=recipe, pruned=pruned, params=counts,
-                               dtype=recipe.model.dtype))
+                               dtype=dtype))
     cfg.save_resolved(recipe, tmp)
     old = None
     if out.exists():
@@ -422,5 +637,17 @@ def run_prune(recipe: cfg.Recipe) -> dict | None:
     b, a = counts["before"], counts["after"]
     lg.info(f"pruned {len(layers)} decoder layer(s) {removed_original} (original numbering) from {model_dir}: "
             f"params {b['total']:,} -> {a['total']:,} ({100 * a['total'] / b['total']:.1f}%), storage "
-            f"{b['storage_bytes']:,} -> {a['storage_bytes']:,} bytes; wrote {out}")
+            f"{b['storage_bytes']:,} -> {a['storage_bytes']:,} bytes ({dtype}, {dtype_why}); wrote {out}")
     return {"out": str(out), **pruned, "params": counts}
+
+
+# ================================================================================================ stc entries
+
+def importance_main(recipe: cfg.Recipe, args: Any) -> int:
+    run_importance(recipe, dry_run=bool(getattr(args, "dry_run", False)))
+    return 0
+
+
+def prune_main(recipe: cfg.Recipe, args: Any) -> int:
+    run_prune(recipe, dry_run=bool(getattr(args, "dry_run", False)))
+    return 0

@@ -109,3 +109,37 @@ def storage_bytes(model_dir: str | os.PathLike) -> int:
     if not d.is_dir():
         raise FileNotFoundError(f"{d} is not a directory")
     return sum(p.stat().st_size for p in d.glob("*.safetensors") if p.is_file())
+
+
+def meta_model(config: Any, kind: str, trust_remote_code: bool = False) -> Any:
+    """The model class for ``kind`` built from ``config`` on the meta device: shapes, no memory."""
+    import torch
+
+    with torch.device("meta"):
+        if kind == "qwen2audio":
+            from transformers import Qwen2AudioForConditionalGeneration
+
+            return Qwen2AudioForConditionalGeneration._from_config(config)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def meta_param_counts(mc: Any, mode: str, lora: Any) -> tuple[int, int, Any]:
+    """``(all parameters, trainable parameters, text config)`` of the model at ``mc.path`` as the trainer
+    builds it (``mode`` full/lora/qlora), counted on the meta device from ``config.json`` alone: no
+    weights are read or allocated, so a config-only directory is enough (plans are validated this way,
+    and the ZeRO stage must be known before loading, because ZeRO-3 loads partitioned)."""
+    from transformers import AutoConfig
+
+    from .load import apply_lora, detect_kind
+
+    config = AutoConfig.from_pretrained(mc.path, local_files_only=True, trust_remote_code=mc.trust_remote_code)
+    model = meta_model(config, detect_kind(mc.path), mc.trust_remote_code)
+    if mode in ("lora", "qlora"):
+        model = apply_lora(model, lora)
+    n_all = sum(p.numel() for p in model.parameters())
+    # full: every parameter (the trainer unfreezes what a fresh module starts frozen)
+    n_train = n_all if mode == "full" else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return n_all, n_train, text_cfg

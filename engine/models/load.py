@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..config import LoraConfig, ModelConfig
+from ..errors import StcError
 
 log = logging.getLogger("stc")
 
@@ -33,7 +34,7 @@ _AUDIO_TOWER = "audio_tower"
 _KNOWN_ATTN = ("eager", "sdpa", "flash_attention", "flex_attention", "paged")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StcError):
     """A model directory that cannot be loaded; the message names the path and the fix."""
 
 

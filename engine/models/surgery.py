@@ -22,11 +22,13 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..errors import StcError
+
 ORIGINAL_KEY = "stc_original_layers"
 ORIGINAL_AUDIO_KEY = "stc_original_audio_layers"
 
 
-class SurgeryError(ValueError):
+class SurgeryError(StcError, ValueError):
     pass
 
 

@@ -2,7 +2,7 @@
 
 One record holds N label positions of one example; each position is the teacher's top-k token ids,
 their log-probabilities (temperature 1) and the log of the probability mass outside the top k (the
-"tail"). DESIGN 5 asks for <= 160 bytes per position at k=64 and a vocabulary >= 150k with all
+"tail"). The target is <= 160 bytes per position at k=64 and a vocabulary >= 150k with all
 overhead included; the obvious layout (18-bit ids + fp16 values) is 272 B. Ids are the expensive
 part: a uniformly random id out of 151,680 carries 17.2 bits, so at k=64 the ids alone are ~138 B and
 everything else (values, tail, framing) must fit in ~20 B. The design follows from that.
@@ -90,6 +90,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import StcError
+
 MAGIC = b"TK"
 VERSION = 1
 DEFAULT_STEP_EXP = 3              # step = 1/8 nat: see the module docstring for the bound it gives
@@ -107,7 +109,7 @@ _ESC = 255
 _LZMA_FILTERS = [dict(id=lzma.FILTER_LZMA2, preset=6, dict_size=1 << 16, lc=0, lp=0, pb=0)]
 
 
-class CodecError(ValueError):
+class CodecError(StcError, ValueError):
     """A payload that is not a valid top-k record, or inputs that cannot be encoded."""
 
 

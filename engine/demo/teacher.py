@@ -6,8 +6,8 @@ real ``Qwen2AudioForConditionalGeneration`` (Whisper-style encoder -> projector 
 narrow enough to train on two CPU cores, deep enough (8 decoder layers) for layer pruning to mean
 something. The audio window is 3 s (the demo's phrases last 1.1-2.3 s), a tenth of the real model's.
 
-Run: ``python -m engine.models.demo_teacher OUT_DIR`` (refuses to overwrite a non-empty directory);
-``python -m engine.models.demo_teacher --publish SRC DST`` copies a trained model to ``DST``.
+Run: ``python -m engine.demo.teacher OUT_DIR`` (refuses to overwrite a non-empty directory);
+``python -m engine.demo.teacher --publish SRC DST`` copies a trained model to ``DST``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..config import DataConfig
-from .tiny import build_bpe_tokenizer, build_tiny_qwen2audio
+from ..models.tiny import build_bpe_tokenizer, build_tiny_qwen2audio
 
 ARCH = dict(num_layers=8, hidden_size=128, intermediate_size=384, num_heads=4, num_kv_heads=2,
             audio_layers=2, audio_d_model=128, audio_heads=4, audio_ffn_dim=384, audio_seconds=3, audio_hop=320)
@@ -27,7 +27,7 @@ VOCAB = 640  # 256 bytes + 384 merges: prompt and task words, one token per Chin
 
 def tokenizer_texts() -> list[str]:
     """What the demo tokenizer is trained on: the prompt words and the task's three languages."""
-    from ..data.quantities import all_phrases
+    from .quantities import all_phrases
     from .. import langs
 
     d = DataConfig()
@@ -68,7 +68,7 @@ def publish(src: str | Path, dst: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.models.demo_teacher", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m engine.demo.teacher", description=__doc__.splitlines()[0])
     p.add_argument("out", nargs="+", help="directory for the randomly initialised model "
                                           "(with --publish: SRC DST)")
     p.add_argument("--seed", type=int, default=0)

@@ -37,12 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import StcError
+
 STAGES = (0, 1, 2, 3)
 FIT_FRACTION = 0.6
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(StcError, ValueError):
     """A training setup that cannot run as asked; the message names the numbers and the fix."""
 
 

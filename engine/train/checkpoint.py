@@ -38,15 +38,16 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from . import dist
-from .io import TMP_MARK, atomic_write_json
+from .. import dist
+from ..errors import StcError
+from ..io import TMP_MARK, atomic_write_json
 
 PART_BYTES = 2 * 2**30
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _NAME = re.compile(r"^step-\d+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StcError):
     pass
 
 

@@ -1,7 +1,7 @@
 """Distillation and cross-entropy losses on sparse (cached top-k) teacher targets, chunked.
 
 Plain functions on tensors: no rank, world size or trainer state. Every loss returns a
-:class:`LossSum`, the SUM over the counted label positions and their COUNT, because DESIGN 2b
+:class:`LossSum`, the SUM over the counted label positions and their COUNT, because the trainer
 normalises by the label tokens of the global batch (all ranks, all accumulation steps): the trainer
 all-reduces the counts, divides the sums, and a run is then the same whatever the world size.
 ``LossSum.mean()`` is the per-batch convenience.

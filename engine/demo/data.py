@@ -8,7 +8,7 @@ side into speech offline. The result is a small but real set that the whole chai
 Steps (``main``): load the pairs of each source -> clean them -> choose train/dev/test per target
 language with a seed, disjoint by English source sentence across *all* directions (the same English
 audio must never be trained on in one direction and scored in the other) -> synthesise the English
-speech in parallel, reusing wavs already on disk -> write ``manifest.jsonl`` (DESIGN 2b) and
+speech in parallel, reusing wavs already on disk -> write ``manifest.jsonl`` (fields in engine.data.manifest) and
 ``demo.json`` (provenance and attribution) -> ``engine.data.shards.build`` writes the WebDataset shards.
 
 The knobs (sources, counts, seed, voices) live in ``shards/demo.yaml``; the engine recipe that says
@@ -20,8 +20,6 @@ Adding a source: decorate a function with :func:`source`; it yields :class:`Pair
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -42,7 +40,9 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 
 from .. import config as cfg
-from .. import log
+from .. import lock, log
+from ..data import shards
+from ..errors import StcError
 from ..io import atomic_write_text, remove_stale_tmp, tmp_path_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ INSTALL_HINT_ESPEAK = ("install the Debian/Ubuntu package: apt-get install -y es
                        "(`make demo` installs it)")
 
 
-class DemoError(RuntimeError):
+class DemoError(StcError):
     """A problem the user can fix (missing tool or package, too few sentences); no traceback needed."""
 
 
@@ -239,7 +239,7 @@ def hsk_pairs() -> Iterator[Pair]:
 
 _GENERATED = dict(package="stc-engine", license="Apache-2.0", install="part of stc-engine",
                   attribution="Quantity phrases (English, German, Chinese): written by stc-engine "
-                              "(engine/data/quantities.py)")
+                              "(engine/demo/quantities.py)")
 
 
 @source("quantities-de", **_GENERATED)
@@ -458,14 +458,14 @@ def synthesize(jobs: list[SynthJob], exe: str, workers: int) -> dict[str, int]:
         return stats
     todo[0].path.parent.mkdir(parents=True, exist_ok=True)
     n_workers = workers or os.cpu_count() or 1
-    with log.progress("wavs") as prog, ThreadPoolExecutor(max_workers=n_workers) as pool:
-        task = prog.add_task("synthesize", total=len(todo), extra=f"{stats['reused']} reused")
+    with log.progress() as prog, ThreadPoolExecutor(max_workers=n_workers) as pool:
+        task = prog.task("demo speech", total=len(todo), unit="wavs")
         futures = [pool.submit(_synthesize_one, exe, j) for j in todo]
         try:
             for fut in as_completed(futures):
                 fut.result()
                 stats["synthesized"] += 1
-                prog.advance(task)
+                task.advance(1, reused=stats["reused"])
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -488,7 +488,7 @@ def audio_peak_dbfs(path: str | os.PathLike) -> float:
 
 def manifest_rows(chosen: dict[str, dict[str, list[Pair]]], spec: DemoSpec, version: str,
                   base: Path) -> tuple[list[dict], list[SynthJob]]:
-    """Rows in DESIGN 2b form (split by split, direction by direction) and the wavs they need.
+    """Manifest rows (split by split, direction by direction) and the wavs they need.
 
     ``audio`` is relative to ``base`` (the manifest's folder), so the folder can be moved as a whole.
     """
@@ -543,7 +543,7 @@ def _write_if_changed(path: Path, text: str) -> bool:
 def _recorded_source(out: Path) -> dict:
     """The input a shard folder was (or is being) built from: meta.json, else the journal's first line."""
     from ..meta import META_NAME
-    from .shards import JOURNAL
+    from ..data.shards import JOURNAL
 
     for path, pick in ((out / META_NAME, lambda text: json.loads(text)),
                        (out / JOURNAL, lambda text: json.loads(text.splitlines()[0]))):
@@ -603,21 +603,6 @@ def split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
     return demo, recipe
 
 
-@contextlib.contextmanager
-def _exclusive(base: Path) -> Iterator[None]:
-    """One demo build per folder: a second one would delete the first one's temporary wavs."""
-    base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(base / ".demo.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DemoError(f"another `stc demo` is building {base}; wait for it to finish") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def build(overrides: Iterable[str] = (), spec_path: str | os.PathLike | None = None) -> dict:
     """Build the demo set; returns a summary dict (counts, synthesis stats, phase times, shard summary)."""
     demo_ovs, recipe_ovs = split_overrides(overrides)
@@ -626,7 +611,9 @@ def build(overrides: Iterable[str] = (), spec_path: str | os.PathLike | None = N
     if not recipe.shards.manifest:
         raise DemoError(f"{spec.recipe}: shards.manifest must name where the demo manifest goes")
     manifest = _resolve(recipe.shards.manifest)
-    with _exclusive(manifest.parent):
+    # one demo build per folder: a second one would delete the first one's temporary wavs
+    targets = [manifest.parent] + ([_resolve(recipe.shards.out)] if spec.build_shards and recipe.shards.out else [])
+    with lock.hold(targets, "stc demo (data)"):
         return _build(spec, recipe, manifest)
 
 
@@ -683,11 +670,6 @@ def _build(spec: DemoSpec, recipe: cfg.Recipe, manifest: Path) -> dict:
                      "cleaning": clean_stats, "times_s": times, "shards": None}
     if spec.build_shards:
         t = time.perf_counter()
-        try:
-            from . import shards
-        except ImportError as e:
-            raise DemoError(f"engine.data.shards is not available ({e}); the manifest is written, "
-                            f"build shards later with `stc shards build --config {spec.recipe}`") from None
         # the builder's own default for an empty shards.out, made absolute like every demo path
         out = _resolve(recipe.shards.out or str(Path(recipe.run.out_dir) / "shards"))
         recipe = cfg.replace(recipe, shards={"manifest": str(manifest), "out": str(out)})
@@ -701,22 +683,8 @@ def _build(spec: DemoSpec, recipe: cfg.Recipe, manifest: Path) -> dict:
 
 
 def main(overrides: list[str] | None = None) -> int:
-    """``stc demo [demo.key=value ...] [section.key=value ...]``: build the demo set; 0 on success."""
-    try:
-        summary = build(overrides or [])
-    except DemoError as e:
-        print(f"stc demo: error: {e}", file=sys.stderr)
-        return 1
-    except cfg.ConfigError as e:
-        print(f"stc demo: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from ..cli import StageError
-
-        if not isinstance(e, StageError):  # a stage's user-facing error (e.g. from the shard builder)
-            raise
-        print(f"stc demo: error: {e}", file=sys.stderr)
-        return 1
+    """``stc demo`` data: build the demo set; 0 on success, 1 when no shard sample was written (errors raise)."""
+    summary = build(overrides or [])
     sh = summary.get("shards")
     if sh and sh.get("read", 0) > 0 and sh.get("written", 0) == 0:
         return 1

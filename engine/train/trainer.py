@@ -7,9 +7,9 @@ A stage is a recipe with fixed steps (:class:`Trainer`: ``setup``, ``preflight``
 adapters; ``qlora`` does the same on an nf4 base (the paper's student recipe). Whatever the mode the
 model goes through ``deepspeed.initialize`` with a torch AdamW over the *trainable* parameters only
 (frozen weights get no optimizer state and no gradient buffers). ZeRO stage and "auto" values:
-:mod:`engine.train_ds`.
+:mod:`engine.zero`.
 
-**Loss** (DESIGN 2b). For a micro batch with student logits ``z`` [B, T, V], labels ``y`` [B, T]
+**Loss** (the same whatever the world size and accumulation). For a micro batch with student logits ``z`` [B, T, V], labels ``y`` [B, T]
 (-100 off the translation) and, when distilling, the teacher's top-k targets ``kd_ids`` [B, T, k],
 ``kd_logprobs`` [B, T, k], ``kd_tail`` [B, T], ``kd_mask`` [B, T] aligned with ``y`` (row ``t`` is the
 teacher's distribution for token ``y[t]``, predicted from position ``t - 1``)::
@@ -47,13 +47,14 @@ one loss and differ only in where the targets come from.
 **Stop and resume.** SIGTERM and SIGUSR1 set a flag; after every optimizer step the ranks agree on it
 (``dist.any_flag``), all checkpoint the same step and the process exits with
 ``EXIT_RESUMABLE`` (75). Rerunning the same command resumes from the newest checkpoint in
-``<out>/checkpoints`` (format: :mod:`engine.train_ckpt`): weights, optimizer, scheduler, RNG and
+``<out>/checkpoints`` (format: :mod:`engine.train.checkpoint`): weights, optimizer, scheduler, RNG and
 the stream state, so the continuation equals an uninterrupted run. A checkpoint of another run
 (the run identity: model, data, mode, loss, optimizer and batch settings) is refused with the keys
 that differ; the world size and micro batch may change (the global batch may not).
 
-Test hook: ``STC_SIGNAL_AT_STEP=<step>[:<rank>]`` makes that rank send itself SIGTERM after that
-step (rank 0 by default), the way a scheduler would, so tests stop at a known step.
+Test hook: ``STC_SIGNAL_AT_STEP=<step>[:<rank>[:<signal>]]`` makes that rank send itself SIGTERM (or
+the named signal, e.g. ``KILL`` for a rank that dies) after that step (rank 0 by default), the way a
+scheduler would, so tests stop at a known step.
 """
 from __future__ import annotations
 
@@ -61,25 +62,38 @@ import contextlib
 import json
 import math
 import os
+import random
 import resource
+import shutil
 import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from . import dist
-from .config import DistillConfig, FinetuneConfig, LoraConfig, ModelConfig, Recipe, to_dict
-from .train_ds import TrainConfigError
+import numpy as np
+import torch
+
+from .. import dist, log, stages, zero
+from ..config import DistillConfig, FinetuneConfig, LoraConfig, ModelConfig, Recipe, save_resolved, to_dict
+from ..data.prompt import Featurizer
+from ..data.stream import Stream, StreamError
+from ..errors import EXIT_OK, EXIT_RESUMABLE, StcError
+from ..io import append_jsonl
+from ..meta import MetaError, build_meta, fingerprint_model, fingerprint_tokenizer, read_meta, write_meta
+from ..cache.format import CacheJoinError, check_compatible, read_cache_meta
+from ..cache.join import joiner
+from ..models.counts import meta_param_counts
+from ..models.load import apply_lora, check_model_dir, load_model, load_processor
+from ..zero import TrainConfigError
+from . import checkpoint, losses
 
 IGNORE = -100
-EXIT_OK = 0
-EXIT_RESUMABLE = 75
 MODEL_KEYS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask")
 KD_KEYS = ("kd_ids", "kd_logprobs", "kd_tail", "kd_mask")
 
 
-class TrainError(RuntimeError):
+class TrainError(StcError):
     """A run that must stop; the message names the step, the batch keys or the setting at fault."""
 
 
@@ -107,7 +121,7 @@ class Spec:
 def resolve_spec(recipe: Recipe, stage: str) -> Spec:
     if stage == "finetune":
         c: Any = recipe.finetune
-        out = Path(c.out or Path(recipe.run.out_dir) / "finetune")
+        out = stages.out_dir("finetune", recipe)
         mode = getattr(c, "mode", "full")
         model = recipe.model if mode != "qlora" else replace(recipe.model, quant="nf4")
         return Spec("finetune", c, model, mode, getattr(c, "lora", LoraConfig()), out, kd=False)
@@ -116,7 +130,7 @@ def resolve_spec(recipe: Recipe, stage: str) -> Spec:
     c = recipe.distill
     if not c.student:
         raise TrainConfigError("distill.student is empty: set it to the pruned model directory (`stc prune` output)")
-    out = Path(c.out or Path(recipe.run.out_dir) / "distill")
+    out = stages.out_dir("distill", recipe)
     quant = "nf4" if c.mode == "qlora" else "none"
     model = replace(recipe.model, path=c.student, quant=quant)
     kd = c.kd_weight > 0
@@ -131,18 +145,36 @@ def resolve_spec(recipe: Recipe, stage: str) -> Spec:
                 teacher_mode=c.teacher_mode if kd or c.seq_kd else "none", teacher=teacher, cache=c.cache)
 
 
-def run_identity(recipe: Recipe, spec: Spec) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it (world size and micro batch excluded)."""
-    from .meta import fingerprint_model
+# Keys that say where things are or how often to save, not what is computed: never part of the identity,
+# so a run and its shards copied elsewhere (scratch disk, node-local staging) still resume.
+_NOT_IDENTITY = ("out", "save_every", "keep_last", "eval_every", "zero_stage", "ds_config", "offload",
+                 "gradient_checkpointing", "resume", "eval_batches", "student", "cache", "zero3_persistence_threshold")
 
+
+def data_fingerprint(shards: str | os.PathLike) -> str:
+    """The content fingerprint of a shard directory (names + sha256 of every shard, from its meta.json)."""
+    try:
+        return str(read_meta(shards, kind="shards")["fingerprints"]["data"])
+    except (MetaError, KeyError) as e:
+        raise TrainError(f"data.shards {shards}: {e}") from None
+
+
+def run_identity(recipe: Recipe, spec: Spec) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: contents, never paths (the model,
+    data and cache by fingerprint); world size and micro batch excluded."""
     c = to_dict(spec.cfg)
-    for k in ("out", "save_every", "keep_last", "eval_every", "zero_stage", "ds_config", "offload",
-              "gradient_checkpointing", "resume", "eval_batches"):
+    for k in _NOT_IDENTITY:
         c.pop(k, None)
     ident = {"stage": spec.stage, "mode": spec.mode, "model": fingerprint_model(spec.model.path),
-             "dtype": spec.model.dtype, "quant": spec.model.quant, "data.shards": str(Path(recipe.data.shards).resolve()),
+             "dtype": spec.model.dtype, "quant": spec.model.quant, "data": data_fingerprint(recipe.data.shards),
              "data.train_split": recipe.data.train_split, "data.shuffle": recipe.data.shuffle,
              "data.bucket_window": recipe.data.bucket_window, "run.seed": recipe.run.seed}
+    if spec.teacher_mode == "cache":
+        meta = read_cache_meta(spec.cache)
+        ident["cache"] = {"fingerprints": meta.get("fingerprints"), "k": meta.get("k"),
+                          "targets": meta.get("targets")}
+    elif spec.teacher_mode == "online":
+        ident["teacher"] = fingerprint_model(spec.teacher)
     ident.update({f"{spec.stage}.{k}": v for k, v in c.items()})
     return json.loads(json.dumps(ident))
 
@@ -180,7 +212,6 @@ def topk_targets(teacher_logits: Any, labels: Any, k: int, vocab_size: int) -> d
     cache builds them), ``kd_tail`` [B, T] (log of the mass outside the top k), ``kd_mask`` [B, T].
     Only label positions are normalised, so no [B, T, R] float32 copy is made for prompt positions.
     """
-    import torch
 
     b, t = labels.shape
     out = {"kd_ids": torch.zeros((b, t, k), dtype=torch.long, device=labels.device),
@@ -212,9 +243,7 @@ def micro_loss_sums(logits: Any, batch: Mapping[str, Any], *, kd: bool, kd_kind:
     :func:`head_at_label_rows`); ``batch["labels"]`` [B, T]; KD fields [B, T, k] / [B, T] as in the
     module doc. Only the N label rows are passed on ([N, V]), the loss functions chunk them.
     """
-    import torch
 
-    from . import losses
 
     labels = batch["labels"]
     pos = labels[:, 1:] != IGNORE                     # [B, T-1]: positions whose next token is a label
@@ -279,39 +308,9 @@ def zero3_counts(model: Any) -> dict[str, int]:
             "local_numel": sum(loc for loc, _ in z3), "numel": sum(f for _, f in z3)}
 
 
-def meta_param_counts(mc: ModelConfig, mode: str, lora: LoraConfig) -> tuple[int, int, Any]:
-    """``(all parameters, trainable parameters, text config)`` of the model as the trainer will build it,
-    counted on the meta device (no weights read or allocated): the ZeRO stage must be known before
-    loading, because ZeRO-3 loads partitioned."""
-    import torch
-    from transformers import AutoConfig
-
-    from .models.load import apply_lora, detect_kind
-
-    config = AutoConfig.from_pretrained(mc.path, local_files_only=True, trust_remote_code=mc.trust_remote_code)
-    with torch.device("meta"):
-        if detect_kind(mc.path) == "qwen2audio":
-            from transformers import Qwen2AudioForConditionalGeneration
-
-            model = Qwen2AudioForConditionalGeneration._from_config(config)
-        else:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=mc.trust_remote_code)
-        if mode in ("lora", "qlora"):
-            model = apply_lora(model, lora)
-    n_all = sum(p.numel() for p in model.parameters())
-    # full: every parameter (the trainer unfreezes what a fresh module starts frozen, see _load_student)
-    n_train = n_all if mode == "full" else sum(p.numel() for p in model.parameters() if p.requires_grad)
-    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return n_all, n_train, text_cfg
-
-
 # ============================================================================================ trainer
 
 def _peak_mem_bytes() -> int:
-    import torch
-
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
@@ -329,12 +328,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     @staticmethod
-    def _parse_signal_hook() -> tuple[int, int] | None:
+    def _parse_signal_hook() -> tuple[int, int, int] | None:
         v = os.environ.get("STC_SIGNAL_AT_STEP", "")
         if not v:
             return None
-        step, _, rank = v.partition(":")
-        return int(step), int(rank or 0)
+        step, _, rest = v.partition(":")
+        rank, _, sig = rest.partition(":")
+        return int(step), int(rank or 0), int(getattr(signal, f"SIG{sig or 'TERM'}"))
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop = True
@@ -342,21 +342,16 @@ class Trainer:
                          signal.Signals(signum).name, EXIT_RESUMABLE)
 
     def setup(self) -> None:
-        import torch
-
-        from . import log as stclog
-        from .data.prompt import Featurizer
-        from .models.load import load_processor
-        from .train_ds import accumulation
-
-        self.env = dist.init()
-        self.log = stclog.setup(self.recipe.run.log_level, self.spec.out)
+        self.env = dist.init()   # inside run()'s session: the group is up (or one rank)
+        self.log = log.setup(self.recipe.run.log_level, self.spec.out, progress_s=self.recipe.run.progress_s)
         if self.recipe.run.threads:
             torch.set_num_threads(self.recipe.run.threads)
         self.device = dist.device()
-        self.accum = accumulation(self.cfg.global_batch, self.recipe.data.batch_size, self.env.world_size)
+        self.accum = zero.accumulation(self.cfg.global_batch, self.recipe.data.batch_size, self.env.world_size)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
+        if stages.early_stop_request():   # asked to stop while starting: stop at the first agreed point
+            self._stop = True
         self.spec.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.spec.out / "checkpoints"
         self.metrics_path = self.spec.out / "metrics.jsonl"
@@ -373,11 +368,6 @@ class Trainer:
         self.resumed_from = self._maybe_resume()
 
     def _seed_all(self, seed: int) -> None:
-        import random
-
-        import numpy as np
-        import torch
-
         random.seed(seed + self.env.rank)
         np.random.seed(seed + self.env.rank)
         torch.manual_seed(seed)  # same init of new weights (LoRA A) on every rank
@@ -390,26 +380,22 @@ class Trainer:
             return any(s.get("split") == split for s in json.load(f).get("shards", []))
 
     def _stream(self, split: str, shuffle: bool | None, dev: bool = False) -> Any:
-        from .data.stream import Stream
-
         data = self.recipe.data if shuffle is None else replace(self.recipe.data, shuffle=shuffle)
-        kw: dict[str, Any] = {}
+        join = None
         if self.spec.teacher_mode == "cache" and not dev:
-            kw = {"cache_dir": self.spec.cache, "seq_kd": bool(getattr(self.cfg, "seq_kd", False))}
+            join = joiner(self.spec.cache, seq_kd=bool(getattr(self.cfg, "seq_kd", False)))
         elif self.spec.teacher_mode == "cache" and dev and self.spec.kd:
-            kw = {"cache_dir": self.spec.cache, "seq_kd": False}
+            join = joiner(self.spec.cache)
         try:
-            return Stream(self.recipe.data.shards, split, data, self.featurizer, seed=self.recipe.run.seed, **kw)
-        except Exception as e:
-            if dev and "cache" in str(e).lower():  # dev split not cached: CE-only validation
-                return Stream(self.recipe.data.shards, split, data, self.featurizer, seed=self.recipe.run.seed)
-            raise
+            return Stream(self.recipe.data.shards, split, data, self.featurizer, seed=self.recipe.run.seed, join=join)
+        except CacheJoinError:
+            if not dev:
+                raise
+            # the dev split is usually not cached: validation is then CE only
+            return Stream(self.recipe.data.shards, split, data, self.featurizer, seed=self.recipe.run.seed)
 
     def _setup_teacher_checks(self) -> None:
         """Refuse a teacher (or cache) whose vocabulary or tokenizer differs from the student's."""
-        from .meta import fingerprint_tokenizer
-        from .models.load import load_processor
-
         self.teacher = None
         self.teacher_head = None
         if self.spec.teacher_mode == "online":
@@ -423,24 +409,22 @@ class Trainer:
                     f"{' (same size, different tokens)' if len(t_tok) == len(s_tok) else ''}; KD needs the same "
                     f"tokenizer")
         elif self.spec.teacher_mode == "cache":
-            from .teacher_cache import check_compatible, read_cache_meta
 
             check_compatible(read_cache_meta(self.spec.cache), builder=self.featurizer.builder)
 
     def _plan_zero(self) -> None:
         """Choose the ZeRO stage and fill the DeepSpeed config before the model exists (ZeRO-3 loads
         partitioned); parameter counts come from the model built on the meta device."""
-        from .train_ds import choose_stage, device_memory_bytes, fill_config, load_template
 
         n_params, n_train, text_cfg = meta_param_counts(self.spec.model, self.spec.mode, self.spec.lora)
         # nf4: ~0.5 byte per weight + scales (the 4-bit base is counted by its real parameter number)
         wbytes = 0.56 if self.spec.model.quant == "nf4" else {"bf16": 2, "fp16": 2, "fp32": 4}[self.spec.model.dtype]
-        choice = choose_stage(self.cfg.zero_stage, mode=self.spec.mode, n_params=n_params, n_trainable=n_train,
+        choice = zero.choose_stage(self.cfg.zero_stage, mode=self.spec.mode, n_params=n_params, n_trainable=n_train,
                               weight_bytes=wbytes, world_size=self.env.world_size,
-                              device_bytes=device_memory_bytes(), offload=self.cfg.offload)
-        template = load_template(choice.stage, choice.offload, self.cfg.ds_config)
+                              device_bytes=zero.device_memory_bytes(), offload=self.cfg.offload)
+        template = zero.load_template(choice.stage, choice.offload, self.cfg.ds_config)
         threshold = getattr(self.cfg, "zero3_persistence_threshold", -1)
-        self.ds_config = fill_config(
+        self.ds_config = zero.fill_config(
             template, stage=choice.stage, micro_batch=self.recipe.data.batch_size, accum=self.accum,
             world_size=self.env.world_size, dtype=self.spec.model.dtype, grad_clip=self.cfg.grad_clip,
             offload=choice.offload, hidden_size=int(getattr(text_cfg, "hidden_size", 0)),
@@ -448,31 +432,12 @@ class Trainer:
         self.zero = choice
         self.zero_init = choice.stage == 3 and os.environ.get("STC_ZERO3_INIT", "1") != "0"
 
-    def _ensure_process_group(self) -> None:
-        """DeepSpeed (``initialize``, ``zero.Init``) wants a process group even on one rank: a 1-rank gloo
-        group on a free port."""
-        import deepspeed
-
-        if not dist.is_initialized():
-            import socket
-
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            dist.export_torch_env(replace(self.env, master_port=int(os.environ.get("MASTER_PORT", port))))
-        dist.clear_stale_build_locks()  # a build lock left by a killed start would hang us
-        deepspeed.init_distributed(dist_backend=dist.backend_for_device())
-
     def _load_student(self) -> Any:
-        import torch
-
-        from .models.load import apply_lora, load_model
-
         hf_ds = None
         if self.zero_init:
             from transformers.integrations import HfDeepSpeedConfig
 
-            self._ensure_process_group()
+            dist.deepspeed_bootstrap()
             # while alive, from_pretrained builds the model under deepspeed.zero.Init and loads each
             # rank's slices directly (no device_map: the partitions are placed by DeepSpeed)
             hf_ds = HfDeepSpeedConfig(self.ds_config)
@@ -499,10 +464,6 @@ class Trainer:
         return model
 
     def _setup_model(self) -> None:
-        import torch
-
-        from .models.load import load_model
-
         model = self._load_student()
         rows = _shape(model.get_output_embeddings().weight)[0]
         if rows < self.vocab:
@@ -530,7 +491,6 @@ class Trainer:
 
     def _setup_engine(self) -> None:
         import deepspeed
-        import torch
 
         n_params = sum(_numel(p) for p in self.model.parameters())
         n_train = sum(_numel(p) for _, p in self.named_trainable)
@@ -547,7 +507,7 @@ class Trainer:
         sched = lambda s: lr_factor(s, total=self.total_steps, warmup=self.cfg.warmup_steps,  # noqa: E731
                                     schedule=self.cfg.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched)
-        self._ensure_process_group()
+        dist.deepspeed_bootstrap()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
             model_parameters=params, dist_init_required=True)
@@ -562,30 +522,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> Path | None:
-        from . import train_ckpt
-
         self.identity = run_identity(self.recipe, self.spec)
         where = str(getattr(self.cfg, "resume", "auto") or "auto")
         if where == "never":
             return None
         if where == "auto":
-            found = train_ckpt.list_checkpoints(self.ckpt_root)
+            found = checkpoint.list_checkpoints(self.ckpt_root)
             if not found:
                 return None
             ckpt = found[-1][1]
         else:
             p = Path(where)
-            found = train_ckpt.list_checkpoints(p) if not (p / "state.json").exists() else [(0, p)]
+            found = checkpoint.list_checkpoints(p) if not (p / "state.json").exists() else [(0, p)]
             if not found:
                 raise TrainError(f"resume={where}: no finished checkpoint there (a directory with state.json and "
                                  f"meta.json, or a checkpoints/ directory holding some)")
             ckpt = found[-1][1]
-        state = train_ckpt.read_state(ckpt)
+        state = checkpoint.read_state(ckpt)
         diffs = identity_diff(state.get("identity", {}), self.identity)
         if diffs:
             raise TrainError(f"checkpoint {ckpt} belongs to another run or config; refusing to resume it:\n  - "
                              + "\n  - ".join(diffs) + f"\n(start in a new out directory, or resume=never)")
-        state = train_ckpt.load(ckpt, engine=self.engine, named_trainable=self.named_trainable)
+        state = checkpoint.load(ckpt, engine=self.engine, named_trainable=self.named_trainable)
         self.step = int(state["step"])
         self.total_steps = int(state["total_steps"])
         self.device_seconds = float(state.get("device_seconds", 0.0))
@@ -616,8 +574,6 @@ class Trainer:
                 yield window
 
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        import torch
-
         out = {}
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.spec.model.dtype]
         for k, v in batch.items():
@@ -635,8 +591,6 @@ class Trainer:
             return module(**inputs).logits
 
     def _with_teacher(self, batch: dict) -> dict:
-        import torch
-
         if self.spec.teacher_mode != "online" or not self.spec.kd:
             return batch
         with torch.no_grad():
@@ -647,8 +601,6 @@ class Trainer:
     # ------------------------------------------------------------------ step
     def train_step(self, window: list[dict]) -> dict[str, Any]:
         """One optimizer step over this rank's micro batches (all ranks call it with equally long windows)."""
-        import torch
-
         t0 = time.perf_counter()
         n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window)
         tokens_local = sum(int(b["attention_mask"].sum()) for b in window)
@@ -694,8 +646,6 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     def preflight(self) -> None:
         """Two validation batches and a shape check before the first step (fail in seconds, not hours)."""
-        import torch
-
         split = self.dev_split or self.recipe.data.train_split
         s = self._stream(split, shuffle=False, dev=bool(self.dev_split))
         seen = 0
@@ -725,8 +675,6 @@ class Trainer:
 
     def validate(self) -> dict[str, Any]:
         """Mean CE per label token over the dev split (all ranks, global token count)."""
-        import torch
-
         if not self.dev_split:
             return {}
         s = self._stream(self.dev_split, shuffle=False, dev=True)
@@ -744,23 +692,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def _meta_common(self) -> dict[str, Any]:
-        from .meta import fingerprint_model, fingerprint_tokenizer
-
         return {"fingerprints": {"model": fingerprint_model(self.spec.model.path),
                                  "tokenizer": fingerprint_tokenizer(self.spec.model.path)}}
 
     def save_checkpoint(self, reason: str) -> Path | None:
-        from . import train_ckpt
-        from .meta import build_meta
-
         state = {"identity": self.identity, "total_steps": self.total_steps, "device_seconds": self.device_seconds,
-                 "optimizer_steps": train_ckpt.optimizer_step_count(self.engine),
+                 "optimizer_steps": checkpoint.optimizer_step_count(self.engine),
                  "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
                  "stream": self.stream.state_dict(), "reason": reason, "zero_stage": self.zero.stage,
                  "accum": self.accum, "micro_batch": self.recipe.data.batch_size}
         meta = build_meta("checkpoint", config=self.recipe, **self._meta_common(), stage=self.spec.stage,
                           step=self.step, reason=reason)
-        path = train_ckpt.save(self.ckpt_root, engine=self.engine, named_trainable=self.named_trainable,
+        path = checkpoint.save(self.ckpt_root, engine=self.engine, named_trainable=self.named_trainable,
                                step=self.step, state=state, meta=meta, keep_last=self.cfg.keep_last)
         if path is not None:
             self._metric({"event": "checkpoint", "step": self.step, "path": str(path), "reason": reason})
@@ -768,11 +711,6 @@ class Trainer:
 
     def save_final(self) -> Path:
         """``<out>/final``: the trained HF model (full) or the adapter (LoRA/QLoRA) + processor + meta."""
-        import torch
-
-        from .config import save_resolved
-        from .meta import build_meta, fingerprint_model, write_meta
-
         final = self.spec.out / "final"
         if self.zero.stage == 3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()  # gathers to rank 0 only
@@ -780,7 +718,6 @@ class Trainer:
             sd = self.engine.module.state_dict() if dist.is_main() else None
         if dist.is_main():
             tmp = final.with_name(f"final.tmp-{os.getpid()}")
-            import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
             module = self.engine.module
@@ -811,15 +748,11 @@ class Trainer:
         return final
 
     def _metric(self, rec: Mapping[str, Any]) -> None:
-        from .io import append_jsonl
-
         if dist.is_main():
             append_jsonl(self.metrics_path, dict(rec, time=time.time()))
 
     # ------------------------------------------------------------------ loop
     def train(self) -> int:
-        from .config import save_resolved
-
         if dist.is_main():
             save_resolved(self.recipe, self.spec.out)
         self.preflight()
@@ -832,20 +765,28 @@ class Trainer:
                       "zero_stage": self.zero.stage, "offload": self.zero.offload, "zero_reason": self.zero.reason,
                       "total_steps": self.total_steps, "resumed_from": str(self.resumed_from or "")})
         windows = self._windows()
-        while self.step < self.total_steps:
-            m = self.train_step(next(windows))
-            self._metric(m)
-            if self._signal_at is not None and (self.step, self.env.rank) == self._signal_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            stop = dist.any_flag(self._stop)
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                self._metric({"event": "eval", "step": self.step, **self.validate()})
-            if stop:
-                self.save_checkpoint("signal")
-                self._metric({"event": "stopped", "step": self.step, "exit": EXIT_RESUMABLE})
-                return EXIT_RESUMABLE
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
-                self.save_checkpoint("periodic")
+        with log.progress() as prog:
+            bar = prog.task(self.spec.stage, total=self.total_steps, unit="steps", completed=self.step)
+            while self.step < self.total_steps:
+                m = self.train_step(next(windows))
+                self._metric(m)
+                bar.update(completed=self.step, loss=round(m["loss"], 4),
+                           kd=None if m["kd"] is None else round(m["kd"], 4), lr=m["lr"],
+                           **{"tok/s": m["tokens_per_s"]})
+                if self._signal_at is not None and (self.step, self.env.rank) == self._signal_at[:2]:
+                    os.kill(os.getpid(), self._signal_at[2])
+                stop = dist.any_flag(self._stop)
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    ev = self.validate()
+                    self._metric({"event": "eval", "step": self.step, **ev})
+                    self.log.info(f"step {self.step}: dev CE {ev.get('dev_ce')}")
+                if stop:
+                    self.save_checkpoint("signal")
+                    self._metric({"event": "stopped", "step": self.step, "exit": EXIT_RESUMABLE})
+                    self.log.info(f"stopped at step {self.step} after a checkpoint; rerun the same command to resume")
+                    return EXIT_RESUMABLE
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint("periodic")
         self.save_checkpoint("final")
         self.save_final()
         self._metric({"event": "done", "step": self.step, "device_hours": self.device_seconds / 3600.0})
@@ -855,15 +796,59 @@ class Trainer:
         dist.barrier()
 
 
+def check_batch(recipe: Recipe, stage: str, world_size: int) -> int:
+    """The accumulation for ``world_size`` ranks, or :class:`TrainConfigError` naming the key and the fix
+    (checked before the process group starts, so a job refuses before it waits for its peers)."""
+    c = getattr(recipe, stage)
+    try:
+        return zero.accumulation(c.global_batch, recipe.data.batch_size, world_size)
+    except TrainConfigError as e:
+        raise TrainConfigError(f"{stage}.global_batch: {e}") from None
+
+
 def run(recipe: Recipe, stage: str) -> int:
     """``stc finetune`` / ``stc distill``: returns EXIT_OK (finished) or EXIT_RESUMABLE (stopped on request)."""
-    owns_group = not dist.is_initialized()
-    try:
+    resolve_spec(recipe, stage)
+    check_batch(recipe, stage, dist.detect().world_size)
+    with dist.session():
         t = Trainer(recipe, stage)
         t.setup()
         code = t.train()
         t.close()
         return code
-    finally:
-        if owns_group:
-            dist.finalize()
+
+
+def dry_run(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """What ``stc finetune|distill`` would do, checked without loading weights or starting ranks."""
+    spec = resolve_spec(recipe, stage)
+    world = dist.detect().world_size
+    accum = check_batch(recipe, stage, world)
+    check_model_dir(spec.model.path)
+    data_fingerprint(recipe.data.shards)
+    if spec.teacher_mode == "cache":
+        check_compatible(read_cache_meta(spec.cache))
+    n_all, n_train, _ = meta_param_counts(spec.model, spec.mode, spec.lora)
+    wbytes = 0.56 if spec.model.quant == "nf4" else {"bf16": 2, "fp16": 2, "fp32": 4}[spec.model.dtype]
+    device_bytes = recipe.run.device_memory_gb * 2**30 if recipe.run.device_memory_gb > 0 else \
+        zero.device_memory_bytes()
+    choice = zero.choose_stage(spec.cfg.zero_stage, mode=spec.mode, n_params=n_all, n_trainable=n_train,
+                               weight_bytes=wbytes, world_size=world, device_bytes=device_bytes,
+                               offload=spec.cfg.offload)
+    ckpts = checkpoint.list_checkpoints(spec.out / "checkpoints")
+    plan = {"stage": stage, "model": spec.model.path, "mode": spec.mode, "params": n_all, "trainable": n_train,
+            "world_size": world, "accumulation": accum, "zero_stage": choice.stage, "offload": choice.offload,
+            "zero_reason": choice.reason, "out": str(spec.out),
+            "resume_from": str(ckpts[-1][1]) if ckpts and spec.cfg.resume == "auto" else None}
+    print(f"{stage} (dry run): {spec.mode} on {spec.model.path} ({n_train:,} of {n_all:,} parameters "
+          f"trainable); {world} rank(s) x micro {recipe.data.batch_size} x accumulation {accum} = global "
+          f"{spec.cfg.global_batch}; ZeRO-{choice.stage}{' + offload' if choice.offload else ''} "
+          f"({choice.reason}); teacher: {spec.teacher_mode}; out {spec.out}"
+          + (f"; would resume {plan['resume_from']}" if plan["resume_from"] else ""))
+    return plan
+
+
+def main(recipe: Recipe, args: Any) -> int:
+    if getattr(args, "dry_run", False):
+        dry_run(recipe, args.stage)
+        return EXIT_OK
+    return run(recipe, args.stage)

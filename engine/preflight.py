@@ -1,0 +1,241 @@
+"""Whole-plan checks that need model shapes: batch arithmetic per step, parameters and memory.
+
+Everything here comes from ``config.json`` of ``model.path`` built on the meta device (no weights are
+read or allocated, so a config-only directory is enough): the teacher as it is, each student as the
+teacher with its removed decoder layers taken out, with LoRA adapters where the step trains them. Per
+step, for the ranks it runs on (``stc pipeline --nproc N``; ``stc submit pipeline``: nodes x tasks):
+
+* **training** (finetune, distill): the accumulation ``global_batch / (micro x ranks)`` must be whole
+  (:func:`engine.zero.accumulation`), and the ZeRO stage the trainer would choose
+  (:func:`engine.zero.choose_stage`, the same call) with its per-rank estimate of weights, gradients
+  and optimizer state; a QLoRA student that fits nowhere is refused here, not after the queue;
+* **inference** (importance, cache build, evaluate): the weights one rank holds (sharded over the
+  ranks for ``cache.zero3``);
+* **single task** (prune, export, report): the host memory the step needs, which ``stc submit`` asks
+  SLURM for (``--mem``): the model in its dtype, plus a second copy where the step writes a new one.
+
+Device memory: ``run.device_memory_gb`` when set (plan for the cluster's GPUs from a login node),
+else the visible GPU, else the host's RAM shared by the ranks. Activation memory is not counted (it
+depends on sequence lengths and gradient checkpointing); the ZeRO rule keeps 40% of the device for it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from . import zero
+from .errors import StcError
+
+GIB = 2**30
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+HOST_OVERHEAD_GIB = 2.0          # interpreter, torch, tokenizer, buffers of a single-task step
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Counts of one model as a step builds it."""
+    params: int                  # logical parameters
+    trainable: int               # with the step's training mode (0 for inference)
+    weight_bytes: float          # bytes of the weights as held (dtype; nf4 linears packed + scales)
+    decoder_layers: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    ranks: int
+    shape: Shape
+    device_bytes: float
+    per_rank_bytes: float
+    host_bytes: float
+    zero_stage: int | None = None
+    zero_reason: str = ""
+    accumulation: int | None = None
+    problem: str = ""
+
+    def text(self) -> str:
+        s = self.shape
+        head = f"{_b(s.params)} params"
+        if self.zero_stage is not None:
+            head += f", {_b(s.trainable)} trainable; ZeRO-{self.zero_stage}: {self.per_rank_bytes / GIB:.1f} GiB/rank " \
+                    f"(weights+grads+optimizer) of {self.device_bytes / GIB:.0f} GiB; accumulation {self.accumulation}"
+        elif self.ranks and self.per_rank_bytes:
+            head += f"; weights {self.per_rank_bytes / GIB:.1f} GiB/rank of {self.device_bytes / GIB:.0f} GiB"
+        return head + f"; host ~{math.ceil(self.host_bytes / GIB)} GiB"
+
+
+def _b(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+def device_bytes(recipe: Any, ranks: int) -> float:
+    if recipe.run.device_memory_gb > 0:
+        return recipe.run.device_memory_gb * GIB
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return float(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:
+        pass
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 16 * GIB
+    return float(total) / max(1, ranks)
+
+
+@functools.lru_cache(maxsize=32)
+def shape(model_path: str, removed: int, mode: str, dtype: str, quant: str, lora_key: tuple,
+          trust_remote_code: bool = False) -> Shape:
+    """The model at ``model_path`` with ``removed`` decoder layers taken out, as built for ``mode``
+    (full / lora / qlora / inference), on the meta device."""
+    import torch
+    from transformers import AutoConfig
+
+    from .config import LoraConfig
+    from .models.counts import meta_model, param_counts
+    from .models.load import apply_lora, detect_kind
+
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = int(text.num_hidden_layers)
+    if removed:
+        keep = n - removed
+        text.num_hidden_layers = keep
+        if isinstance(getattr(text, "layer_types", None), list):
+            text.layer_types = text.layer_types[:keep]
+        if isinstance(getattr(text, "max_window_layers", None), int):
+            text.max_window_layers = min(text.max_window_layers, keep)
+    model = meta_model(config, detect_kind(model_path), trust_remote_code)
+    nf4 = quant == "nf4" or mode == "qlora"
+    counts = param_counts(model, as_nf4=nf4)
+    # meta parameters are fp32: weights not stored in 4 bit count at the step's dtype instead
+    if nf4:
+        quantized = 2 * (counts["total"] - counts["stored"])      # a 4-bit weight is stored as half
+        other = counts["total"] - quantized
+        weight_bytes = counts["stored_bytes"] - other * 4 + other * _DTYPE_BYTES[dtype]
+    else:
+        weight_bytes = counts["total"] * _DTYPE_BYTES[dtype]
+    trainable = 0
+    if mode == "full":
+        trainable = counts["total"]
+    elif mode in ("lora", "qlora"):
+        lora = LoraConfig(**dict(lora_key))
+        with torch.device("meta"):
+            model = apply_lora(model, lora, upcast=False)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Shape(counts["total"], trainable, float(weight_bytes), n - removed)
+
+
+def _lora_key(lora: Any) -> tuple:
+    from .config import to_dict
+
+    return tuple(sorted(to_dict(lora).items()))
+
+
+def batch_problem(section: str, global_batch: int, micro: int, ranks: int) -> str:
+    """Why ``global_batch`` cannot run on ``ranks`` ranks of ``micro`` samples, and every fix that works."""
+    per = micro * ranks
+    fixes = [f"set {section}.global_batch to a multiple of {per} (e.g. {per * max(1, round(global_batch / per))})"]
+    micros = [b for b in range(1, global_batch + 1) if global_batch % (b * ranks) == 0]
+    if micros:
+        fixes.append(f"set data.batch_size to {' or '.join(map(str, micros[-3:]))}")
+    fits = [w for w in range(1, ranks) if global_batch % (micro * w) == 0]
+    if fits:
+        fixes.append(f"run on {fits[-1]} rank(s) (--nproc / --gpus-per-node)")
+    return (f"{section}.global_batch={global_batch} does not divide by data.batch_size={micro} x {ranks} ranks = "
+            f"{per}: " + "; or ".join(fixes))
+
+
+def estimate(plan: Any, step: Any) -> Estimate:
+    """The figures for one step of ``plan`` (:class:`engine.pipeline.Plan`)."""
+    r = plan.recipe_of(step)
+    ranks = plan.ranks(step)
+    mpath = plan.recipe.model.path
+    mc = r.model
+    dev = device_bytes(r, ranks)
+    if step.stage in ("finetune", "distill"):
+        c = getattr(r, step.stage)
+        mode = c.mode
+        quant = "nf4" if mode == "qlora" else "none"
+        sh = shape(mpath, step.removed, mode, mc.dtype, quant, _lora_key(c.lora), mc.trust_remote_code)
+        try:
+            accum = zero.accumulation(c.global_batch, r.data.batch_size, ranks)
+        except zero.TrainConfigError:
+            return Estimate(ranks, sh, dev, 0.0, 0.0,
+                            problem=batch_problem(step.stage, c.global_batch, r.data.batch_size, ranks))
+        wbytes = sh.weight_bytes / max(sh.params, 1)
+        try:
+            choice = zero.choose_stage(c.zero_stage, mode=mode, n_params=sh.params, n_trainable=sh.trainable,
+                                       weight_bytes=wbytes, world_size=ranks, device_bytes=dev, offload=c.offload)
+        except zero.TrainConfigError as e:
+            return Estimate(ranks, sh, dev, 0.0, 0.0, problem=str(e))
+        per = zero.estimate_bytes(choice.stage, n_params=sh.params, n_trainable=sh.trainable, weight_bytes=wbytes,
+                                  world_size=ranks)
+        host = (sh.params * _DTYPE_BYTES[mc.dtype] if choice.stage < 3 else sh.weight_bytes / ranks) \
+            + HOST_OVERHEAD_GIB * GIB
+        return Estimate(ranks, sh, dev, per, host, choice.stage, choice.reason, accum)
+    if step.stage in ("importance", "cache build", "evaluate"):
+        quant = mc.quant
+        dtype = mc.dtype
+        if step.stage == "cache build":
+            quant = mc.quant if r.cache.quant == "auto" else r.cache.quant
+            dtype = mc.dtype if r.cache.dtype == "auto" else r.cache.dtype
+        if step.stage == "evaluate" and step.system and step.system.get("quant"):
+            quant = step.system["quant"]
+        sh = shape(mpath, step.removed, "inference", dtype, quant, (), mc.trust_remote_code)
+        per = sh.weight_bytes / (ranks if step.stage == "cache build" and r.cache.zero3 else 1)
+        problem = ""
+        if per > dev:
+            problem = (f"the model's weights alone need {per / GIB:.1f} GiB per rank, more than the "
+                       f"{dev / GIB:.0f} GiB of a device; use model.quant=nf4"
+                       + (" or cache.zero3=true (shards the teacher over the ranks)" if step.stage == "cache build" else ""))
+        return Estimate(ranks, sh, dev, per, per + HOST_OVERHEAD_GIB * GIB, problem=problem)
+    if step.stage in ("prune", "export"):
+        # prune loads in the dtype it saves (prune.dtype; auto: the source's, taken as model.dtype here)
+        dtype = r.prune.dtype if step.stage == "prune" and r.prune.dtype != "auto" else mc.dtype
+        sh = shape(mpath, 0 if step.stage == "prune" else step.removed, "inference", dtype, "none", (),
+                   mc.trust_remote_code)
+        copies = 1.2 if step.stage == "prune" else 2.2     # export: merged model + its quantised reload
+        return Estimate(1, sh, dev, 0.0, sh.weight_bytes * copies + HOST_OVERHEAD_GIB * GIB)
+    sh = Shape(0, 0, 0.0, 0)
+    return Estimate(1, sh, dev, 0.0, HOST_OVERHEAD_GIB * GIB)
+
+
+def estimates(plan: Any) -> dict[str, Estimate]:
+    out = {}
+    for s in plan.active:
+        if s.stage == "shards build":
+            continue
+        out[s.name] = estimate(plan, s)
+    return out
+
+
+def problems(plan: Any) -> list[str]:
+    """Per-step refusals the stages themselves would raise, found from shapes alone (one line per
+    problem, naming the steps it stops)."""
+    try:
+        by: dict[str, list[str]] = {}
+        for name, e in estimates(plan).items():
+            if e.problem:
+                by.setdefault(e.problem, []).append(name)
+        return [f"step{'s' * (len(names) > 1)} {', '.join(names)}: {p}" for p, names in by.items()]
+    except (OSError, ValueError, StcError) as e:
+        return [f"model.path {plan.recipe.model.path}: cannot build the model from config.json on the meta device "
+                f"({type(e).__name__}: {e})"]
+
+
+def describe(plan: Any) -> dict[str, str]:
+    return {name: e.text() for name, e in estimates(plan).items()}
+
+
+def host_mem_gib(plan: Any, step: Any) -> int | None:
+    """Host memory (GiB, rounded up) a single-task step's job asks for; None when the model's shapes
+    cannot be read (the plan's validation says why)."""
+    try:
+        return int(math.ceil(estimate(plan, step).host_bytes / GIB))
+    except (OSError, ValueError, StcError):
+        return None

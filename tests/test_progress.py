@@ -1,0 +1,83 @@
+"""Progress that works in batch logs: with stderr not a terminal (a SLURM job, a pipe, `stc pipeline`'s
+step logs) every long stage prints one plain line every `run.progress_s` seconds, on rank 0, and writes
+it to `<out>/logs/rank0.log` too."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import log
+
+ROOT = Path(__file__).resolve().parents[1]
+LINE = r"\d\d:\d\d:\d\d INFO {what}: \d+/\d+ {unit} \(\d+%\)"
+
+
+def test_plain_lines_are_throttled_and_end_with_the_final_count(monkeypatch, caplog):
+    now = [100.0]
+    monkeypatch.setattr(log.time, "monotonic", lambda: now[0])
+    lines: list[str] = []
+    monkeypatch.setattr(log, "get", lambda: type("L", (), {"info": lambda self, m, **k: lines.append(m)})())
+    with log.progress(enabled=True, every_s=30) as p:
+        t = p.task("distill", total=10, unit="steps")
+        for step in range(1, 11):
+            now[0] += 7                                   # a step every 7 s: a line every 30 s at most
+            t.update(completed=step, loss=2.0 / step, **{"tok/s": 1234.0})
+    assert [re.match(r"distill: (\d+)/10", ln).group(1) for ln in lines] == ["1", "6", "10"]  # t=7, 42, end
+    assert lines[0] == "distill: 1/10 steps (10%) | loss 2 | 1,234 tok/s | elapsed 0m07s | ETA 1m03s"
+    assert "ETA" not in lines[-1] and "(100%)" in lines[-1]
+
+
+def test_no_lines_on_other_ranks(monkeypatch):
+    lines: list[str] = []
+    monkeypatch.setattr(log, "get", lambda: type("L", (), {"info": lambda self, m, **k: lines.append(m)})())
+    with log.progress(enabled=False, every_s=0) as p:
+        p.task("x", total=3, unit="u").advance(3)
+    assert lines == []
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    from engine.models.tiny import build_tiny_qwen2audio
+
+    from sine_data import build_split_shards, write_sine_manifest
+
+    root = tmp_path_factory.mktemp("prog")
+    build_tiny_qwen2audio(root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
+    build_split_shards(root)
+    (root / "m2").mkdir()
+    write_sine_manifest(root / "m2", 6, 6)
+    return root
+
+
+def stc(*argv) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_long_stages_print_plain_progress_when_stderr_is_not_a_terminal(ws):
+    common = [f"model.path={ws / 'model'}", "model.dtype=fp32", f"data.shards={ws / 'sh'}", "run.device=cpu",
+              "run.progress_s=0", f"run.out_dir={ws / 'run'}"]
+    runs = {
+        "shards build": (["shards", "build", "--manifest", ws / "m2" / "m.jsonl", "--out", ws / "sh2",
+                          "run.progress_s=0"], LINE.format(what="shards build", unit="rows"), None),
+        "importance": (["importance", *common, "importance.scorer=nll", "importance.remove=1"],
+                       LINE.format(what="importance iteration 0", unit="candidates"), ws / "run" / "importance"),
+        "cache build": (["cache", "build", *common, "cache.k=4", "cache.max_new_tokens=3", "cache.batch_size=4"],
+                        LINE.format(what=r"cache build \(rank 0's shards\)", unit="samples"), ws / "run" / "cache"),
+        "evaluate": (["evaluate", *common, "evaluate.max_new_tokens=3", "evaluate.batch_size=2"],
+                     LINE.format(what="evaluate model", unit="batches"), ws / "run" / "eval"),
+    }
+    for name, (argv, pattern, out) in runs.items():
+        r = stc(*argv)
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        assert re.search(pattern, r.stderr), f"{name}: no progress line in\n{r.stderr[-3000:]}"
+        assert "\x1b[" not in r.stderr and "\r" not in r.stderr            # no bar drawing in a log
+        if out is not None:                                                # rank 0 writes its log file too
+            assert re.search(pattern.split("INFO ", 1)[1], (out / "logs" / "rank0.log").read_text()), name
