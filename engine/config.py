@@ -257,6 +257,7 @@ class PipelineConfig:
     ablations: bool = True           # for the first fraction: no healing, CE-only healing, contiguous middle block
     shuffle_check: bool = True       # also score the teacher on shuffled audio (it must drop: the model listens)
     nproc: int = 1                   # local ranks per multi-rank stage (`stc run --nproc`); --nproc wins
+    jobs: int = 1                    # local steps at once: independent steps side by side (GPUs split among them); --jobs wins
     report: bool = True              # end with `stc report` over every evaluated system
 
 

@@ -46,9 +46,14 @@ a run of another config (the pipeline notes each step's config under ``pipeline/
 it). A step that exits 75 (stopped on request, checkpointed) stops the pipeline with 75; any other
 failure stops it with one line saying which step failed and why (the step's own error line), plus the
 log. Logs: ``<run>/pipeline/logs/<step>.log``; status: ``<run>/pipeline/pipeline.json``.
+
+**Side by side.** ``pipeline.jobs`` (``--jobs``) > 1 runs independent steps at once locally, as SLURM
+runs them as parallel jobs: a step starts when the steps it reads from have finished; with GPUs, each
+running step gets its own (``CUDA_VISIBLE_DEVICES``), a multi-rank step ``--nproc`` of them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -57,10 +62,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import config as cfg
 from . import dist, lock, log, preflight, stages
@@ -132,6 +139,7 @@ class Plan:
     recipe: cfg.Recipe
     tree: dict                          # the resolved config as data (what config_path holds)
     nproc: int = 1                      # ranks of a multi-rank step (local: --nproc; SLURM: nodes x tasks)
+    jobs: int = 1                       # local runs: steps at once (independent ones; GPUs split between them)
     problems: list[str] = field(default_factory=list)
     selected: tuple[str, ...] = ()      # --stages: the steps to run ("" : all)
 
@@ -192,11 +200,12 @@ def _list(values: Sequence[Any]) -> str:
 
 
 def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: int | None = None,
-               select: str | Sequence[str] | None = None) -> Plan:
+               select: str | Sequence[str] | None = None, jobs: int | None = None) -> Plan:
     """The steps for ``recipe`` (pure: reads only model.path/config.json for the layer count).
 
     ``nproc``: ranks of every multi-rank step (default ``pipeline.nproc``); ``select`` (``--stages``):
-    step names, or stage names standing for all their steps."""
+    step names, or stage names standing for all their steps; ``jobs``: steps run at once locally
+    (default ``pipeline.jobs``)."""
     pc, run = recipe.pipeline, Path(recipe.run.out_dir)
     tree = cfg.to_dict(recipe)
     problems: list[str] = []
@@ -351,8 +360,11 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
             chosen += tuple(h for h in hit if h not in chosen)
         chosen = tuple(n for n in names if n in chosen)
     cp = config_path or run / PIPELINE_DIR / CONFIG_NAME
+    n_jobs = pc.jobs if jobs is None else jobs
+    if n_jobs < 1:
+        problems.append(f"pipeline.jobs (--jobs): must be >= 1, got {n_jobs}")
     return Plan(steps=steps, run_dir=run, config_path=cp, recipe=recipe, tree=tree, nproc=n_proc,
-                problems=problems, selected=chosen)
+                problems=problems, selected=chosen, jobs=max(1, n_jobs))
 
 
 # ============================================================================================ checks
@@ -392,6 +404,12 @@ def check(plan: Plan, *, data_pending: bool = False) -> list[str]:
         steps_txt = ", ".join(users[:3]) + (f" and {len(users) - 3} more" if len(users) > 3 else "")
         problems.append(f"{what} {where}: no {path.name} there (needed by step{'s' * (len(users) > 1)} {steps_txt})"
                         f"{hint}")
+    if plan.jobs > 1:
+        gpus = local_gpus()
+        big = [s.name for s in plan.active if gpus is not None and gpus_needed(plan, s) > len(gpus)]
+        if big:
+            problems.append(f"--jobs {plan.jobs} with {len(gpus or [])} GPU(s) here: step(s) {', '.join(big[:3])} "
+                            f"need {plan.nproc} each (--nproc); lower --nproc")
     r = plan.recipe
     if not r.model.path or not (Path(r.model.path) / "config.json").exists():
         first = next((s.name for s in plan.steps if any(i.what == "model.path" for i in s.inputs)), "")
@@ -606,33 +624,31 @@ def print_plan(plan: Plan, st: Mapping[str, str], estimates: Mapping[str, Any] |
 Runner = Callable[[Step, list[str], Path], int]
 
 
-def subprocess_runner(step: Step, argv: list[str], log_path: Path) -> int:
+_LIVE: set[subprocess.Popen] = set()      # the steps running now (what a stop request is passed on to)
+_LIVE_LOCK = threading.Lock()
+
+
+def subprocess_runner(step: Step, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> int:
     """Run one step; its output goes to ``log_path`` and, prefixed with the step name, to stderr.
 
-    SIGTERM / SIGUSR1 sent to the pipeline are passed on to the step, which checkpoints and exits 75;
-    Ctrl-C reaches the step through the terminal's process group anyway.
+    ``env``: variables added for this step (its GPUs when steps run side by side). While it runs the
+    process is listed in ``_LIVE``: SIGTERM / SIGUSR1 sent to the pipeline are passed on to every running
+    step (:func:`_forward_stop_requests`), which checkpoints and exits 75; Ctrl-C reaches the steps
+    through the terminal's process group anyway.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    e = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
+    e["PYTHONPATH"] = root + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["PYTHONUNBUFFERED"] = "1"
+    e.update(env or {})
     with open(log_path, "a", encoding="utf-8") as lf:
         lf.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {shlex.join(argv)}\n")
         lf.flush()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, text=True,
                                 errors="replace", bufsize=1)
-        old = {}
-
-        def forward(signum, _frame):
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                old[sig] = signal.signal(sig, forward)
-            except ValueError:  # not the main thread
-                pass
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
         try:
             assert proc.stdout is not None
             try:
@@ -644,8 +660,50 @@ def subprocess_runner(step: Step, argv: list[str], log_path: Path) -> int:
                 lf.write(proc.stdout.read())
             return proc.wait()
         finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+
+
+@contextlib.contextmanager
+def _forward_stop_requests() -> Iterator[None]:
+    """While steps run: SIGTERM / SIGUSR1 to the pipeline go to every running step (main thread only)."""
+    def forward(signum: int, _frame: Any) -> None:
+        with _LIVE_LOCK:
+            procs = list(_LIVE)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            old[sig] = signal.signal(sig, forward)
+        except ValueError:   # not the main thread (a test calling run() from a thread): no forwarding
+            pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def local_gpus() -> list[str] | None:
+    """The GPUs this machine shows (ids as CUDA_VISIBLE_DEVICES names them), or None without any."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        ids = [x.strip() for x in vis.split(",") if x.strip() and x.strip() != "-1"]
+        return ids or None
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    ids = [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    return ids or None
+
+
+def gpus_needed(plan: Plan, step: Step) -> int:
+    """GPUs a step holds while it runs: its ranks for a GPU stage, none for a host stage."""
+    return plan.ranks(step) if stages.get(step.stage).resources == "gpu" else 0
 
 
 _ERROR_LINE = re.compile(r"^(?:\[[\w.-]+\] )?(stc [\w ]+?(?: \(rank \d+\))?: error: .*)$")
@@ -732,39 +790,81 @@ def run(plan: Plan, *, runner: Runner | None = None, echo: Callable[[str], None]
 
 
 def _run_locked(plan: Plan, runner: Runner, say: Callable[[str], None]) -> int:
+    """Run the steps in plan order, up to ``plan.jobs`` at once: a step starts when every step it reads
+    from has finished (skipped ones count) and, with GPUs, when enough of them are free (each running
+    step sees only its own through ``CUDA_VISIBLE_DEVICES``). The first failure or stop starts nothing
+    more; the steps already running finish, then the pipeline reports."""
     cfg.save_resolved(plan.recipe, plan.config_path.parent, plan.config_path.name)
     st = states(plan)
     active = plan.active
     status: dict[str, Any] = {
-        "kind": "pipeline", "config": str(plan.config_path), "nproc": plan.nproc, "state": "running",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kind": "pipeline", "config": str(plan.config_path), "nproc": plan.nproc, "jobs": plan.jobs,
+        "state": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": (_meta(plan.status_path) or {}).get("inputs") or external_fingerprints(plan.recipe),
         "steps": [{"name": s.name, "stage": s.stage, "out": str(s.out), "log": str(plan.log_path(s)),
                    "command": command(plan, s), "state": "done" if st[s.name] == "done" else "todo",
                    "seconds": None, "exit": None} for s in active]}
     rec = {r["name"]: r for r in status["steps"]}
     _write_status(plan, status)
-    ran: set[str] = set()
     n = len(active)
-    for k, s in enumerate(active, 1):
-        # done unless it, or a step it reads from, was (re)made in this run
-        if st[s.name] == "done" and not (set(s.deps) & ran):
-            say(f"[{k}/{n}] {s.name}: done, skipped ({s.marker})")
-            rec[s.name]["state"] = "skipped"
-            _write_status(plan, status)
-            continue
-        missing = missing_inputs(plan, s)
-        if missing:
-            rec[s.name]["state"] = status["state"] = "failed"
-            _write_status(plan, status)
-            raise PipelineError(missing)
-        prepare(plan, st, s, say)
-        argv = command(plan, s)
-        say(f"[{k}/{n}] {s.name}: {st[s.name]} -> running (log {plan.log_path(s)})")
-        rec[s.name].update(state="running", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        _write_status(plan, status)
-        t0 = time.perf_counter()
-        code = runner(s, argv, plan.log_path(s))
+    num = {s.name: k for k, s in enumerate(active, 1)}
+    names = set(num)
+    ran: set[str] = set()
+    finished: set[str] = set()
+    pending = list(active)
+    running: dict[Future, tuple[Step, float, list[str]]] = {}
+    free = local_gpus() if plan.jobs > 1 else None
+    outcome: tuple[int, str] | None = None         # (exit code, step) of the first failure or stop
+
+    def startable(s: Step) -> bool:
+        return all(d in finished or d not in names for d in s.deps)
+
+    def start_what_can(pool: ThreadPoolExecutor) -> None:
+        progressed = True
+        while progressed and outcome is None:
+            progressed = False
+            for s in list(pending):
+                if not startable(s):
+                    continue
+                k = num[s.name]
+                if st[s.name] == "done" and not (set(s.deps) & ran):   # done, and nothing it reads was remade
+                    say(f"[{k}/{n}] {s.name}: done, skipped ({s.marker})")
+                    rec[s.name]["state"] = "skipped"
+                    pending.remove(s)
+                    finished.add(s.name)
+                    _write_status(plan, status)
+                    progressed = True
+                    continue
+                need = gpus_needed(plan, s) if free is not None else 0
+                if len(running) >= plan.jobs or (free is not None and need > len(free)):
+                    continue
+                missing = missing_inputs(plan, s)
+                if missing:
+                    rec[s.name]["state"] = status["state"] = "failed"
+                    _write_status(plan, status)
+                    raise PipelineError(missing)
+                prepare(plan, st, s, say)
+                ids = [free.pop(0) for _ in range(need)] if free is not None else []
+                extra = {"CUDA_VISIBLE_DEVICES": ",".join(ids) if ids else ""} if free is not None else None
+                say(f"[{k}/{n}] {s.name}: {st[s.name]} -> running (log {plan.log_path(s)})"
+                    + (f" on GPU(s) {','.join(ids)}" if ids else ""))
+                rec[s.name].update(state="running", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                _write_status(plan, status)
+                args = (s, command(plan, s), plan.log_path(s))
+                fut = pool.submit(runner, *args, env=extra) if extra is not None else pool.submit(runner, *args)
+                running[fut] = (s, time.perf_counter(), ids)
+                pending.remove(s)
+                progressed = True
+
+    def collect(fut: Future) -> None:
+        nonlocal outcome
+        s, t0, ids = running.pop(fut)
+        if free is not None:
+            free.extend(ids)
+        try:
+            code = int(fut.result())
+        except Exception as e:   # the runner itself broke (not the step): a failure of this step
+            code, rec[s.name]["error"] = EXIT_FAIL, f"{type(e).__name__}: {e}"
         secs = round(time.perf_counter() - t0, 1)
         rec[s.name].update(seconds=secs, exit=code)
         if code == 0 and not s.marker.exists():
@@ -772,23 +872,46 @@ def _run_locked(plan: Plan, runner: Runner, say: Callable[[str], None]) -> int:
             code = EXIT_FAIL
             rec[s.name]["exit"] = code
         if code == EXIT_RESUMABLE:
-            rec[s.name]["state"] = status["state"] = "stopped"
-            _write_status(plan, status)
+            rec[s.name]["state"] = "stopped"
             say(f"step {s.name} stopped resumably after {secs}s (exit 75); rerun the same `stc pipeline` command "
                 f"to continue from it")
-            return EXIT_RESUMABLE
-        if code != 0:
-            why = failure_reason(plan.log_path(s))
+            outcome = outcome or (EXIT_RESUMABLE, s.name)
+        elif code != 0:
+            why = rec[s.name].get("error") or failure_reason(plan.log_path(s))
             rec[s.name].update(state="failed", error=why)
-            status["state"], status["failed_step"] = "failed", s.name
-            _write_status(plan, status)
             say(f"step {s.name} failed (exit {code}) after {secs}s: {why}\n  log: {plan.log_path(s)}")
-            return EXIT_FAIL
-        ran.add(s.name)
-        note_step(plan, s, seconds=secs)
-        rec[s.name]["state"] = "done"
+            if outcome is None or outcome[0] == EXIT_RESUMABLE:
+                outcome = (EXIT_FAIL, s.name)
+        else:
+            ran.add(s.name)
+            finished.add(s.name)
+            note_step(plan, s, seconds=secs)
+            rec[s.name]["state"] = "done"
+            say(f"[{num[s.name]}/{n}] {s.name}: done in {secs}s")
         _write_status(plan, status)
-        say(f"[{k}/{n}] {s.name}: done in {secs}s")
+
+    with _forward_stop_requests(), ThreadPoolExecutor(max_workers=max(1, plan.jobs)) as pool:
+        try:
+            start_what_can(pool)
+            while running:
+                done_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done_now:
+                    collect(fut)
+                start_what_can(pool)
+        except KeyboardInterrupt:   # the steps got the Ctrl-C too: they checkpoint; wait for them
+            outcome = outcome or (EXIT_RESUMABLE, "Ctrl-C")
+            for fut in list(running):
+                collect(fut)
+    if outcome is None and pending:   # cannot happen when check() passed: say so rather than claim success
+        outcome = (EXIT_FAIL, pending[0].name)
+        say(f"steps {', '.join(s.name for s in pending)} could not start (their inputs never finished)")
+    if outcome is not None:
+        code, step = outcome
+        status["state"] = "stopped" if code == EXIT_RESUMABLE else "failed"
+        if code != EXIT_RESUMABLE:
+            status["failed_step"] = step
+        _write_status(plan, status)
+        return code
     status["state"] = "done"
     status["inputs"] = external_fingerprints(plan.recipe)
     _write_status(plan, status)
@@ -816,7 +939,8 @@ def main(recipe: cfg.Recipe, args: Any) -> int:
     if dist.detect().distributed:
         raise PipelineError("stc pipeline runs as one process and starts each stage on its ranks itself: run "
                             "`stc pipeline --nproc N ...`, not `stc run --nproc N pipeline ...`")
-    plan = build_plan(recipe, nproc=getattr(args, "nproc", None), select=getattr(args, "stages", None))
+    plan = build_plan(recipe, nproc=getattr(args, "nproc", None), select=getattr(args, "stages", None),
+                      jobs=getattr(args, "jobs", None))
     if getattr(args, "dry_run", False):
         return dry_run(plan)
     return run(plan)

@@ -196,6 +196,8 @@ REGISTRY: tuple[Stage, ...] = (
           default_out="pipeline", marker="pipeline.json", lock=False,
           args=(arg("--nproc", help="ranks per multi-rank step via `stc run --nproc` (default: pipeline.nproc)",
                     type=int),
+                arg("--jobs", help="steps run at once: independent ones side by side (default: pipeline.jobs)",
+                    type=int),
                 arg("--stages", help="only these steps (comma-separated step names, or stage names for all their "
                                      "steps, e.g. importance,prune-25 or prune)"),
                 arg("--dry-run", help="validate the whole plan and print it; run nothing", action="store_true"))),
@@ -203,6 +205,7 @@ REGISTRY: tuple[Stage, ...] = (
           lock=False, resolve=False,
           args=(arg("--data-only", help="build the demo data only (no pipeline)", action="store_true"),
                 arg("--nproc", help="ranks per multi-rank step (default: pipeline.nproc)", type=int),
+                arg("--jobs", help="steps run at once (default: pipeline.jobs)", type=int),
                 arg("--dry-run", help="print the plan; build and run nothing", action="store_true"))),
     Stage("config show", "print the resolved recipe", "engine.config:show_main", lock=False, dry_run=False),
     Stage("config keys", "every valid key with its type, default and documentation", "engine.config:keys_main",

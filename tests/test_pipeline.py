@@ -228,6 +228,67 @@ def test_failure_or_stop_then_rerun_resumes_at_the_first_unfinished_step(tiny, t
     assert second.ran == ORDER[ORDER.index("distill-kd-25"):]
 
 
+class TimedRunner(FakeRunner):
+    """A FakeRunner that takes a little time and records when each step ran and what GPUs it saw."""
+
+    def __init__(self, plan, **kw):
+        super().__init__(plan, **kw)
+        self.spans: dict[str, tuple[float, float]] = {}
+        self.gpus: dict[str, str | None] = {}
+        import threading
+
+        self.lock = threading.Lock()
+
+    def __call__(self, step, argv, log, env=None):
+        import time
+
+        t0 = time.monotonic()
+        time.sleep(0.05)
+        with self.lock:
+            code = super().__call__(step, argv, log)
+            self.spans[step.name] = (t0, time.monotonic())
+            self.gpus[step.name] = (env or {}).get("CUDA_VISIBLE_DEVICES")
+        return code
+
+
+def test_jobs_run_independent_steps_side_by_side(tiny, tmp_path, monkeypatch):
+    """`--jobs 2`: at most two steps at once, none before the steps it reads from finished; with GPUs
+    each running step sees its own (--nproc of them for a multi-rank step, none for a host step)."""
+    monkeypatch.setattr(P, "local_gpus", lambda: ["0", "1", "2", "3"])
+    plan = P.build_plan(cfg.load(tiny["recipe"], [f"run.out_dir={tmp_path / 'r'}"]), nproc=2, jobs=2)
+    fake = TimedRunner(plan)
+    assert P.run(plan, runner=fake, echo=lambda m: None) == 0
+    assert sorted(fake.ran) == sorted(ORDER)
+    spans = fake.spans
+    for s in plan.steps:
+        for d in s.deps:
+            assert spans[d][1] <= spans[s.name][0], (d, s.name)          # inputs first
+    events = sorted([(a, 1) for a, _ in spans.values()] + [(b, -1) for _, b in spans.values()])
+    live = peak = 0
+    for _, e in events:
+        live += e
+        peak = max(peak, live)
+    assert peak == 2                                                       # side by side, never more
+    for name, ids in fake.gpus.items():
+        st = plan.step(name)
+        want = plan.ranks(st) if P.stages.get(st.stage).resources == "gpu" else 0     # export: one
+        assert len([x for x in (ids or "").split(",") if x]) == want, (name, ids)
+    overlapping = [(a, b) for a in spans for b in spans if a < b and spans[a][0] < spans[b][1]
+                   and spans[b][0] < spans[a][1]]
+    assert overlapping and all(not set(fake.gpus[a].split(",")) & set(fake.gpus[b].split(","))
+                               for a, b in overlapping if fake.gpus[a] and fake.gpus[b])
+
+
+def test_with_jobs_a_failure_starts_nothing_more_but_lets_running_steps_finish(tiny, tmp_path):
+    plan = P.build_plan(cfg.load(tiny["recipe"], [f"run.out_dir={tmp_path / 'r'}"]), jobs=2)
+    fake = TimedRunner(plan, fail={"importance": 1})
+    assert P.run(plan, runner=fake, echo=lambda m: None) == 1
+    st = {s["name"]: s for s in _status(plan)["steps"]}
+    assert st["importance"]["state"] == "failed" and _status(plan)["failed_step"] == "importance"
+    assert all(st[n]["state"] == "todo" for n in ("prune-25", "distill-kd-25", "report"))
+    assert all(st[n]["state"] in ("done", "todo") for n in st if n != "importance")
+
+
 def test_a_step_that_writes_no_marker_fails(tiny, tmp_path):
     plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
     fake = FakeRunner(plan, write=False)
@@ -336,10 +397,10 @@ def test_refuses_to_run_under_a_launcher(tiny, monkeypatch):
 
 @pytest.fixture(scope="module")
 def local_run(tiny) -> Path:
-    """`stc pipeline` on the tiny recipe, once for the module (one rank per step: the stages' own tests
-    run them on two ranks; here the plan is what is tested, and SLURM can then run independent jobs
-    side by side on the two cores of the test machine)."""
-    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1", timeout=1800)
+    """`stc pipeline` on the tiny recipe, once for the module: one rank per step (the stages' own tests run
+    them on two ranks; here the plan is what is tested), two independent steps at once on the two cores
+    of the test machine, as SLURM runs them below."""
+    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1", "--jobs", "2", timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
     return tiny["root"] / "run"
 

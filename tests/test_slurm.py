@@ -297,10 +297,10 @@ def tiny_plan(root: Path) -> Path:
         f"model: {{path: {root / 'model'}, dtype: fp32}}\n"
         f"data: {{shards: {sh}, batch_size: 2}}\n"
         f"run: {{out_dir: {root / 'run'}, threads: 1, device: cpu, progress_s: 0}}\n"
-        "importance: {max_new_tokens: 4, decode_batch_size: 4}\n"
-        "cache: {k: 8, max_new_tokens: 6, batch_size: 2}\n"
+        "importance: {scorer: nll, decode_batch_size: 4}\n"
+        "cache: {k: 8, max_new_tokens: 4, batch_size: 4}\n"
         "distill: {mode: lora, epochs: 1, global_batch: 4, lr: 1.0e-3, lora: {r: 4}, save_every: 100, zero_stage: 2}\n"
-        "evaluate: {max_new_tokens: 6, batch_size: 4}\n"
+        "evaluate: {max_new_tokens: 4, batch_size: 4}\n"
         "pipeline: {students: [0.5], ablations: false, shuffle_check: false, report: false}\n")
     return y
 

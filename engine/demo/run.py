@@ -34,7 +34,7 @@ def main(recipe: Any, args: argparse.Namespace) -> int:
     if not recipe.pipeline.finetune and (teacher is None or not (teacher / "config.json").is_file()):
         raise StcError(f"the demo teacher is missing ({recipe.model.path!r} from {recipe_path}: model.path); it ships "
                        f"with the repository in shards/teacher; rebuild it with `make demo-teacher`")
-    plan = pipeline.build_plan(recipe, nproc=getattr(args, "nproc", None))
+    plan = pipeline.build_plan(recipe, nproc=getattr(args, "nproc", None), jobs=getattr(args, "jobs", None))
     if dry:
         return pipeline.dry_run(plan, data_pending=True, title="stc demo")
     return pipeline.run(plan)
