@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from . import config as cfg
+from . import dist, lock, log
 from .errors import Resumable, UsageError
 
 
@@ -76,6 +77,7 @@ class Stage:
     lock: bool = True                          # lock its outputs for the run
     dry_run: bool = True                       # accepts --dry-run
     stop_resumably: bool = False               # SIGTERM/SIGUSR1 -> exit 75 (its finished units are kept)
+    own_stop_handler: bool = False             # installs its own SIGTERM/SIGUSR1 handler (checkpoints first)
     outputs: Callable[[cfg.Recipe], list[Path]] | None = None   # several outputs (evaluate: one per system)
     lock_targets: Callable[[Any, argparse.Namespace], list[Path]] | None = None  # non-recipe stages
     step: bool = False                         # may be a step of `stc pipeline`
@@ -159,7 +161,7 @@ REGISTRY: tuple[Stage, ...] = (
                                     "<out stem>.rejects.jsonl", action="store_true"), DRY_RUN)),
     Stage("finetune", "teacher fine-tuning (CE on references; full, LoRA or QLoRA)", "engine.train.trainer:main",
           section="finetune", default_out="finetune", marker="final/meta.json", ranks="many", resources="gpu",
-          step=True, args=(DRY_RUN,)),
+          step=True, own_stop_handler=True, args=(DRY_RUN,)),
     Stage("importance", "score decoder layers and rank them for removal", "engine.importance.stage:importance_main",
           section="importance", default_out="importance", ranks="many", resources="gpu", step=True,
           stop_resumably=True, args=(DRY_RUN,)),
@@ -179,7 +181,7 @@ REGISTRY: tuple[Stage, ...] = (
                 arg("--verify", help="also decode every record", action="store_true"))),
     Stage("distill", "heal the pruned student: CE + KD; full, LoRA or QLoRA", "engine.train.trainer:main",
           section="distill", default_out="distill", marker="final/meta.json", ranks="many", resources="gpu",
-          step=True, args=(DRY_RUN,)),
+          step=True, own_stop_handler=True, args=(DRY_RUN,)),
     Stage("export", "merge adapters, quantise, save the student (safetensors only)", "engine.export:main",
           section="export", default_out="export", resources="gpu", step=True, args=(DRY_RUN,)),
     Stage("evaluate", "BLEU / chrF / chrF++, size and speed of each system on the test split",
@@ -364,16 +366,15 @@ def _stop_resumably(enabled: bool) -> Iterator[None]:
 
 def invoke(st: Stage, args: argparse.Namespace) -> int:
     """Run one stage as ``stc`` does (module docstring); returns its exit code, raises StcError."""
-    from . import dist, lock, log
-
     recipe = cfg.load(getattr(args, "config", None), overrides_for(st, args)) if st.recipe and st.resolve else None
     entry = load_entry(st)
     if early_stop_request():
         raise Resumable(f"stopped by {early_stop_request()} before the stage started; nothing was done: rerun "
                         f"the same command")
-    if not (st.stop_resumably or st.name in ("finetune", "distill")):
-        for s in (signal.SIGTERM, signal.SIGUSR1):   # a short stage: a stop request ends it as usual
-            signal.signal(s, signal.SIG_DFL)
+    if not (st.stop_resumably or st.own_stop_handler):
+        with contextlib.suppress(ValueError):        # ValueError: called from a thread, which cannot set them
+            for s in (signal.SIGTERM, signal.SIGUSR1):   # a short stage: a stop request ends it as usual
+                signal.signal(s, signal.SIG_DFL)
     if getattr(args, "dry_run", False):
         return int(entry(recipe, args) or 0)
     with contextlib.ExitStack() as stack:

@@ -17,6 +17,9 @@ from slurm_fixture import slurm_cluster  # noqa: F401  (fixture: a real one-node
 
 CMD = [sys.executable, "-m", "engine.cli"]
 SYSTEMS = ["teacher", "teacher-shuffled", "kd-25", "pruned-25", "ce-25", "middle-25", "kd-50"]
+# The end-to-end runs: one student (half the layers) with every ablation, 18 real steps
+E2E = ["pipeline.students=[0.5]"]
+E2E_SYSTEMS = ["teacher", "teacher-shuffled", "kd-50", "pruned-50", "ce-50", "middle-50"]
 ORDER = ["eval-teacher", "eval-teacher-shuffled", "importance", "prune-25", "cache", "distill-kd-25", "export-kd-25",
          "eval-kd-25", "eval-pruned-25", "distill-ce-25", "export-ce-25", "eval-ce-25", "importance-middle-25",
          "prune-middle-25", "distill-middle-25", "export-middle-25", "eval-middle-25", "prune-50", "distill-kd-50",
@@ -400,7 +403,7 @@ def local_run(tiny) -> Path:
     """`stc pipeline` on the tiny recipe, once for the module: one rank per step (the stages' own tests run
     them on two ranks; here the plan is what is tested), two independent steps at once on the two cores
     of the test machine, as SLURM runs them below."""
-    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1", "--jobs", "2", timeout=1800)
+    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1", "--jobs", "2", *E2E, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
     return tiny["root"] / "run"
 
@@ -411,24 +414,26 @@ def test_pipeline_end_to_end(tiny, local_run):
 
     run = local_run
     plan = P.build_plan(cfg.load(run / "pipeline" / "config.yaml"))
+    order = [s.name for s in plan.steps]
+    assert len(order) == 18 and order[-1] == "report"
     for s in plan.steps:
         assert s.marker.exists(), s.name
         assert (run / "pipeline" / "logs" / f"{s.name}.log").exists(), s.name
     st = _status(plan)
-    assert st["state"] == "done" and [s["name"] for s in st["steps"]] == ORDER
+    assert st["state"] == "done" and [s["name"] for s in st["steps"]] == order
     assert all(s["exit"] == 0 and s["seconds"] is not None for s in st["steps"])
-    for d in ("students/r25/pruned", "students/r50/pruned", "students/middle-r25/pruned", "cache",
-              "students/r25/kd/export", "students/r25/ce/export", "students/r50/kd/export",
-              "students/middle-r25/kd/export", "importance", "students/middle-r25/importance"):
+    for d in ("students/r50/pruned", "students/middle-r50/pruned", "cache", "students/r50/kd/export",
+              "students/r50/ce/export", "students/middle-r50/kd/export", "importance",
+              "students/middle-r50/importance"):
         assert (run / d / "meta.json").exists(), d
-    assert json.loads((run / "students/r25/kd/export/meta.json").read_text())["exported"]["quant"] == "nf4"
-    prune25 = json.loads((run / "students/r25/pruned/meta.json").read_text())["pruned"]
+    assert json.loads((run / "students/r50/kd/export/meta.json").read_text())["exported"]["quant"] == "nf4"
+    prune50 = json.loads((run / "students/r50/pruned/meta.json").read_text())["pruned"]
     ranking = json.loads((run / "importance/ranking.json").read_text())
-    assert prune25["removed"] == ranking["removed"][:1]                   # the first of the removal order
-    middle = json.loads((run / "students/middle-r25/pruned/meta.json").read_text())["pruned"]
-    assert len(middle["removed"]) == 1
+    assert prune50["removed"] == ranking["removed"][:2]                   # the first two of the removal order
+    middle = json.loads((run / "students/middle-r50/pruned/meta.json").read_text())["pruned"]
+    assert len(middle["removed"]) == 2 and middle["removed"][1] == middle["removed"][0] + 1
 
-    for name in SYSTEMS:
+    for name in E2E_SYSTEMS:
         d = run / "eval" / name
         scores = json.loads((d / "scores.json").read_text())
         rows = [json.loads(x) for x in (d / "hypotheses.jsonl").read_text().splitlines()]
@@ -441,16 +446,28 @@ def test_pipeline_end_to_end(tiny, local_run):
     assert json.loads((run / "eval/teacher-shuffled/scores.json").read_text())["shuffle_audio"] is True
     rep = json.loads((run / "report" / "report.json").read_text())
     rows = {row["system"]: row for row in rep["systems"]}
-    assert sorted(rows) == sorted(SYSTEMS) and rep["reference"] == "teacher"
-    assert rows["kd-25"]["removed_layers"] == prune25["removed_original"]
-    assert rows["middle-25"]["removed_layers"] == middle["removed_original"]
-    for name in SYSTEMS:                                                   # described by the plan's steps
+    assert sorted(rows) == sorted(E2E_SYSTEMS) and rep["reference"] == "teacher"
+    assert rows["kd-50"]["removed_layers"] == prune50["removed_original"]
+    assert rows["middle-50"]["removed_layers"] == middle["removed_original"]
+    for name in E2E_SYSTEMS:                                               # described by the plan's steps
         assert rows[name]["label"] and rows[name]["healing"] in ("none", "ce", "ce+kd"), name
-        assert rows[name]["removal"] == (0.5 if name == "kd-50" else 0.0 if "teacher" in name else 0.25), name
-    assert rows["kd-50"]["decoder_layers"] == 2 and rows["kd-25"]["decoder_layers"] == 3
+        assert rows[name]["removal"] == (0.0 if "teacher" in name else 0.5), name
+    assert rows["kd-50"]["decoder_layers"] == 2 and rows["teacher"]["decoder_layers"] == 4
     assert (run / "report" / "report.md").exists() and (run / "report" / "meta.json").exists()
 
-    again = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1")      # everything done: nothing runs
+    # each step's log is a batch log (not a terminal): the long stages wrote plain progress lines there,
+    # and rank 0 wrote them to its own log file too
+    line = r"\d\d:\d\d:\d\d INFO {}: \d+/\d+ {} \(\d+%\)"
+    for step, what, unit, out in (("importance", "importance iteration 0", "candidates", "importance"),
+                                  ("cache", r"cache build \(rank 0's shards\)", "samples", "cache"),
+                                  ("eval-teacher", "evaluate teacher", "batches", "eval"),
+                                  ("distill-kd-50", "distill", "steps", "students/r50/kd/distill")):
+        text = (run / "pipeline" / "logs" / f"{step}.log").read_text()
+        assert re.search(line.format(what, unit), text), (step, text[-2000:])
+        assert "\x1b[" not in text, step                                   # no bar drawing in a log
+        assert re.search(line.format(what, unit).split("INFO ", 1)[1], (run / out / "logs" / "rank0.log").read_text())
+
+    again = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1", *E2E)   # everything done: nothing runs
     assert again.returncode == 0, again.stderr[-3000:]
     assert {s["state"] for s in _status(plan)["steps"]} == {"skipped"}
 
@@ -468,14 +485,15 @@ def test_submit_pipeline_on_slurm_equals_the_local_run(tiny, local_run, slurm_cl
                STC_TORCH_EXTENSIONS_DIR=_env().get("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1]
                                                                              / ".torch_extensions")))
     r = subprocess.run([*CMD, "submit", "pipeline", "--config", str(tiny["recipe"]), "--ntasks-per-node", "1",
-                        f"run.out_dir={run}"], env=env, capture_output=True, text=True, timeout=300)
+                        *E2E, f"run.out_dir={run}"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = r.stdout.split()
-    assert len(jobs) == len(ORDER)
+    order = [s.name for s in P.build_plan(cfg.load(local_run / "pipeline" / "config.yaml")).steps]
+    assert len(jobs) == len(order)
     assert wait_job(jobs[-1], timeout=1500).get("JobState", "COMPLETED") == "COMPLETED", \
         subprocess.run([*CMD, "jobs", "--ledger", str(run)], env=env, capture_output=True, text=True).stdout[-4000:]
     views = {v.step: v for v in slurm.job_views(run / "slurm" / "ledger.jsonl")}
-    assert sorted(views) == sorted(ORDER) and {v.state for v in views.values()} == {"COMPLETED"}
+    assert sorted(views) == sorted(order) and {v.state for v in views.values()} == {"COMPLETED"}
     ev = [e for e in slurm.read_ledger(run / "slurm" / "ledger.jsonl") if e["event"] in ("started", "finished")]
     span = {}
     for e in ev:
@@ -483,7 +501,7 @@ def test_submit_pipeline_on_slurm_equals_the_local_run(tiny, local_run, slurm_cl
     overlap = [(a, b) for a in span for b in span if a < b and span[a]["started"] < span[b]["finished"]
                and span[b]["started"] < span[a]["finished"]]
     assert overlap, span                                                   # independent branches ran side by side
-    for name in SYSTEMS:
+    for name in E2E_SYSTEMS:
         a, b = local_run / "eval" / name, run / "eval" / name
         assert (a / "hypotheses.jsonl").read_text() == (b / "hypotheses.jsonl").read_text(), name
         sa, sb = json.loads((a / "scores.json").read_text()), json.loads((b / "scores.json").read_text())

@@ -290,7 +290,8 @@ def test_zero3_loads_partitioned_with_the_losses_of_whole_loading(ws, tmp_path, 
     the previous path) and of ZeRO-2."""
     kw = {"distill.mode": mode, "distill.epochs": 0.5, "distill.zero3_persistence_threshold": 0}
     runs = {}
-    for name, stage, init in (("init", 3, "1"), ("whole", 3, "0"), ("z2", 2, "1")):
+    # ZeRO-2 against ZeRO-3 once (LoRA): the full-model runs compare the two ZeRO-3 loading paths
+    for name, stage, init in (("init", 3, "1"), ("whole", 3, "0"), *((("z2", 2, "1"),) if mode == "lora" else ())):
         out = tmp_path / name
         env = dict(stc_env_m, STC_ZERO3_INIT=init)
         stc(stc_cmd_m, env, "distill", base_args(ws, out, **kw, **{"distill.zero_stage": stage}), nproc=2)
@@ -305,7 +306,7 @@ def test_zero3_loads_partitioned_with_the_losses_of_whole_loading(ws, tmp_path, 
     assert whole["zero3_init"] is False and whole["zero3_load_params"] == 0
     ref = losses(runs["init"])
     assert [s for s, _ in ref] == [1, 2]
-    for other in ("whole", "z2"):
+    for other in runs.keys() - {"init"}:
         for (s1, a), (s2, b) in zip(ref, losses(runs[other]), strict=True):
             assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-7), other
 
