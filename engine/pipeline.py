@@ -756,16 +756,15 @@ def set_aside(step: Step) -> Path | None:
     return dest
 
 
-def note_step(plan: Plan, step: Step, **fields: Any) -> None:
+def note_step(plan: Plan, step: Step) -> None:
     """Record a step in ``<run>/pipeline/steps/<step>.json``: the config it is about to run with (how a
     later run tells an unfinished output of another config from one to resume), its output and ranks
-    (what ``stc report`` reads for device time), and, after a local run, its wall seconds."""
-    p = plan.step_record(step)
-    doc = (_meta(p) or {}) if fields else {}
-    doc.update({"step": step.name, "stage": step.stage, "out": str(step.out), "ranks": plan.ranks(step),
-                "config": compared(cfg.to_dict(plan.recipe_of(step)), step.stage),
-                **({"system": dict(step.system)} if step.system else {})} if not fields else fields)
-    atomic_write_json(p, doc)
+    (what ``stc report`` reads for device time). The stage itself adds its wall seconds when it succeeds
+    (``stages.note_seconds``, through ``$STC_STEP_RECORD``), whether the plan runs here or as SLURM jobs."""
+    atomic_write_json(plan.step_record(step), {
+        "step": step.name, "stage": step.stage, "out": str(step.out), "ranks": plan.ranks(step),
+        "config": compared(cfg.to_dict(plan.recipe_of(step)), step.stage),
+        **({"system": dict(step.system)} if step.system else {})})
 
 
 def prepare(plan: Plan, st: Mapping[str, str], step: Step, say: Callable[[str], None]) -> None:
@@ -845,13 +844,14 @@ def _run_locked(plan: Plan, runner: Runner, say: Callable[[str], None]) -> int:
                     raise PipelineError(missing)
                 prepare(plan, st, s, say)
                 ids = [free.pop(0) for _ in range(need)] if free is not None else []
-                extra = {"CUDA_VISIBLE_DEVICES": ",".join(ids) if ids else ""} if free is not None else None
+                extra = {stages.STEP_RECORD_ENV: str(plan.step_record(s).resolve()),   # the stage adds its seconds
+                         **({"CUDA_VISIBLE_DEVICES": ",".join(ids) if ids else ""} if free is not None else {})}
                 say(f"[{k}/{n}] {s.name}: {st[s.name]} -> running (log {plan.log_path(s)})"
                     + (f" on GPU(s) {','.join(ids)}" if ids else ""))
                 rec[s.name].update(state="running", started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                 _write_status(plan, status)
                 args = (s, command(plan, s), plan.log_path(s))
-                fut = pool.submit(runner, *args, env=extra) if extra is not None else pool.submit(runner, *args)
+                fut = pool.submit(runner, *args, env=extra)
                 running[fut] = (s, time.perf_counter(), ids)
                 pending.remove(s)
                 progressed = True
@@ -885,7 +885,6 @@ def _run_locked(plan: Plan, runner: Runner, say: Callable[[str], None]) -> int:
         else:
             ran.add(s.name)
             finished.add(s.name)
-            note_step(plan, s, seconds=secs)
             rec[s.name]["state"] = "done"
             say(f"[{num[s.name]}/{n}] {s.name}: done in {secs}s")
         _write_status(plan, status)

@@ -26,7 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
+import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
@@ -34,6 +37,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 from . import config as cfg
 from . import dist, lock, log
 from .errors import Resumable, UsageError
+from .io import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -377,6 +381,7 @@ def invoke(st: Stage, args: argparse.Namespace) -> int:
                 signal.signal(s, signal.SIG_DFL)
     if getattr(args, "dry_run", False):
         return int(entry(recipe, args) or 0)
+    t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         if st.ranks == "many":
             stack.enter_context(dist.session())
@@ -390,7 +395,28 @@ def invoke(st: Stage, args: argparse.Namespace) -> int:
             stack.enter_context(lock.hold(targets, f"stc {st.name}"))
         stack.enter_context(_stop_resumably(st.stop_resumably))
         code = int(entry(recipe, args) or 0)
+    if code == 0:
+        note_seconds(time.monotonic() - t0)
     return code
+
+
+STEP_RECORD_ENV = "STC_STEP_RECORD"
+
+
+def note_seconds(seconds: float) -> None:
+    """A stage run as a step of a plan (locally or as a SLURM job, which set ``$STC_STEP_RECORD`` to the
+    step's record, ``<run>/pipeline/steps/<step>.json``) adds its wall seconds there on success, from
+    rank 0: the device time ``stc report`` falls back on for stages that keep no timing of their own.
+    The seconds include loading, not the interpreter's start; a resumed step records its last attempt."""
+    path = os.environ.get(STEP_RECORD_ENV)
+    if not path or not dist.env().is_main:
+        return
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return                      # no record to add to: a stage run by hand with the variable left set
+    doc["seconds"] = round(seconds, 1)
+    atomic_write_json(path, doc)
 
 
 def build_parser(prog: str = "stc", version: str = "") -> argparse.ArgumentParser:

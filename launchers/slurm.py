@@ -276,9 +276,10 @@ class Rendered:
 
 
 def render(name: str, command: Sequence[str], opts: JobOptions, out_dir: Path, *, workdir: Path | None = None,
-           shards: str = "", stage: str = "") -> Rendered:
+           shards: str = "", stage: str = "", step_record: Path | None = None) -> Rendered:
     """The sbatch script of one step; pure (same inputs, same text), so --dry-run shows what is submitted.
-    ``shards``: with ``stage_to_local_disk``, the shard directory copied to node-local disk first."""
+    ``shards``: with ``stage_to_local_disk``, the shard directory copied to node-local disk first.
+    ``step_record``: a plan step's record, where the stage adds its wall seconds (``$STC_STEP_RECORD``)."""
     stage = stage or name
     out_dir = Path(out_dir).resolve()
     script = out_dir / f"{slug(name)}.sbatch"
@@ -310,6 +311,8 @@ def render(name: str, command: Sequence[str], opts: JobOptions, out_dir: Path, *
         "ledger": str(out_dir / LEDGER_NAME),
         "ledger_q": shlex.quote(str(out_dir / LEDGER_NAME)),
         "step_json_q": shlex.quote(json.dumps(name)),
+        "step_record": (f"export {stages.STEP_RECORD_ENV}={shlex.quote(str(Path(step_record).resolve()))}"
+                        if step_record else f"unset {stages.STEP_RECORD_ENV}"),
         "max_restarts": str(opts.max_restarts),
         "workdir_q": shlex.quote(str(Path(workdir or os.getcwd()).resolve())),
         "sbatch_lines": "\n".join(f"#SBATCH {x}" for x in lines),
@@ -396,7 +399,7 @@ def plan_jobs(plan: pipeline.Plan, opts: JobOptions, *, only_todo: bool = True) 
         o = step_options(plan, s, opts)
         if o is not opts and o.mem.endswith("G") and o.mem != opts.mem:
             sub.host_mem_gib[s.name] = int(o.mem[:-1])
-        r = render(s.name, stage_command(argv), o, out, stage=s.stage,
+        r = render(s.name, stage_command(argv), o, out, stage=s.stage, step_record=plan.step_record(s),
                    shards=plan.recipe.data.shards if reads_shards(s) else "")
         deps = tuple(d for d in s.deps if d in runs)
         sub.items.append((s.name, r, "", deps))

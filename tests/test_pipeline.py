@@ -170,7 +170,7 @@ class FakeRunner:
     def __init__(self, plan: P.Plan, fail: dict[str, int] | None = None, write: bool = True):
         self.plan, self.fail, self.write, self.ran = plan, dict(fail or {}), write, []
 
-    def __call__(self, step: P.Step, argv: list[str], log: Path) -> int:
+    def __call__(self, step: P.Step, argv: list[str], log: Path, env: dict | None = None) -> int:
         self.ran.append(step.name)
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(" ".join(argv))
@@ -254,6 +254,36 @@ class TimedRunner(FakeRunner):
         return code
 
 
+def test_each_step_is_told_its_record_and_a_stage_adds_its_seconds_there(tiny, tmp_path, monkeypatch):
+    """Locally and as SLURM jobs a step's stage gets ``$STC_STEP_RECORD`` (its record exists by then) and
+    adds its wall seconds on success: the device time of stages that keep no timing of their own."""
+    from engine import stages
+
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
+    seen = {}
+
+    class Recording(FakeRunner):
+        def __call__(self, step, argv, log, env=None):
+            seen[step.name] = (env or {}).get(stages.STEP_RECORD_ENV)
+            assert json.loads(Path(seen[step.name]).read_text())["step"] == step.name
+            return super().__call__(step, argv, log, env)
+
+    assert P.run(plan, runner=Recording(plan), echo=lambda m: None) == 0
+    assert seen["prune-25"] == str(plan.step_record(plan.step("prune-25")).resolve())
+    monkeypatch.setenv(stages.STEP_RECORD_ENV, seen["prune-25"])
+    stages.note_seconds(12.34)
+    rec = json.loads(Path(seen["prune-25"]).read_text())
+    assert rec["seconds"] == 12.3 and rec["step"] == "prune-25" and rec["ranks"] == 1
+    monkeypatch.setenv("RANK", "1")                        # only rank 0 writes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stages.note_seconds(99.0)
+    assert json.loads(Path(seen["prune-25"]).read_text())["seconds"] == 12.3
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv(stages.STEP_RECORD_ENV, str(tmp_path / "none.json"))   # no record: nothing written
+    stages.note_seconds(1.0)
+    assert not (tmp_path / "none.json").exists()
+
+
 def test_jobs_run_independent_steps_side_by_side(tiny, tmp_path, monkeypatch):
     """`--jobs 2`: at most two steps at once, none before the steps it reads from finished; with GPUs
     each running step sees its own (--nproc of them for a multi-rank step, none for a host step)."""
@@ -327,7 +357,7 @@ def test_stale_step_sets_its_old_output_aside_and_a_failure_says_why_in_one_line
 
     # an unfinished run of another config (no marker) is set aside too, never resumed
     class Failing(FakeRunner):
-        def __call__(self, step, argv, log):
+        def __call__(self, step, argv, log, env=None):
             if step.name == "distill-kd-25":
                 self.ran.append(step.name)
                 (step.out / "checkpoints" / "step-00000001").mkdir(parents=True)
@@ -512,3 +542,7 @@ def test_submit_pipeline_on_slurm_equals_the_local_run(tiny, local_run, slurm_cl
     for x, y in zip(ra["systems"], rb["systems"]):
         assert {k: v for k, v in x.items() if k not in timing} == {k: v for k, v in y.items() if k not in timing}
     assert ra["bars"] == rb["bars"] and ra["importance"]["removed_original"] == rb["importance"]["removed_original"]
+    # device time comes from the same sources: the stages without timing of their own (prune, export)
+    # recorded their wall seconds in the step record as jobs too
+    assert [(x["stage"], x["source"]) for x in ra["device_hours"]] == [(y["stage"], y["source"]) for y in rb["device_hours"]]
+    assert all(isinstance(y["device_hours"], float) for y in rb["device_hours"] if y["stage"] != "report"), rb["device_hours"]

@@ -107,6 +107,7 @@ def test_dry_run_prints_exactly_the_rendered_script(tmp_path, capsys, monkeypatc
     assert "--nodes" not in text.split("#SBATCH --nodes=2", 1)[1].split("srun --ntasks")[0]  # written once
     assert "srun --kill-on-bad-exit=1 " in text                      # a dead task takes the job down
     assert "SLURM_NNODES" in text
+    assert "unset STC_STEP_RECORD" in text.splitlines()                 # a lone stage is no plan step
     assert not run.exists()  # a dry run writes nothing
     r = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
     assert r.returncode == 0, r.stderr
@@ -168,6 +169,7 @@ def test_jobs_follow_the_plan_one_task_steps_ask_host_memory(seven_b, tmp_path):
         step = plan.step(name)
         assert f"engine.cli {step.stage} --config {plan.config_path}" in r.text, name
         assert "srun --kill-on-bad-exit=1 " in r.text
+        assert f"export STC_STEP_RECORD={plan.step_record(step).resolve()}" in r.text.splitlines(), name
 
 
 def test_pipeline_skips_done_steps_and_selects_with_stages(seven_b, tmp_path):
