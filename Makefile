@@ -9,6 +9,8 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 APT_PACKAGES := g++ ninja-build espeak-ng slurm-wlm munge
 PYTEST_ARGS ?=
+# Test processes side by side (pytest-xdist); a module's tests stay together, the real-SLURM ones share one cluster.
+PYTEST_WORKERS ?= 2
 
 export PATH := $(BIN):$(PATH)
 # DeepSpeed JIT-builds C++ ops at start; keep them in a folder the project controls.
@@ -33,11 +35,11 @@ demo-teacher: install
 	$(BIN)/python -m engine.demo.teacher --publish runs/demo-teacher/train/final shards/teacher
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS) tests
 
 # The unit tests only (the end-to-end, multi-process and SLURM runs are marked slow): a few minutes.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" --durations=10 $(PYTEST_ARGS) tests
 
 install: $(STAMP)
 

@@ -51,7 +51,15 @@ def stc_inproc(capsys):
 
 def pytest_collection_modifyitems(config, items):
     """A test that starts a real SLURM (the `slurm_cluster` fixture) is slow by nature: `make test-fast`
-    leaves it out, `make test` and CI run it."""
+    leaves it out, `make test` and CI run it.
+
+    Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each module's tests run in one worker, so
+    a module-scoped fixture (a tiny model, a whole pipeline run) is built once; every module with a
+    real-SLURM test joins one group, so one worker starts one cluster for all of them."""
+    slurm_modules = {item.module.__name__ for item in items
+                     if "slurm_cluster" in getattr(item, "fixturenames", ())}
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        mod = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("slurm" if mod in slurm_modules else mod))
