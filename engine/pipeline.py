@@ -762,7 +762,8 @@ def note_step(plan: Plan, step: Step) -> None:
     (what ``stc report`` reads for device time). The stage itself adds its wall seconds when it succeeds
     (``stages.note_seconds``, through ``$STC_STEP_RECORD``), whether the plan runs here or as SLURM jobs."""
     atomic_write_json(plan.step_record(step), {
-        "step": step.name, "stage": step.stage, "out": str(step.out), "ranks": plan.ranks(step),
+        "step": step.name, "index": plan.steps.index(step), "stage": step.stage, "out": str(step.out),
+        "ranks": plan.ranks(step),
         "config": compared(cfg.to_dict(plan.recipe_of(step)), step.stage),
         **({"system": dict(step.system)} if step.system else {})})
 

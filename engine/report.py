@@ -294,15 +294,16 @@ def evaluate_bars(bars: list[dict], rows: list[dict], directions: list[str]) -> 
 # ------------------------------------------------------------------------------------------- device-hours
 
 def _step_records(path: Path) -> list[dict] | None:
-    """The records a pipeline keeps under ``<run>/pipeline/steps/`` (step, stage, out, ranks, seconds), in
-    step order of their files' creation; None when ``path`` is not such a folder."""
+    """The records a pipeline keeps under ``<run>/pipeline/steps/`` (step, index, stage, out, ranks,
+    seconds), in plan order (``index``); None when ``path`` is not such a folder."""
     if not path.is_dir() or path.name != "steps" or path.parent.name != "pipeline":
         return None
     recs = []
-    for p in sorted(path.glob("*.json"), key=lambda q: q.stat().st_mtime_ns):
+    for p in sorted(path.glob("*.json")):
         doc = _read_json(p)
         if isinstance(doc, dict) and doc.get("out") and doc.get("step"):
             recs.append(doc)
+    recs.sort(key=lambda r: (r.get("index") if isinstance(r.get("index"), int) else 1 << 30, r["step"]))
     _STEP_TIME.update({str(Path(r["out"])): r for r in recs})
     return recs
 

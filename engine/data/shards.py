@@ -677,6 +677,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = log.console
+
+    def say(msg: str) -> None:   # one line per fact, never wrapped: logs are grepped
+        con.print(msg, soft_wrap=True)
     t = Table(title=f"shards: {summary.get('out', '')} ({summary.get('status', '')})", title_justify="left")
     for col in ("split", "shards", "samples", "hours"):
         t.add_column(col, justify="left" if col == "split" else "right")
@@ -692,7 +695,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         for k, v in summary["languages"].items():
             lt.add_row(k, str(v))
         con.print(lt)
-    con.print(f"rows read {summary.get('read', 0)}, written {summary.get('written', 0)}, "
+    say(f"rows read {summary.get('read', 0)}, written {summary.get('written', 0)}, "
               f"rejected {summary.get('rejected', 0)}; truncated {summary.get('truncated', 0)} "
               f"({summary.get('truncated_seconds', 0.0):.1f} s cut)"
               + (f"; {summary['other_split']} rows of other splits skipped" if summary.get("other_split") else ""))
@@ -701,14 +704,14 @@ def print_summary(summary: dict[str, Any]) -> None:
         how = ", ".join(
             f"{name}: {v['rule']} ({v['rejected']} rejected, {v['truncated']} truncated)"
             for name, v in sorted(la["splits"].items()))
-        con.print(f"audio over {la.get('max_audio_s')} s (shards.long_audio={la.get('setting')}"
+        say(f"audio over {la.get('max_audio_s')} s (shards.long_audio={la.get('setting')}"
                   + (f", training split {la['train_split']!r}" if la.get("train_split") else "") + f"): {how}")
     if summary.get("overrun") or summary.get("overrun_rejected"):
-        con.print(f"segments past the end of their file: {summary.get('overrun_rejected', 0)} rejected, "
+        say(f"segments past the end of their file: {summary.get('overrun_rejected', 0)} rejected, "
                   f"{summary.get('overrun', 0)} written short ({summary.get('overrun_seconds', 0.0):.2f} s "
                   f"missing)")
     if summary.get("clipped"):
-        con.print(f"[yellow]clipped:[/] {summary['clipped']} row(s) above full scale, "
+        say(f"[yellow]clipped:[/] {summary['clipped']} row(s) above full scale, "
                   f"{summary.get('clipped_samples', 0)} sample(s) clipped (e.g. id "
                   f"{summary.get('clipped_example')!r})")
     if summary.get("rejected_by_reason"):
@@ -718,11 +721,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         for k, v in summary["rejected_by_reason"].items():
             rt.add_row(k, str(v))
         con.print(rt)
-        con.print(f"details: {Path(summary.get('out', '.')) / REJECTS}")
+        say(f"details: {Path(summary.get('out', '.')) / REJECTS}")
     for n in summary.get("notes", []):
-        con.print(f"[yellow]note:[/] {n}")
+        say(f"[yellow]note:[/] {n}")
     for p in summary.get("problems", []):
-        con.print(f"[bold red]problem:[/] {p}")
+        say(f"[bold red]problem:[/] {p}")
 
 
 # ------------------------------------------------------------------------------------------ stc entries
