@@ -696,24 +696,24 @@ def print_summary(summary: dict[str, Any]) -> None:
             lt.add_row(k, str(v))
         con.print(lt)
     say(f"rows read {summary.get('read', 0)}, written {summary.get('written', 0)}, "
-              f"rejected {summary.get('rejected', 0)}; truncated {summary.get('truncated', 0)} "
-              f"({summary.get('truncated_seconds', 0.0):.1f} s cut)"
-              + (f"; {summary['other_split']} rows of other splits skipped" if summary.get("other_split") else ""))
+        f"rejected {summary.get('rejected', 0)}; truncated {summary.get('truncated', 0)} "
+        f"({summary.get('truncated_seconds', 0.0):.1f} s cut)"
+        + (f"; {summary['other_split']} rows of other splits skipped" if summary.get("other_split") else ""))
     la = summary.get("long_audio") or {}
     if la.get("splits"):
         how = ", ".join(
             f"{name}: {v['rule']} ({v['rejected']} rejected, {v['truncated']} truncated)"
             for name, v in sorted(la["splits"].items()))
         say(f"audio over {la.get('max_audio_s')} s (shards.long_audio={la.get('setting')}"
-                  + (f", training split {la['train_split']!r}" if la.get("train_split") else "") + f"): {how}")
+              + (f", training split {la['train_split']!r}" if la.get("train_split") else "") + f"): {how}")
     if summary.get("overrun") or summary.get("overrun_rejected"):
         say(f"segments past the end of their file: {summary.get('overrun_rejected', 0)} rejected, "
-                  f"{summary.get('overrun', 0)} written short ({summary.get('overrun_seconds', 0.0):.2f} s "
-                  f"missing)")
+              f"{summary.get('overrun', 0)} written short ({summary.get('overrun_seconds', 0.0):.2f} s "
+              f"missing)")
     if summary.get("clipped"):
         say(f"[yellow]clipped:[/] {summary['clipped']} row(s) above full scale, "
-                  f"{summary.get('clipped_samples', 0)} sample(s) clipped (e.g. id "
-                  f"{summary.get('clipped_example')!r})")
+              f"{summary.get('clipped_samples', 0)} sample(s) clipped (e.g. id "
+              f"{summary.get('clipped_example')!r})")
     if summary.get("rejected_by_reason"):
         rt = Table(title="rejected by reason", title_justify="left")
         rt.add_column("reason")
