@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from . import dist, langs, log, stages
+from . import compat, dist, langs, log, stages
 from .data.stream import StreamError, shards_from_meta
 from .errors import StcError
 from .importance import devset as D
@@ -478,8 +478,8 @@ def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: st
             pos = {samples[i].key: i for i in idx}
             for batch in dev.batches:
                 with torch.inference_mode():
-                    seqs = model.generate(inputs_embeds=batch.gen_embeds, attention_mask=batch.gen_mask,
-                                          generation_config=gen_cfg)
+                    seqs = compat.generate_from_embeds(model, batch.gen_embeds, batch.gen_mask,
+                                                       generation_config=gen_cfg)
                 hyps = SC.decode_new_tokens(tok, seqs, gen_cfg.eos_token_id)
                 for k, h, row in zip(batch.keys, hyps, seqs.tolist()):
                     local.append((pos[k], h, next((j for j, t in enumerate(row) if t in stop), len(row))))

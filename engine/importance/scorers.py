@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import langs
+from .. import compat, langs
 from ..data.prompt import IGNORE
 from ..models import surgery
 from . import layers as L
@@ -341,8 +341,7 @@ def translate(model: torch.nn.Module, tokenizer: Any, dev: DevSet, gen_cfg: Any,
             interrupt()
         if batch.gen_embeds is None:
             raise ImportanceError("the dev set was prepared without the prompt-only view")
-        seqs = model.generate(inputs_embeds=batch.gen_embeds, attention_mask=batch.gen_mask,
-                              generation_config=gen_cfg)
+        seqs = compat.generate_from_embeds(model, batch.gen_embeds, batch.gen_mask, generation_config=gen_cfg)
         # With inputs_embeds only, generate returns just the new tokens (B, N).
         hyps.extend(decode_new_tokens(tokenizer, seqs, gen_cfg.eos_token_id))
     return hyps

@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
+from .. import compat
 from .qwen_vocab import AUDIO_SPECIALS, QWEN2_PATTERN, QWEN_SPECIALS
 
 SPECIAL_TOKENS = QWEN_SPECIALS + AUDIO_SPECIALS
@@ -127,6 +128,7 @@ def _wrap(raw: Any = None, tokenizer_file: str | None = None) -> Any:
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)],
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],  # as Qwen2's tokenizer (transformers 4 adds token_type_ids)
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -217,7 +219,7 @@ def _cast_params(model: Any, dtype: Any) -> Any:
             p.data = p.data.to(dtype)
     for c in [model.config] + [getattr(model.config, k) for k in ("text_config", "audio_config")
                                if getattr(model.config, k, None) is not None]:
-        c.dtype = dtype
+        compat.set_config_dtype(c, dtype)
     return model
 
 
