@@ -84,7 +84,8 @@ STEPS_DIR = "steps"          # <run>/pipeline/steps/<step>.json: what each step 
 # (Micro batch sizes: losses are normalised over the global batch.)
 _OPERATIONAL = {"out", "resume", "save_every", "keep_last", "eval_every", "zero_stage", "ds_config", "offload",
                 "gradient_checkpointing", "zero3", "zero3_persistence_threshold", "batch_size", "decode_batch_size",
-                "num_workers", "log_level", "threads", "device", "progress_s", "device_memory_gb"}
+                "num_workers", "log_level", "threads", "device", "progress_s", "device_memory_gb",
+                "interconnect_gbps"}
 # Keys that say where an input is: compared by content (the external inputs' fingerprints; producers'
 # reruns), never by path.
 PATH_KEYS = {"model.path", "data.shards", "shards.manifest", "cache.teacher", "distill.student", "distill.cache",
@@ -613,8 +614,10 @@ def print_plan(plan: Plan, st: Mapping[str, str], estimates: Mapping[str, Any] |
             print(f"    in:  {i_.path}  ({i_.made_by or i_.what})", file=out)
         print(f"    out: {s.out}", file=out)
         if estimates and s.name in estimates:
-            print(textwrap.fill(estimates[s.name], width=80, initial_indent="    est: ", subsequent_indent=" " * 9,
-                                break_long_words=False, break_on_hyphens=False), file=out)
+            for k, part in enumerate(estimates[s.name].split("\n")):   # one fact per line, each wrapped
+                print(textwrap.fill(part, width=80, initial_indent="    est: " if k == 0 else " " * 9,
+                                    subsequent_indent=" " * 9, break_long_words=False, break_on_hyphens=False),
+                      file=out)
         for line in wrap_command(cmd(plan, s)):
             print(line, file=out)
 

@@ -6,17 +6,20 @@ teacher with its removed decoder layers taken out, with LoRA adapters where the 
 step, for the ranks it runs on (``stc pipeline --nproc N``; ``stc submit pipeline``: nodes x tasks):
 
 * **training** (finetune, distill): the accumulation ``global_batch / (micro x ranks)`` must be whole
-  (:func:`engine.zero.accumulation`), and the ZeRO stage the trainer would choose
-  (:func:`engine.zero.choose_stage`, the same call) with its per-rank estimate of weights, gradients
-  and optimizer state; a QLoRA student that fits nowhere is refused here, not after the queue;
+  (:func:`engine.zero.accumulation`), and the ZeRO stage and gradient checkpointing the trainer would
+  choose (:func:`train_choice`, the same call the trainer makes) with the per-rank estimate of
+  :mod:`engine.memory` broken down (weights / gradients + DeepSpeed buffers / optimizer / activations
+  / online teacher) and the bytes each rank sends per optimizer step, with their time at
+  ``run.interconnect_gbps`` for 1, 2, 4 and 8 nodes of the step's ranks per node; a QLoRA student
+  that fits nowhere is refused here, not after the queue;
 * **inference** (importance, cache build, evaluate): the weights one rank holds (sharded over the
-  ranks for ``cache.zero3``);
+  ranks for ``cache.zero3``) plus the KV cache and working set of one batch;
 * **single task** (prune, export, report): the host memory the step needs, which ``stc submit`` asks
   SLURM for (``--mem``): the model in its dtype, plus a second copy where the step writes a new one.
 
 Device memory: ``run.device_memory_gb`` when set (plan for the cluster's GPUs from a login node),
-else the visible GPU, else the host's RAM shared by the ranks. Activation memory is not counted (it
-depends on sequence lengths and gradient checkpointing); the ZeRO rule keeps 40% of the device for it.
+else the visible GPU, else the host's RAM shared by the ranks. Sequences are planned at their longest:
+``data.max_audio_s`` of audio with the default prompt and label length of :func:`engine.memory.training_seq`.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from . import zero
+from . import memory, zero
 from .errors import StcError
 
 GIB = 2**30
@@ -41,6 +44,7 @@ class Shape:
     trainable: int               # with the step's training mode (0 for inference)
     weight_bytes: float          # bytes of the weights as held (dtype; nf4 linears packed + scales)
     decoder_layers: int
+    dims: Any = None             # engine.memory.Dims of the model as built
 
 
 @dataclass(frozen=True)
@@ -54,16 +58,38 @@ class Estimate:
     zero_reason: str = ""
     accumulation: int | None = None
     problem: str = ""
+    train: Any = None             # engine.memory.TrainMemory
+    infer: Any = None             # engine.memory.InferMemory
+    comm: tuple = ()              # ((nodes, ranks, bytes per rank, seconds), ...)
+    gbps: float = 0.0
+    offload: bool = False
 
     def text(self) -> str:
+        """Several short lines (the plan prints each wrapped at 80 columns)."""
         s = self.shape
         head = f"{_b(s.params)} params"
-        if self.zero_stage is not None:
-            head += f", {_b(s.trainable)} trainable; ZeRO-{self.zero_stage}: {self.per_rank_bytes / GIB:.1f} GiB/rank " \
-                    f"(weights+grads+optimizer) of {self.device_bytes / GIB:.0f} GiB; accumulation {self.accumulation}"
-        elif self.ranks and self.per_rank_bytes:
-            head += f"; weights {self.per_rank_bytes / GIB:.1f} GiB/rank of {self.device_bytes / GIB:.0f} GiB"
+        g = lambda n: f"{n / GIB:.1f}"      # noqa: E731
+        if self.zero_stage is not None and self.train is not None:
+            m = self.train
+            lines = [head + f", {_b(s.trainable)} trainable; ZeRO-{self.zero_stage}"
+                     + (" + offload" if self.offload else "") + f": {g(m.total)} GiB/rank of "
+                     f"{self.device_bytes / GIB:.0f} GiB; accumulation {self.accumulation}",
+                     f"weights {g(m.weights)} + grads/buffers {g(m.grads)} + optimizer {g(m.optimizer)} + "
+                     f"activations {g(m.activations)}" + (f" + teacher {g(m.teacher)}" if m.teacher else "")
+                     + f" GiB; checkpointing {'on' if m.checkpointing else 'off'}"]
+            if self.comm:
+                parts = [f"{n} node{'s' * (n > 1)} {b / GIB:.2f} GiB {_secs(t)}" for n, _, b, t in self.comm]
+                lines.append(f"comm/rank/step (ring; {self.gbps:g} Gb/s/node, NVLink within one): " + ", ".join(parts))
+            return "\n".join(lines) + f"\nhost ~{math.ceil(self.host_bytes / GIB)} GiB"
+        if self.infer is not None:
+            m = self.infer
+            return (head + f"; {g(m.total)} GiB/rank of {self.device_bytes / GIB:.0f} GiB: weights {g(m.weights)} + "
+                    f"KV cache {g(m.kv_cache)} + activations {g(m.working)}; host ~{math.ceil(self.host_bytes / GIB)} GiB")
         return head + f"; host ~{math.ceil(self.host_bytes / GIB)} GiB"
+
+
+def _secs(t: float) -> str:
+    return f"{t * 1e3:.0f} ms" if t < 10 else f"{t:.0f} s"
 
 
 def _b(n: int) -> str:
@@ -127,7 +153,7 @@ def shape(model_path: str, removed: int, mode: str, dtype: str, quant: str, lora
         with torch.device("meta"):
             model = apply_lora(model, lora, upcast=False)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Shape(counts["total"], trainable, float(weight_bytes), n - removed)
+    return Shape(counts["total"], trainable, float(weight_bytes), n - removed, memory.dims_of(config))
 
 
 def _lora_key(lora: Any) -> tuple:
@@ -150,6 +176,64 @@ def batch_problem(section: str, global_batch: int, micro: int, ranks: int) -> st
             f"{per}: " + "; or ".join(fixes))
 
 
+def train_choice(r: Any, section: str, model_path: str, removed: int, ranks: int, dev: float) -> tuple:
+    """``(StageChoice, Shape)`` of a training step: the ZeRO stage and checkpointing the trainer picks
+    (:func:`engine.zero.choose_stage` over the full :mod:`engine.memory` estimate). The trainer calls
+    this too, so a plan and its run agree."""
+    c = getattr(r, section)
+    mc = r.model
+    mode = c.mode
+    quant = "nf4" if mode == "qlora" else "none"
+    sh = shape(model_path, removed, mode, mc.dtype, quant, _lora_key(c.lora), mc.trust_remote_code)
+    d = _DTYPE_BYTES[mc.dtype]
+    dims = sh.dims
+    seq = memory.training_seq(r.data.max_audio_s, dims)
+    adapters = mode in ("lora", "qlora")
+    kd = section == "distill" and c.kd_weight > 0
+    audio_trainable = (not adapters) or c.lora.include_audio_tower
+
+    def acts(ck: bool) -> Any:
+        return memory.activation_bytes(dims, seq, batch=r.data.batch_size, dtype_bytes=d, adapters=adapters,
+                                       lora_r=c.lora.r, checkpointing=ck, kd=kd, audio_trainable=audio_trainable)
+
+    teacher = 0.0
+    if section == "distill" and c.teacher_mode == "online" and kd:
+        # the teacher as built (a pipeline's fine-tuned teacher does not exist yet: it has model.path's shape)
+        tpath = r.cache.teacher if r.cache.teacher and os.path.exists(os.path.join(r.cache.teacher, "config.json")) \
+            else r.model.path
+        tsh = shape(tpath, 0, "inference", mc.dtype, "none", (), mc.trust_remote_code)
+        teacher = memory.teacher_bytes(tsh.weight_bytes, tsh.dims, seq, batch=r.data.batch_size, dtype_bytes=d)
+    requested = zero.requested_stage(c.zero_stage, c.ds_config, section)
+    choice = zero.choose_stage(requested, mode=mode, n_params=sh.params, n_trainable=sh.trainable,
+                               weight_bytes=sh.weight_bytes / max(sh.params, 1), world_size=ranks, device_bytes=dev,
+                               offload=c.offload, checkpointing=c.gradient_checkpointing, activations=acts,
+                               dtype_bytes=d, teacher_bytes=teacher, buckets=zero.buckets_of(c.ds_config, section),
+                               layer_params=dims.layer_params, dtype=mc.dtype)
+    return choice, sh
+
+
+def ranks_per_node(r: Any, ranks: int) -> int:
+    n = max(1, r.slurm.nodes)
+    return ranks // n if n > 1 and ranks % n == 0 else ranks
+
+
+def comm_table(r: Any, section: str, stage: int, sh: Shape, ranks: int) -> tuple:
+    """``((nodes, ranks, bytes per rank, seconds), ...)`` for 1, 2, 4, 8 nodes of the step's ranks per node,
+    with the accumulation the global batch gives there (at least 1)."""
+    c = getattr(r, section)
+    rpn = ranks_per_node(r, ranks)
+    d = _DTYPE_BYTES[r.model.dtype]
+    gbps = r.run.interconnect_gbps if r.run.interconnect_gbps > 0 else memory.DEFAULT_INTERCONNECT_GBPS
+    rows = []
+    for nodes in (1, 2, 4, 8):
+        n = nodes * rpn
+        accum = max(1, c.global_batch // (r.data.batch_size * n))
+        b = memory.comm_bytes(stage, n_params=sh.params, n_trainable=sh.trainable, dtype_bytes=d, ranks=n,
+                              accumulation=accum, weight_bytes=sh.weight_bytes)
+        rows.append((nodes, n, b, memory.comm_seconds(b, nodes, gbps)))
+    return tuple(rows)
+
+
 def estimate(plan: Any, step: Any) -> Estimate:
     """The figures for one step of ``plan`` (:class:`engine.pipeline.Plan`)."""
     r = plan.recipe_of(step)
@@ -167,17 +251,22 @@ def estimate(plan: Any, step: Any) -> Estimate:
         except zero.TrainConfigError:
             return Estimate(ranks, sh, dev, 0.0, 0.0,
                             problem=batch_problem(step.stage, c.global_batch, r.data.batch_size, ranks))
-        wbytes = sh.weight_bytes / max(sh.params, 1)
         try:
-            choice = zero.choose_stage(c.zero_stage, mode=mode, n_params=sh.params, n_trainable=sh.trainable,
-                                       weight_bytes=wbytes, world_size=ranks, device_bytes=dev, offload=c.offload)
+            choice, sh = train_choice(r, step.stage, mpath, step.removed, ranks, dev)
         except zero.TrainConfigError as e:
             return Estimate(ranks, sh, dev, 0.0, 0.0, problem=str(e))
-        per = zero.estimate_bytes(choice.stage, n_params=sh.params, n_trainable=sh.trainable, weight_bytes=wbytes,
-                                  world_size=ranks)
+        m = choice.memory
+        problem = ""
+        if m.total > memory.usable_bytes(dev) and not choice.offload:
+            problem = (f"{step.stage}: {m.total / GIB:.1f} GiB per rank under ZeRO-{choice.stage} does not fit in "
+                       f"{memory.usable_bytes(dev) / GIB:.1f} GiB usable of a device ({choice.reason}); use "
+                       f"{step.stage}.zero_stage=auto, {step.stage}.gradient_checkpointing=auto or a smaller "
+                       f"data.batch_size")
         host = (sh.params * _DTYPE_BYTES[mc.dtype] if choice.stage < 3 else sh.weight_bytes / ranks) \
             + HOST_OVERHEAD_GIB * GIB
-        return Estimate(ranks, sh, dev, per, host, choice.stage, choice.reason, accum)
+        gbps = r.run.interconnect_gbps if r.run.interconnect_gbps > 0 else memory.DEFAULT_INTERCONNECT_GBPS
+        return Estimate(ranks, sh, dev, m.total, host, choice.stage, choice.reason, accum, problem=problem, train=m,
+                        comm=comm_table(r, step.stage, choice.stage, sh, ranks), gbps=gbps, offload=choice.offload)
     if step.stage in ("importance", "cache build", "evaluate"):
         quant = mc.quant
         dtype = mc.dtype
@@ -188,12 +277,20 @@ def estimate(plan: Any, step: Any) -> Estimate:
             quant = step.system["quant"]
         sh = shape(mpath, step.removed, "inference", dtype, quant, (), mc.trust_remote_code)
         per = sh.weight_bytes / (ranks if step.stage == "cache build" and r.cache.zero3 else 1)
+        batch, new, rows = {"importance": (r.importance.decode_batch_size, r.importance.max_new_tokens, 1),
+                            "cache build": (r.cache.batch_size, r.cache.max_new_tokens,
+                                            memory.training_seq(r.data.max_audio_s, sh.dims).label_tokens),
+                            "evaluate": (r.evaluate.batch_size * r.evaluate.num_beams, r.evaluate.max_new_tokens, 1)
+                            }[step.stage]
+        inf = memory.inference_memory(per, sh.dims, batch=batch, dtype_bytes=_DTYPE_BYTES[dtype],
+                                      audio_tokens_=memory.audio_tokens(r.data.max_audio_s, sh.dims), new_tokens=new,
+                                      scored_rows=rows)
         problem = ""
         if per > dev:
             problem = (f"the model's weights alone need {per / GIB:.1f} GiB per rank, more than the "
                        f"{dev / GIB:.0f} GiB of a device; use model.quant=nf4"
                        + (" or cache.zero3=true (shards the teacher over the ranks)" if step.stage == "cache build" else ""))
-        return Estimate(ranks, sh, dev, per, per + HOST_OVERHEAD_GIB * GIB, problem=problem)
+        return Estimate(ranks, sh, dev, inf.total, per + HOST_OVERHEAD_GIB * GIB, problem=problem, infer=inf)
     if step.stage in ("prune", "export"):
         # prune loads in the dtype it saves (prune.dtype; auto: the source's, taken as model.dtype here)
         dtype = r.prune.dtype if step.stage == "prune" and r.prune.dtype != "auto" else mc.dtype

@@ -8,25 +8,32 @@ A ``G`` that is not a multiple of ``m * W`` is refused with the numbers, instead
 changing the effective batch (and with it the learning-rate meaning) when the job moves to other
 hardware.
 
-**ZeRO stage rule** (``zero_stage: auto``; the user may force 0..3). Bytes per rank, with ``P`` all
-parameters, ``P_t`` the trainable ones, ``b`` bytes per stored weight (2 for bf16, 4 for fp32,
-~0.56 for nf4 incl. scales), ZeRO-``s`` sharding over ``W`` ranks:
+**ZeRO stage and gradient checkpointing rule** (``zero_stage: auto``; the user may force 0..3, in
+``zero_stage`` or in the ``zero_optimization.stage`` of their ``ds_config``). The per-rank estimate is
+the whole training step of :mod:`engine.memory`: weights, gradients with DeepSpeed's fp32 and bucket
+buffers for the stage, fp32 master + Adam moments, activations of the micro batch (checkpointing on
+or off) and the online KD teacher. A choice fits when that total is at most
+:func:`engine.memory.usable_bytes` of the device (5% kept for fragmentation, 1 GiB for the CUDA
+context and NCCL). Each stage up costs communication (ZeRO-3 gathers every weight, frozen or not, in
+every forward and backward: the 5x slow-down of a LoRA step measured on an H100) and checkpointing
+costs a second forward (~30%), so candidates are tried in this order and the first that fits wins:
 
-* weights: ``P * b`` (stage < 3) or ``P * b / W`` (stage 3: the frozen base is sharded too);
-* gradients: ``P_t * b`` (stage < 2) or ``P_t * b / W``;
-* optimizer: fp32 master + Adam moments, ``12 * P_t`` (stage 0) or ``12 * P_t / W`` (stage >= 1).
+* ZeRO-0, 1, 2 without checkpointing (one rank: only 0, as 1 and 2 shard nothing; in bf16/fp16
+  ZeRO-1 takes the place of 0, on one rank too, because DeepSpeed's stage-0 bf16/fp16 optimizer is
+  not used);
+* ZeRO-0, 1, 2 with checkpointing;
+* ZeRO-3 without, then with checkpointing (never for QLoRA, refused by :func:`check_stage`);
+* nothing fits: ZeRO-3 with CPU offload and checkpointing (``offload: true`` forces this).
 
-The rule picks the *lowest* stage whose estimate fits in ``fit_fraction`` (default 0.6, the rest is
-left for activations) of the device memory, because each stage up costs communication: ZeRO-3
-gathers every weight, frozen or not, in every forward and backward (the 5x slow-down of a LoRA step
-measured on an H100), and ZeRO-2 still copies gradients into flat buffers. So:
+``gradient_checkpointing: true/false`` keeps only the candidates with that setting; ``auto`` (the
+default) tries both as above, so it is on only when nothing without it fits. A forced stage keeps
+its stage and decides checkpointing the same way.
 
-* LoRA / QLoRA: the adapters' state is tiny, so stage 0 when the base fits replicated (it always does
-  for the 7B student on an 80 GB GPU), stage 3 only when the frozen base itself does not fit;
-  QLoRA never gets 3 (refused, see :func:`check_stage`).
-* full: stage 0 on one rank when everything fits; otherwise 1, then 2, then 3 — on a multi-rank job
-  stage 1 usually suffices because the optimizer state is the big part (12 of 16 bytes per weight).
-* Nothing fits: stage 3 with CPU offload (``offload: true`` forces offload at stage 3).
+**The user's ds_config.** Its ``zero_optimization.stage`` wins over ``zero_stage: auto``; a different
+explicit ``zero_stage`` is refused naming both. ``optimizer`` and ``scheduler`` blocks are refused:
+the engine owns a torch AdamW over the trainable parameters and its schedule (``<stage>.lr``,
+``schedule``, ``warmup_steps``, ``weight_decay``); dropping them silently would train with other
+settings than the file says.
 """
 from __future__ import annotations
 
@@ -35,12 +42,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import StcError
 
 STAGES = (0, 1, 2, 3)
-FIT_FRACTION = 0.6
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
@@ -65,21 +71,58 @@ class StageChoice:
     stage: int
     offload: bool
     reason: str
+    checkpointing: bool = False
+    memory: Any = None            # engine.memory.TrainMemory of the choice (None when not estimated)
 
 
-def estimate_bytes(stage: int, *, n_params: int, n_trainable: int, weight_bytes: float, world_size: int) -> float:
-    """Per-rank bytes of weights + gradients + optimizer state under ZeRO-``stage`` (module docstring)."""
-    w = max(1, world_size)
-    weights = n_params * weight_bytes / (w if stage >= 3 else 1)
-    grads = n_trainable * max(weight_bytes, 2.0) / (w if stage >= 2 else 1)
-    optim = 12.0 * n_trainable / (w if stage >= 1 else 1)
-    return weights + grads + optim
+def estimate_bytes(stage: int, *, n_params: int, n_trainable: int, weight_bytes: float, world_size: int,
+                   dtype_bytes: int = 2, activations: Any = None, checkpointing: bool = False, offload: bool = False,
+                   teacher_bytes: float = 0.0, buckets: Any = None, layer_params: int = 0) -> Any:
+    """:class:`engine.memory.TrainMemory` per rank under ZeRO-``stage``; ``weight_bytes`` per parameter."""
+    from . import memory
+
+    return memory.train_memory(stage, n_params=n_params, n_trainable=n_trainable,
+                               weight_bytes=n_params * weight_bytes, world_size=world_size, dtype_bytes=dtype_bytes,
+                               activations=activations or memory.Activations(0.0, 0.0), checkpointing=checkpointing,
+                               offload=offload, teacher_bytes=teacher_bytes, buckets=buckets or memory.Buckets(),
+                               layer_params=layer_params)
+
+
+def _ckpt_options(checkpointing: Any) -> tuple[bool, ...]:
+    if checkpointing in ("auto", None):
+        return (False, True)
+    if isinstance(checkpointing, str):
+        return (checkpointing.lower() in ("true", "1", "yes", "on"),)
+    return (bool(checkpointing),)
 
 
 def choose_stage(requested: str, *, mode: str, n_params: int, n_trainable: int, weight_bytes: float,
-                 world_size: int, device_bytes: float, offload: bool = False,
-                 fit_fraction: float = FIT_FRACTION) -> StageChoice:
-    """The ZeRO stage for this run (``requested`` is ``"auto"`` or ``"0".."3"``); see the module rule."""
+                 world_size: int, device_bytes: float, offload: bool = False, checkpointing: Any = "auto",
+                 activations: Callable[[bool], Any] | None = None, dtype_bytes: int = 2, teacher_bytes: float = 0.0,
+                 buckets: Any = None, layer_params: int = 0, dtype: str | None = None) -> StageChoice:
+    """The ZeRO stage and checkpointing for this run (module rule). ``requested``: ``"auto"`` or
+    ``"0".."3"``; ``weight_bytes`` per parameter as held; ``activations(checkpointing)`` ->
+    :class:`engine.memory.Activations` of the micro batch (none: not counted); ``dtype`` (bf16/fp16)
+    moves stage 0 to ZeRO-1: DeepSpeed's stage-0 bf16/fp16 optimizer is not used."""
+    from . import memory
+
+    ckpts = _ckpt_options(checkpointing)
+    mixed = dtype in ("bf16", "fp16")
+    if dtype is not None:
+        dtype_bytes = 4 if dtype == "fp32" else 2
+
+    def mem(stage: int, ck: bool, off: bool = False) -> Any:
+        act = activations(ck) if activations else memory.Activations(0.0, 0.0)
+        return estimate_bytes(stage, n_params=n_params, n_trainable=n_trainable, weight_bytes=weight_bytes,
+                              world_size=world_size, dtype_bytes=dtype_bytes, activations=act, checkpointing=ck,
+                              offload=off, teacher_bytes=teacher_bytes, buckets=buckets, layer_params=layer_params)
+
+    usable = memory.usable_bytes(device_bytes)
+
+    def why(m: Any) -> str:
+        return (f"{m.total / 2**30:.1f} GiB per rank with checkpointing {'on' if m.checkpointing else 'off'} "
+                f"fits in {usable / 2**30:.1f} GiB usable of {device_bytes / 2**30:.1f} GiB")
+
     if str(requested) != "auto":
         try:
             stage = int(requested)
@@ -88,26 +131,41 @@ def choose_stage(requested: str, *, mode: str, n_params: int, n_trainable: int, 
         if stage not in STAGES:
             raise TrainConfigError(f"unknown DeepSpeed ZeRO stage {requested!r}; use auto, 0, 1, 2 or 3")
         check_stage(stage, mode)
-        return StageChoice(stage, offload and stage == 3, "forced by the config")
+        forced = "forced by the config"
+        if stage == 0 and mixed:
+            stage, forced = 1, f"forced 0, ZeRO-1 instead of 0 ({dtype}: DeepSpeed's stage-0 {dtype} optimizer is not used)"
+        off = offload and stage == 3
+        for ck in ckpts:
+            m = mem(stage, ck, off)
+            if m.total <= usable:
+                return StageChoice(stage, off, f"{forced}; {why(m)}", ck, m)
+        m = mem(stage, ckpts[-1], off)
+        return StageChoice(stage, off, f"{forced}; needs {m.total / 2**30:.1f} GiB per rank, more than the "
+                                       f"{usable / 2**30:.1f} GiB usable", ckpts[-1], m)
     if offload:
         check_stage(3, mode)
-        return StageChoice(3, True, "offload asked: ZeRO-3 with CPU offload")
-    budget = device_bytes * fit_fraction
-    candidates = (0, 1, 2, 3) if world_size > 1 else (0, 3)  # one rank: 1 and 2 shard nothing
-    for stage in candidates:
-        if mode == "qlora" and stage == 3:
-            break
-        need = estimate_bytes(stage, n_params=n_params, n_trainable=n_trainable, weight_bytes=weight_bytes,
-                              world_size=world_size)
-        if need <= budget:
-            why = (f"weights+grads+optimizer {need / 2**30:.2f} GiB per rank fit in {fit_fraction:.0%} of "
-                   f"{device_bytes / 2**30:.1f} GiB")
-            return StageChoice(stage, False, f"lowest stage that fits: {why}")
+        m = mem(3, ckpts[-1], True)
+        return StageChoice(3, True, "offload asked: ZeRO-3 with CPU offload", ckpts[-1], m)
+    low = (0, 1, 2) if world_size > 1 else (0,)
+    if mixed:       # ZeRO-1 instead of 0 (also on one rank, where it shards nothing)
+        low = tuple(dict.fromkeys(1 if s == 0 else s for s in low))
+    order = [(s, ck) for ck in ckpts for s in low]
+    if mode != "qlora":
+        order += [(3, ck) for ck in ckpts]
+    for stage, ck in order:
+        m = mem(stage, ck)
+        if m.total <= usable:
+            note = ""
+            if mixed and stage == 1 and mem(0, ck).total <= usable:
+                note = f"ZeRO-1 instead of 0 ({dtype}: DeepSpeed's stage-0 {dtype} optimizer is not used); "
+            return StageChoice(stage, False, f"{note}lowest that fits: {why(m)}", ck, m)
     if mode == "qlora":
         raise TrainConfigError(
-            "the 4-bit student does not fit on one device even with its adapters' state sharded, and qlora is not "
-            "supported under ZeRO-3; use more memory per rank or mode=lora with zero_stage=3")
-    return StageChoice(3, True, "nothing fits in device memory: ZeRO-3 with CPU offload")
+            "the 4-bit student does not fit on one device even with its adapters' state sharded and gradient "
+            "checkpointing, and qlora is not supported under ZeRO-3; use more memory per rank, a smaller "
+            "data.batch_size, or mode=lora with zero_stage=3")
+    m = mem(3, ckpts[-1], True)
+    return StageChoice(3, True, "nothing fits in device memory: ZeRO-3 with CPU offload", ckpts[-1], m)
 
 
 def check_stage(stage: int, mode: str) -> None:
@@ -118,8 +176,9 @@ def check_stage(stage: int, mode: str) -> None:
             "zero_stage=auto/0/1/2 for qlora, or mode=lora with zero_stage=3 to shard a bf16 base")
 
 
-def load_template(stage: int, offload: bool, path: str = "") -> dict:
-    """The ``ds_configs`` file for the stage (or the user's ``ds_config``), with its "auto" values."""
+def load_template(stage: int, offload: bool, path: str = "", section: str = "") -> dict:
+    """The ``ds_configs`` file for the stage (or the user's ``ds_config``), with its "auto" values.
+    A user's file with ``optimizer``/``scheduler`` blocks is refused (module docstring)."""
     if path:
         p = Path(path)
     else:
@@ -128,7 +187,45 @@ def load_template(stage: int, offload: bool, path: str = "") -> dict:
     if not p.exists():
         raise TrainConfigError(f"DeepSpeed config {p} does not exist")
     with open(p, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
+    if path:
+        _refuse_user_optimizer(data, str(p), section)
+    return data
+
+
+def _refuse_user_optimizer(ds: Mapping[str, Any], path: str, section: str) -> None:
+    blocks = [k for k in ("optimizer", "scheduler") if k in ds]
+    if not blocks:
+        return
+    sec = section or "<stage>"
+    key = f"{sec}.ds_config" if section else "ds_config"
+    raise TrainConfigError(
+        f"{path} ({key}) has {' and '.join(repr(b) for b in blocks)} block{'s' * (len(blocks) > 1)}: the engine owns "
+        f"the optimizer (a torch AdamW over the trainable parameters) and the learning-rate schedule, and would "
+        f"not use them; remove {'them' if len(blocks) > 1 else 'it'} from the file and set {sec}.lr, "
+        f"{sec}.weight_decay, {sec}.schedule and {sec}.warmup_steps instead")
+
+
+def requested_stage(zero_stage: str, ds_config: str = "", section: str = "") -> str:
+    """The stage asked for: ``zero_stage``, or the ``zero_optimization.stage`` of the user's ds_config when
+    ``zero_stage`` is auto; both set and different is refused naming both."""
+    if not ds_config:
+        return str(zero_stage)
+    z = (load_template(0, False, ds_config, section).get("zero_optimization") or {})
+    raw = z.get("stage", "auto")
+    if raw == "auto":
+        return str(zero_stage)
+    if str(raw) not in tuple(map(str, STAGES)):
+        raise TrainConfigError(f"{ds_config}: zero_optimization.stage {raw!r} is not 0, 1, 2 or 3")
+    sec = f"{section}." if section else ""
+    if str(zero_stage) != "auto" and str(zero_stage) != str(raw):
+        raise TrainConfigError(
+            f"{sec}zero_stage={zero_stage} conflicts with zero_optimization.stage={raw} in {ds_config} "
+            f"({sec}ds_config): keep one of them (or make them equal)")
+    return str(raw)
 
 
 def fill_config(template: Mapping[str, Any], *, stage: int, micro_batch: int, accum: int, world_size: int,
@@ -176,8 +273,7 @@ def fill_config(template: Mapping[str, Any], *, stage: int, micro_batch: int, ac
                 z[k] = dict(z[k], pin_memory=False)  # pinned host memory needs a GPU
     ds["zero_optimization"] = z
     # The engine owns the optimizer (a torch AdamW over trainable params) and the schedule.
-    ds.pop("optimizer", None)
-    ds.pop("scheduler", None)
+    _refuse_user_optimizer(ds, "the DeepSpeed config", "")
     ds.setdefault("zero_allow_untested_optimizer", True)
     if offload:
         # The optimizer is always a torch AdamW (on the host when offloaded: that *is* a CPU optimizer);
@@ -214,3 +310,22 @@ def device_memory_bytes() -> float:
         total = 16 * 2**30
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return float(total) / max(1, local)
+
+
+def buckets_of(ds_config: str = "", section: str = "") -> Any:
+    """DeepSpeed buffer sizes for the memory rule: the engine's ds_configs, or the user's file's values."""
+    from . import memory
+
+    b = memory.Buckets()
+    if not ds_config:
+        return b
+    z = load_template(0, False, ds_config, section).get("zero_optimization") or {}
+
+    def num(key: str, default: int) -> int:
+        v = z.get(key, "auto")
+        return default if v == "auto" else int(float(v))
+
+    return memory.Buckets(reduce=num("reduce_bucket_size", 500_000_000), reduce_stage3=num("reduce_bucket_size", 500_000_000),
+                          overlap_comm=bool(z.get("overlap_comm", True)),
+                          prefetch=num("stage3_prefetch_bucket_size", b.prefetch),
+                          max_live=num("stage3_max_live_parameters", b.max_live))

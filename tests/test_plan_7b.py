@@ -60,10 +60,21 @@ def test_pipeline_dry_run_of_the_7b_recipe_on_8_gpus(seven_b, name, stc):
     # every command is copyable as is: this interpreter, the CLI module, the step's stage
     assert plain.count(f"{sys.executable} -m engine.cli run --nproc 8 distill --config") == 4
     assert f"{sys.executable} -m engine.cli prune --config" in plain
-    # the estimates come from the shapes: 8.40B teacher, ZeRO-1 for its full fine-tune on 8 x 80 GB
+    # the estimates come from the shapes: 8.40B teacher, ZeRO-1 for its full fine-tune on 8 x 80 GB, the
+    # whole step counted (weights, gradients + DeepSpeed buffers, optimizer, activations of a 30 s sample)
     est = re.sub(r"\n {9}", " ", out)
-    assert re.search(r"est: 8\.40B params, 8\.40B trainable; ZeRO-1: 4\d\.\d GiB/rank", est), out[:3000]
-    assert re.search(r"est: 6\.78B params, 0\.1\dB trainable; ZeRO-\d", est)     # the 24-layer QLoRA student
+    m = re.search(r"est: 8\.40B params, 8\.40B trainable; ZeRO-1: (\d+\.\d) GiB/rank of 80 GiB; accumulation 1 "
+                  r"weights (\d+\.\d) \+ grads/buffers (\d+\.\d) \+ optimizer (\d+\.\d) \+ activations (\d+\.\d) GiB; "
+                  r"checkpointing off comm/rank/step \(ring; 400 Gb/s/node, NVLink within one\): 1 node (\d+\.\d+) GiB",
+                  est)
+    assert m, out[:3000]
+    total, weights, grads, optim, acts, comm = map(float, m.groups())
+    assert 50 < total < 74.6 and abs(weights + grads + optim + acts - total) < 0.2
+    assert weights == pytest.approx(15.6, abs=0.1) and optim == pytest.approx(11.7, abs=0.1) and acts > 4
+    assert comm == pytest.approx(2 * 7 / 8 * 8.40e9 * 2 / 2**30, abs=0.1)     # ring all-reduce volume of bf16 grads
+    assert re.search(r"8 nodes \d+\.\d+ GiB \d+ ms", est)
+    # the 24-layer QLoRA student: ZeRO-1 (bf16 never runs DeepSpeed's stage-0 optimizer), no checkpointing
+    assert re.search(r"est: 6\.78B params, 0\.1\dB trainable; ZeRO-1: 1\d\.\d GiB/rank.*?checkpointing off", est)
 
 
 @pytest.mark.parametrize("name", RECIPES[:1])      # the en-zh recipe differs only in its metric and paths

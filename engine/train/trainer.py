@@ -83,7 +83,7 @@ from ..io import append_jsonl
 from ..meta import MetaError, build_meta, fingerprint_model, fingerprint_tokenizer, read_meta, write_meta
 from ..cache.format import CacheJoinError, check_compatible, read_cache_meta
 from ..cache.join import joiner
-from ..models.counts import meta_param_counts
+from ..models.counts import meta_param_counts  # noqa: F401  (re-exported: tests count on the meta device)
 from ..models.load import apply_lora, check_model_dir, load_model, load_processor
 from ..zero import TrainConfigError
 from . import checkpoint, losses
@@ -416,18 +416,20 @@ class Trainer:
         """Choose the ZeRO stage and fill the DeepSpeed config before the model exists (ZeRO-3 loads
         partitioned); parameter counts come from the model built on the meta device."""
 
-        n_params, n_train, text_cfg = meta_param_counts(self.spec.model, self.spec.mode, self.spec.lora)
-        # nf4: ~0.5 byte per weight + scales (the 4-bit base is counted by its real parameter number)
-        wbytes = 0.56 if self.spec.model.quant == "nf4" else {"bf16": 2, "fp16": 2, "fp32": 4}[self.spec.model.dtype]
-        choice = zero.choose_stage(self.cfg.zero_stage, mode=self.spec.mode, n_params=n_params, n_trainable=n_train,
-                              weight_bytes=wbytes, world_size=self.env.world_size,
-                              device_bytes=zero.device_memory_bytes(), offload=self.cfg.offload)
-        template = zero.load_template(choice.stage, choice.offload, self.cfg.ds_config)
+        from ..preflight import train_choice
+
+        # the plan's own rule (stage and gradient checkpointing from the full memory estimate)
+        choice, sh = train_choice(self.recipe, self.spec.stage, self.spec.model.path, 0, self.env.world_size,
+                                  zero.device_memory_bytes())
+        text_cfg = sh.dims
+        self.log.info("gradient checkpointing %s (%s: %s)", "on" if choice.checkpointing else "off",
+                      f"{self.spec.stage}.gradient_checkpointing={self.cfg.gradient_checkpointing}", choice.reason)
+        template = zero.load_template(choice.stage, choice.offload, self.cfg.ds_config, self.spec.stage)
         threshold = getattr(self.cfg, "zero3_persistence_threshold", -1)
         self.ds_config = zero.fill_config(
             template, stage=choice.stage, micro_batch=self.recipe.data.batch_size, accum=self.accum,
             world_size=self.env.world_size, dtype=self.spec.model.dtype, grad_clip=self.cfg.grad_clip,
-            offload=choice.offload, hidden_size=int(getattr(text_cfg, "hidden_size", 0)),
+            offload=choice.offload, hidden_size=int(text_cfg.hidden),
             param_persistence_threshold=threshold if threshold >= 0 else None, on_cpu=self.device.type == "cpu")
         self.zero = choice
         self.zero_init = choice.stage == 3 and os.environ.get("STC_ZERO3_INIT", "1") != "0"
@@ -444,20 +446,20 @@ class Trainer:
             model = load_model(self.spec.model, for_training=True, device=None)
         else:
             model = load_model(self.spec.model, for_training=True,
-                               device=None if self.spec.mode == "qlora" else "cpu")
+                               device=None if self.spec.mode == "qlora" else "cpu", run_device=self.device)
         try:
             self.load_counts = zero3_counts(model)           # before deepspeed.initialize: the evidence
             if self.spec.mode in ("lora", "qlora"):
                 # the same adapter init whatever the loading path consumed from the RNG
                 torch.manual_seed(self.recipe.run.seed)
-                model = apply_lora(model, self.spec.lora, gradient_checkpointing=self.cfg.gradient_checkpointing)
+                model = apply_lora(model, self.spec.lora, gradient_checkpointing=self.zero.checkpointing)
             else:
                 # full trains every weight. Said explicitly because the loading path decides otherwise:
                 # from_pretrained returns all parameters trainable, but under zero.Init it keeps what the
                 # module's __init__ froze (Whisper's embed_positions), which would change the run.
                 for prm in model.parameters():
                     prm.requires_grad_(True)
-                if self.cfg.gradient_checkpointing:
+                if self.zero.checkpointing:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         finally:
             del hf_ds   # the teacher (and anything else) loads whole again
@@ -476,7 +478,7 @@ class Trainer:
             raise TrainError("no trainable parameters")
         if self.spec.teacher_mode == "online":
             teacher = load_model(replace(self.recipe.model, path=self.spec.teacher, quant="none"),
-                                 for_training=False, device="cpu")
+                                 for_training=False, device="cpu", run_device=self.device)
             for p in teacher.parameters():
                 p.requires_grad_(False)
             t_rows = _shape(teacher.get_output_embeddings().weight)[0]
@@ -827,22 +829,22 @@ def dry_run(recipe: Recipe, stage: str) -> dict[str, Any]:
     data_fingerprint(recipe.data.shards)
     if spec.teacher_mode == "cache":
         check_compatible(read_cache_meta(spec.cache))
-    n_all, n_train, _ = meta_param_counts(spec.model, spec.mode, spec.lora)
-    wbytes = 0.56 if spec.model.quant == "nf4" else {"bf16": 2, "fp16": 2, "fp32": 4}[spec.model.dtype]
+    from ..preflight import train_choice
+
     device_bytes = recipe.run.device_memory_gb * 2**30 if recipe.run.device_memory_gb > 0 else \
         zero.device_memory_bytes()
-    choice = zero.choose_stage(spec.cfg.zero_stage, mode=spec.mode, n_params=n_all, n_trainable=n_train,
-                               weight_bytes=wbytes, world_size=world, device_bytes=device_bytes,
-                               offload=spec.cfg.offload)
+    choice, sh = train_choice(recipe, stage, spec.model.path, 0, world, device_bytes)
+    n_all, n_train = sh.params, sh.trainable
     ckpts = checkpoint.list_checkpoints(spec.out / "checkpoints")
     plan = {"stage": stage, "model": spec.model.path, "mode": spec.mode, "params": n_all, "trainable": n_train,
             "world_size": world, "accumulation": accum, "zero_stage": choice.stage, "offload": choice.offload,
-            "zero_reason": choice.reason, "out": str(spec.out),
+            "gradient_checkpointing": choice.checkpointing, "zero_reason": choice.reason, "out": str(spec.out),
             "resume_from": str(ckpts[-1][1]) if ckpts and spec.cfg.resume == "auto" else None}
     print(f"{stage} (dry run): {spec.mode} on {spec.model.path} ({n_train:,} of {n_all:,} parameters "
           f"trainable); {world} rank(s) x micro {recipe.data.batch_size} x accumulation {accum} = global "
-          f"{spec.cfg.global_batch}; ZeRO-{choice.stage}{' + offload' if choice.offload else ''} "
-          f"({choice.reason}); teacher: {spec.teacher_mode}; out {spec.out}"
+          f"{spec.cfg.global_batch}; ZeRO-{choice.stage}{' + offload' if choice.offload else ''}, gradient "
+          f"checkpointing {'on' if choice.checkpointing else 'off'} ({choice.reason}); teacher: {spec.teacher_mode}; "
+          f"out {spec.out}"
           + (f"; would resume {plan['resume_from']}" if plan["resume_from"] else ""))
     return plan
 
