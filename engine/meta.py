@@ -11,8 +11,21 @@ Schema (version 1)::
       "command": [argv ...],
       "host": ..., "pid": ...,
       "config": {resolved config of the stage},
+      "peak_memory": {"device": "cuda" | "cpu", "ranks": n, "rss_bytes": int,
+                      "allocated_bytes": int, "reserved_bytes": int},   # the last two on CUDA only
       ...kind-specific fields (counts, per-unit provenance, ...)
     }
+
+``peak_memory`` (always present in what :func:`build_meta` makes): the high-water marks of the stage's
+processes, each number the maximum over the ``ranks`` processes it covers. ``rss_bytes``: peak resident
+host memory of the process (``getrusage`` ``ru_maxrss``, since the process started). Where the process
+used CUDA (``device`` ``"cuda"``): ``allocated_bytes`` / ``reserved_bytes``, ``torch.cuda``'s
+``max_memory_allocated`` / ``max_memory_reserved`` of the rank's GPU (tensors / the caching allocator's
+pool, since the process started, so for ``stc`` a stage's own peak: every stage is its own process).
+:func:`build_meta` records the writing process (``ranks`` 1); when a stage run by ``stc`` returns,
+every rank's figures are gathered and the field of each output's ``meta.json`` written during that run
+is replaced by the maximum over all ranks (``ranks`` = world size; :func:`merge_peak_memory`,
+:func:`record_peak_memory`).
 
 Fingerprint rules (each is ``sha256:`` + hex of a canonical JSON document):
 
@@ -186,6 +199,58 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+PEAK_MEMORY = "peak_memory"
+
+
+def peak_memory() -> dict[str, Any]:
+    """This process's memory high-water marks (module doc, ``peak_memory``), ``ranks`` 1."""
+    import resource
+
+    rss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    out: dict[str, Any] = {"device": "cpu", "ranks": 1, "rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    torch = sys.modules.get("torch")          # a stage that never imported torch used no GPU
+    cuda = getattr(torch, "cuda", None)
+    if cuda is not None and cuda.is_available() and cuda.is_initialized():
+        out.update(device="cuda", allocated_bytes=int(cuda.max_memory_allocated()),
+                   reserved_bytes=int(cuda.max_memory_reserved()))
+    return out
+
+
+def merge_peak_memory(peaks: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several processes' :func:`peak_memory` (one per rank) -> one record: every number the maximum,
+    ``ranks`` summed, ``device`` ``"cuda"`` when any used CUDA."""
+    peaks = [p for p in peaks if p]
+    if not peaks:
+        raise MetaError("no peak memory records to merge")
+    out: dict[str, Any] = {"device": "cuda" if any(p.get("device") == "cuda" for p in peaks) else "cpu",
+                           "ranks": sum(int(p.get("ranks", 1)) for p in peaks)}
+    for key in ("rss_bytes", "allocated_bytes", "reserved_bytes"):
+        vals = [int(p[key]) for p in peaks if p.get(key) is not None]
+        if vals:
+            out[key] = max(vals)
+    return out
+
+
+def record_peak_memory(directory: str | os.PathLike, peak: Mapping[str, Any], *, since: float | None = None,
+                       name: str = META_NAME) -> bool:
+    """Replace the ``peak_memory`` field of ``directory/name`` (atomically). ``since``: only a file
+    modified at or after this ``time.time()`` (written by the run that measured ``peak``), so an output
+    a rerun skipped keeps the peak of the run that made it. Returns whether the file was updated."""
+    path = Path(directory) / name
+    try:
+        if not path.is_file() or (since is not None and path.stat().st_mtime < since):
+            return False
+        meta = _json_file(path)
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not isinstance(meta, dict) or meta.get("schema") != SCHEMA_VERSION:
+        return False
+    meta[PEAK_MEMORY] = dict(peak)
+    atomic_write_json(path, meta)
+    return True
+
+
 def build_meta(kind: str, *, fingerprints: Mapping[str, str | None] | None = None,
                config: Any = None, **fields: Any) -> dict:
     if kind not in KINDS:
@@ -202,6 +267,7 @@ def build_meta(kind: str, *, fingerprints: Mapping[str, str | None] | None = Non
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "config": to_dict(config) if config is not None else None,
+        PEAK_MEMORY: peak_memory(),
     }
     meta.update(fields)
     return meta

@@ -20,6 +20,8 @@ directory, the output directories are locked (:mod:`engine.lock`) and SIGTERM/SI
 resumable stop (exit 75) for stages that keep their finished units (the trainer and the importance scan
 install their own handlers, which finish the unit or checkpoint first). A stop request that arrives while
 ``stc`` still imports is noted (:func:`note_stop_requests`) and ends the run with 75 before the stage starts.
+When the stage returns, every rank's peak memory is gathered into its outputs' ``meta.json``
+(:func:`record_peak_memory`).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from . import config as cfg
-from . import dist, lock, log
+from . import compat, dist, lock, log
 from .errors import Resumable, UsageError
 from .io import atomic_write_json
 
@@ -394,10 +396,33 @@ def invoke(st: Stage, args: argparse.Namespace) -> int:
         if targets:
             stack.enter_context(lock.hold(targets, f"stc {st.name}"))
         stack.enter_context(_stop_resumably(st.stop_resumably))
+        compat.check_versions()   # a release outside the tested range: one warning each (known-broken: refused)
+        started = time.time()
         code = int(entry(recipe, args) or 0)
+        record_peak_memory(st, recipe, since=started)
     if code == 0:
         note_seconds(time.monotonic() - t0)
     return code
+
+
+def record_peak_memory(st: Stage, recipe: cfg.Recipe | None, since: float) -> None:
+    """After the stage returned, on every rank (a collective where several run): the memory high-water
+    marks of all ranks, maximum over ranks, into the ``meta.json`` of each output written since
+    ``since`` (``time.time()``); field ``peak_memory``, documented in :mod:`engine.meta`. An output a
+    rerun skipped keeps the figures of the run that wrote it."""
+    from . import meta
+
+    outs = outputs(st.name, recipe) if recipe is not None and st.default_out else []
+    if not outs:
+        return
+    peak = meta.merge_peak_memory(dist.all_gather_object(meta.peak_memory()))
+    if not dist.env().is_main:
+        return
+    marker = Path(st.marker)
+    for o in outs:
+        # the meta.json that marks the output (finetune: final/meta.json), else the one at its top
+        d = o / marker.parent if marker.name == meta.META_NAME else o
+        meta.record_peak_memory(d, peak, since=since - 1.0)  # 1 s: file times use a coarser clock
 
 
 STEP_RECORD_ENV = "STC_STEP_RECORD"

@@ -13,7 +13,17 @@ Rules:
   linears (the paper quantizes "all linear layers"), *except* ``lm_head``: transformers keeps the
   output embedding in the compute dtype (quantizing it costs quality and peft's "all-linear" skips
   it as well). Convolutions, embeddings and norms are not linears and stay in the compute dtype.
-* **bitsandbytes 0.50.2 on CPU**: see :func:`bnb_cpu_workaround`; :func:`load_model` applies it.
+* **bitsandbytes 0.50.2 on CPU**: see :func:`bnb_cpu_workaround`; it touches only 4-bit layers whose
+  weights are on the CPU. On CUDA, nf4 layers run bitsandbytes' CUDA kernels unchanged.
+* **Device.** A CUDA target without an index (``"cuda"``) means this rank's GPU
+  (:func:`rank_cuda_device`: the current device, which the rank session sets to the rank's local GPU), and the
+  weights go there as ``device_map={"": "cuda:N"}``; never ``device_map="auto"``, which would spread one
+  rank's model over the GPUs of its neighbours on the same node.
+* **Attention** (:func:`choose_attn`): ``model.attn_implementation`` empty or ``auto`` picks
+  ``flash_attention_2`` when the ``flash_attn`` package imports, the model runs on CUDA and the dtype
+  is bf16/fp16, else ``sdpa``; one log line says which and why. An explicit value is used as given; if
+  transformers refuses it (package missing, unsupported model) the load falls back to ``sdpa`` for an
+  automatic choice and to ``eager`` for an explicit one.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from .. import compat
 from ..config import LoraConfig, ModelConfig
 from ..errors import StcError
 
@@ -143,23 +154,95 @@ def nf4_config(dtype: Any, double_quant: bool = True) -> Any:
         bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 
 
+def rank_cuda_device() -> Any:
+    """This rank's GPU: the current CUDA device, which the engine's distributed layer sets to the rank's
+    local GPU when the rank session starts (:func:`engine.dist.init`; models know nothing of ranks)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_device(device: Any) -> Any:
+    """``device`` as a ``torch.device``; a CUDA device without an index becomes :func:`rank_cuda_device`.
+    Placement strategies (``"auto"``, ``"balanced"``, ...) are refused: one rank, one device."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"device {device!r} is not a device; stc-engine places a rank's whole model on "
+                             "one device (cpu, cuda or cuda:N), never spread by device_map strategies") from None
+    if d.type == "cuda" and d.index is None:
+        d = rank_cuda_device()
+    return d
+
+
+def device_map(device: Any) -> dict[str, str] | None:
+    """The ``from_pretrained`` ``device_map`` that puts every weight on ``device`` (None: leave on CPU)."""
+    d = resolve_device(device)
+    return None if d is None else {"": str(d)}
+
+
 def _default_device(quantized: bool) -> Any:
     import torch
 
     if not quantized:
         return None  # leave on CPU: the trainer (or DeepSpeed) places it
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+        return rank_cuda_device()
     return torch.device("cpu")
 
 
-def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = False) -> Any:
+ATTN_AUTO = ("", "auto")
+
+
+def flash_attn_importable() -> tuple[bool, str]:
+    """Whether the ``flash_attn`` package imports here, and a short reason."""
+    try:
+        import flash_attn
+    except Exception as e:  # ImportError, or a wheel built for another torch/CUDA (undefined symbols)
+        first = (str(e).splitlines() or [""])[0][:100]
+        return False, f"flash_attn does not import ({type(e).__name__}{': ' + first if first else ''})"
+    return True, f"flash_attn {getattr(flash_attn, '__version__', '?')} imports"
+
+
+def choose_attn(requested: str, device_type: str, dtype: str) -> tuple[str, str]:
+    """(attention implementation, why) for a model that runs on ``device_type`` in ``dtype``
+    (``bf16``/``fp16``/``fp32``); see the module doc. ``flash_attn`` is only imported when the device
+    and dtype could use it."""
+    req = (requested or "").strip()
+    if req.lower() not in ATTN_AUTO:
+        return req, "set by model.attn_implementation"
+    if device_type != "cuda":
+        return "sdpa", f"auto: the model runs on {device_type}; flash-attention needs CUDA"
+    if dtype not in ("bf16", "fp16"):
+        return "sdpa", f"auto: dtype {dtype}; flash-attention needs bf16 or fp16"
+    ok, why = flash_attn_importable()
+    return ("flash_attention_2" if ok else "sdpa"), f"auto: CUDA, {dtype}, {why}"
+
+
+def _run_device_type(run_device: Any, device: Any) -> str:
+    import torch
+
+    for d in (run_device, device):
+        if d is not None:
+            return torch.device(d).type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = False,
+               run_device: Any = None) -> Any:
     """Load ``cfg.path`` as configured; returns the transformers model.
 
     ``device``: where to put the weights (``None``: CPU for unquantized models, left to the caller;
-    the current CUDA device, else CPU, for nf4, which bitsandbytes quantizes while loading).
+    this rank's CUDA device, else CPU, for nf4, which bitsandbytes quantizes while loading; ``"cuda"``:
+    this rank's GPU). ``run_device``: where the model will run when the caller loads it on the CPU and
+    moves it later (decides the automatic attention; default ``device``, else CUDA when available).
     ``for_training``: ``model.train()`` and ``use_cache=False``; otherwise ``model.eval()``.
     """
+    compat.check_versions()
     p = check_model_dir(cfg.path)
     kind = detect_kind(p)
     if cfg.kind != "auto" and cfg.kind != kind:
@@ -176,28 +259,35 @@ def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = Fal
         from transformers import Qwen2AudioForConditionalGeneration as cls
     else:
         from transformers import AutoModelForCausalLM as cls
-    kwargs: dict[str, Any] = dict(dtype=dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    kwargs: dict[str, Any] = dict(compat.dtype_kwargs(dtype), local_files_only=True,
+                                  trust_remote_code=cfg.trust_remote_code)
     if quantized:
         kwargs["quantization_config"] = nf4_config(dtype, cfg.double_quant)
-    if device is not None:
-        kwargs["device_map"] = {"": str(device)}
+    dmap = device_map(device)
+    if dmap is not None:
+        kwargs["device_map"] = dmap
 
-    attn = cfg.attn_implementation or None
-    if attn is not None and not attn.startswith(_KNOWN_ATTN):
+    auto = (cfg.attn_implementation or "").strip().lower() in ATTN_AUTO
+    attn, why = choose_attn(cfg.attn_implementation, _run_device_type(run_device, device), cfg.dtype)
+    if not attn.startswith(_KNOWN_ATTN):
         raise ModelLoadError(f"model.attn_implementation={attn!r} is not an attention implementation "
-                             "(eager, sdpa, flash_attention_2, flash_attention_3, flex_attention)")
+                             "(auto, eager, sdpa, flash_attention_2, flash_attention_3, flex_attention)")
+    log.info("attention for %s: %s (%s)", p.name, attn, why)
     try:
         model = _from_pretrained(cls, p, attn, kwargs)
     except (ValueError, ImportError) as e:
         # A real implementation this machine or model cannot use (flash-attn not installed, sdpa not
-        # supported by a remote-code model): eager always works, only slower.
-        if attn in (None, "eager") or "attn" not in str(e).lower() and "attention" not in str(e).lower():
+        # supported by a remote-code model): sdpa for an automatic choice, else eager, which always
+        # works, only slower.
+        fallback = "sdpa" if auto and attn != "sdpa" else "eager"
+        if attn == "eager" or "attn" not in str(e).lower() and "attention" not in str(e).lower():
             raise
-        log.warning("attention implementation %r refused for %s (%s); falling back to eager", attn, p, e)
-        model = _from_pretrained(cls, p, "eager", kwargs)
+        log.warning("attention implementation %r refused for %s (%s); falling back to %s", attn, p, e, fallback)
+        model = _from_pretrained(cls, p, fallback, kwargs)
 
-    # Also for a directory saved already quantized (its config.json carries the quantization).
-    if is_quantized(model) and next(model.parameters()).device.type == "cpu":
+    # Also for a directory saved already quantized (its config.json carries the quantization); it
+    # touches CPU layers only, so a model on CUDA keeps bitsandbytes' CUDA path untouched.
+    if is_quantized(model):
         bnb_cpu_workaround(model)
     if for_training:
         model.train()
@@ -238,8 +328,9 @@ def bnb_cpu_workaround(model: Any) -> int:
     Variable that requires grad is being used in an in-place operation". Turning the per-layer flag
     ``support_avx512bf16_for_cpu`` off keeps the portable layout (eval is a little slower on CPU;
     GPUs never take that path). A layer already repacked by an earlier eval is converted back.
-    Must run before the first eval forward; :func:`load_model` calls it for nf4 on CPU and
-    :func:`apply_lora` again after wrapping.
+    Only layers whose weight is on the CPU are touched (and counted): on CUDA the flag and the
+    weights stay as bitsandbytes made them. Must run before the first eval forward;
+    :func:`load_model` calls it for nf4 models and :func:`apply_lora` again after wrapping.
     """
     try:
         import bitsandbytes as bnb
@@ -249,7 +340,7 @@ def bnb_cpu_workaround(model: Any) -> int:
     undo = getattr(bnb_modules, "_convert_weight_packed_for_cpu_inverse", None)
     n = 0
     for mod in model.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
+        if isinstance(mod, bnb.nn.Linear4bit) and mod.weight.device.type == "cpu":
             mod.support_avx512bf16_for_cpu = False
             qs = getattr(mod.weight, "quant_state", None)
             if qs is not None and getattr(qs, "packing_format_for_cpu", False) and undo is not None:
