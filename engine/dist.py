@@ -6,9 +6,17 @@ so no rank waits forever in the next collective) and the one DeepSpeed bootstrap
 (:func:`deepspeed_bootstrap`) shared by the trainer and the ZeRO-3 cache teacher.
 
 Ranks come from whichever launcher started us: torchrun (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
-``GROUP_RANK``), the deepspeed launcher (same variables), or a bare ``srun`` (``SLURM_PROCID``,
-``SLURM_LOCALID``, ``SLURM_NTASKS``, ``SLURM_NNODES``, ``SLURM_NODEID``, first host of
-``SLURM_JOB_NODELIST``). Explicit torch variables win over SLURM ones, so ``srun torchrun ...`` works.
+``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``GROUP_WORLD_SIZE``), the deepspeed launcher (same variables), or a
+bare ``srun`` (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, ``SLURM_NNODES``, ``SLURM_NODEID``,
+first host of ``SLURM_JOB_NODELIST``). Explicit torch variables win over SLURM ones, so ``srun torchrun
+...`` works.
+
+**Nodes and local ranks.** The node rank is the launcher's (torchrun's ``GROUP_RANK``, SLURM's
+``SLURM_NODEID``), never guessed from host names, so two "nodes" on one host (two torchrun agents with
+``--nnodes 2``, or two slurmd on one machine) are two nodes. The local world size under SLURM is this
+node's entry of ``SLURM_STEP_TASKS_PER_NODE`` (``2(x3),1``: nodes may differ), else
+``SLURM_NTASKS_PER_NODE``. A rank's GPU is :func:`gpu_index`: its local rank among the GPUs it sees, so
+one task per GPU works both where every task sees the node's GPUs and where SLURM binds one GPU per task.
 
 A rank that dies takes the job down through the launcher: torchrun (``stc run``) stops every worker
 when one exits, and the SLURM jobs run ``srun --kill-on-bad-exit=1``; a survivor blocked in a gloo
@@ -102,6 +110,24 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node list (``SLURM_STEP_TASKS_PER_NODE``), e.g. ``2(x3),1`` -> ``[2, 2, 2, 1]``;
+    [] when empty or not in that form."""
+    out: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return []
+        out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU (index among the ``visible`` ones) of the rank with this local rank: one GPU per local rank
+    where the task sees every GPU of its node, the one GPU it sees where SLURM binds one GPU per task."""
+    return local_rank % max(visible, 1)
+
+
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
     v = env.get(key)
     if v is None or v == "":
@@ -120,10 +146,10 @@ def detect(env: Mapping[str, str] | None = None) -> DistEnv:
         local_world = _int(env, "LOCAL_WORLD_SIZE", world)
         rank = _int(env, "RANK", 0)
         node_rank = _int(env, "GROUP_RANK", _int(env, "NODE_RANK", rank // max(local_world, 1)))
+        nodes = _int(env, "GROUP_WORLD_SIZE", _int(env, "NNODES", (world + local_world - 1) // max(local_world, 1)))
         return DistEnv(
             rank=rank, local_rank=_int(env, "LOCAL_RANK", 0), world_size=world,
-            local_world_size=local_world, node_rank=node_rank,
-            num_nodes=max(1, _int(env, "NNODES", (world + local_world - 1) // max(local_world, 1))),
+            local_world_size=local_world, node_rank=node_rank, num_nodes=max(1, nodes),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=_int(env, "MASTER_PORT", 29500),
             launcher=launcher,
         )
@@ -135,11 +161,13 @@ def detect(env: Mapping[str, str] | None = None) -> DistEnv:
         master = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
         # One port per job, derived rather than configured, so two jobs on a node do not collide.
         port = _int(env, "MASTER_PORT", 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000)
-        local_world = _int(env, "SLURM_NTASKS_PER_NODE", 0) or _int(env, "SLURM_TASKS_PER_NODE_INT", 0) \
-            or max(1, world // max(nnodes, 1))
+        node_rank = _int(env, "SLURM_NODEID", 0)
+        per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+        local_world = (per_node[node_rank] if node_rank < len(per_node) else 0) \
+            or _int(env, "SLURM_NTASKS_PER_NODE", 0) or max(1, world // max(nnodes, 1))
         return DistEnv(
             rank=_int(env, "SLURM_PROCID", 0), local_rank=_int(env, "SLURM_LOCALID", 0), world_size=world,
-            local_world_size=local_world, node_rank=_int(env, "SLURM_NODEID", 0), num_nodes=nnodes,
+            local_world_size=local_world, node_rank=node_rank, num_nodes=nnodes,
             master_addr=master, master_port=port, launcher="slurm",
         )
     return DistEnv()
@@ -173,7 +201,7 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
         torch, tdist = _torch(), _tdist()
         export_torch_env(d)
         if torch.cuda.is_available():
-            torch.cuda.set_device(d.local_rank % max(torch.cuda.device_count(), 1))
+            torch.cuda.set_device(gpu_index(d.local_rank, torch.cuda.device_count()))
         if not tdist.is_initialized():
             tdist.init_process_group(backend=backend_for_device(), rank=d.rank, world_size=d.world_size,
                                      timeout=datetime.timedelta(seconds=timeout_s))
@@ -207,7 +235,7 @@ def is_main() -> bool:
 def device() -> "torch.device":
     torch = _torch()
     if torch.cuda.is_available():
-        return torch.device("cuda", env().local_rank % max(torch.cuda.device_count(), 1))
+        return torch.device("cuda", gpu_index(env().local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
@@ -234,9 +262,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def all_reduce_sum(x: "torch.Tensor") -> "torch.Tensor":
+    """Sum ``x`` over ranks in place. NCCL only reduces CUDA tensors: a CPU tensor (the trainer's token
+    counts) goes through this rank's GPU and back."""
     if is_initialized():
         tdist = _tdist()
-        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+        if x.device.type == "cpu" and tdist.get_backend() == "nccl":
+            y = x.to(device())
+            tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
+            x.copy_(y.cpu())
+        else:
+            tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
     return x
 
 

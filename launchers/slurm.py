@@ -17,14 +17,44 @@ step's old output is set aside first (:func:`engine.pipeline.states`, :func:`eng
 ``pipeline.nproc``); a single-task step (prune, export, report, shards build) gets one task on one node,
 no GPU (export: one, where the plan uses GPUs) and the host memory its model needs
 (:func:`engine.preflight.host_mem_gib`, e.g. ~17 GB of bf16 weights for the 7B teacher), not eight
-GPUs. ``stc submit <stage> ...`` submits one stage the same way.
+GPUs. ``stc submit <stage> ...`` submits one stage the same way. Unless the recipe's ``slurm:`` section
+(or the CLI) sets them, each job asks ``--cpus-per-task`` = ``max(1, run.threads)`` plus, where the step
+reads shards, ``data.num_workers`` (one core per DataLoader worker), and a multi-rank step of a plan
+``--mem`` = its per-rank host estimate x its tasks per node; asks larger than the partition's nodes are
+refused before anything is queued.
 
-**One job, many ranks.** Inside a job ``srun --kill-on-bad-exit=1`` starts the tasks: ranks come from
-``SLURM_*`` (``engine/dist.py``), the rendezvous host is the job's first node, the node count is
-``$SLURM_NNODES`` (never written twice by hand), and a task that dies takes the whole job down at once
-instead of leaving the others in a collective until the process-group timeout. Importance candidates
-and cache shards are split over the ranks of one job (the model loaded once per rank), not job arrays:
-the scan is iterative, and both stages skip finished units when rerun.
+**GPUs and nodes.** ``--gpus-per-node G`` gives G tasks per node, one per GPU: every task sees its
+node's GPUs and takes the one of its local rank (``SLURM_LOCALID``; where a site binds one GPU per task
+it takes the one it sees, :func:`engine.dist.gpu_index`). Sharing the node's GPUs keeps NCCL's
+peer-to-peer paths between the tasks. ``--nodes N`` spreads a multi-rank step over N nodes; each task's
+node rank is ``SLURM_NODEID`` and its local world this node's entry of ``SLURM_STEP_TASKS_PER_NODE``
+(``engine/dist.py``), so the data split and the losses are those of N x G ranks on one node.
+
+**One job, many ranks.** Inside a job ``srun --kill-on-bad-exit=1`` starts the tasks (every ``srun`` of
+the script carries it): ranks come from ``SLURM_*`` (``engine/dist.py``), the rendezvous host is the
+job's first node, the node count is ``$SLURM_NNODES`` (never written twice by hand), and a task that
+dies takes the whole job down at once instead of leaving the others in a collective until the
+process-group timeout. The stage's ``srun`` is given ``--cpus-per-task="$SLURM_CPUS_PER_TASK"``: since
+SLURM 22.05 a step no longer inherits the job's cores per task. Importance candidates and cache shards
+are split over the ranks of one job (the model loaded once per rank), not job arrays: the scan is
+iterative, and both stages skip finished units when rerun.
+
+**JIT-built DeepSpeed ops.** When DeepSpeed starts (``deepspeed.init_distributed``) it compiles its
+``deepspeed_shm_comm`` op on a CPU accelerator (~35 s cold on two cores); on GPU nodes nothing is
+compiled at start, because the engine hands DeepSpeed a torch optimizer (no ``cpu_adam``/``fused_adam``).
+The compiled op goes to ``$TORCH_EXTENSIONS_DIR``, which every job of a run points at one node-local
+folder, ``${TMPDIR:-/tmp}/stc-ext-<uid>-<hash of the run's slurm folder>``: each node compiles once per
+run (resubmissions included) instead of once per job, and nodes never share a build (builds may be CPU
+specific, and torch's build lock is unreliable on network filesystems). The jobs of DeepSpeed stages
+(finetune, distill, a ZeRO-3 teacher cache) first run :func:`build_jit_ops` as one task per node: it
+builds under an ``flock`` on the folder, which the kernel releases when its holder dies, so jobs side by
+side on a node build once and a job killed mid-build never blocks the next; holding it, it removes torch's
+own build locks that no live process holds open (a killed compiler leaves one, and torch would wait for
+it for ever). Where ``$TMPDIR`` is private to each job (``job_container/tmpfs``), each job builds its own,
+which is correct, only slower. ``slurm.extensions_dir`` names another folder (a site's prebuilt or
+shared cache; the ``flock`` then needs a filesystem that honours it); ``STC_TORCH_EXTENSIONS_DIR`` in the
+submitting environment wins over both. The folder is left in place for the run's later jobs (about
+1 MB per node) and goes with the node's temp cleanup.
 
 **Preemption and time limits.** Every job carries ``--signal=B:USR1@<seconds>`` and ``--requeue``.
 The batch script runs ``srun ... &`` and waits in a loop so its trap fires while the tasks run; the
@@ -41,6 +71,10 @@ finished jobs vanish from ``scontrol`` after ``MinJobAge`` and accounting (``sac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import glob
+import hashlib
 import json
 import os
 import re
@@ -91,6 +125,7 @@ class JobOptions:
     max_restarts: int = 10
     stage_to_local_disk: bool = False
     extra_sbatch: tuple[str, ...] = ()
+    extensions_dir: str = ""         # "": node-local, one per run (default_extensions_dir)
 
     @property
     def tasks_per_node(self) -> int:
@@ -203,7 +238,8 @@ def check_memory(opts: JobOptions, asks: dict[str, int]) -> None:
     if too_big:
         raise SubmitError(f"partition {part!r}: its nodes have at most {have:.0f} GiB of memory; "
                           + ", ".join(f"{n} needs ~{g} GiB" for n, g in too_big.items())
-                          + " (the model in its dtype): pick a partition with larger nodes (-p)")
+                          + " per node (the model in its dtype, per task on the node): pick a partition with larger "
+                            "nodes (-p), or set slurm.mem for multi-rank steps")
 
 
 def _partitions() -> list[str]:
@@ -275,11 +311,20 @@ class Rendered:
     text: str
 
 
+def default_extensions_dir(out_dir: Path) -> str:
+    """The jobs' TORCH_EXTENSIONS_DIR when ``slurm.extensions_dir`` is unset, as a shell word: node-local
+    temp, one folder per user and run (the run's slurm folder hashed), shared by every job of the run that
+    lands on the node. ``$TMPDIR`` is read on the node when the job runs."""
+    tag = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:12]
+    return f'"${{TMPDIR:-/tmp}}/stc-ext-$(id -u)-{tag}"'
+
+
 def render(name: str, command: Sequence[str], opts: JobOptions, out_dir: Path, *, workdir: Path | None = None,
-           shards: str = "", stage: str = "", step_record: Path | None = None) -> Rendered:
+           shards: str = "", stage: str = "", step_record: Path | None = None, deepspeed: bool = False) -> Rendered:
     """The sbatch script of one step; pure (same inputs, same text), so --dry-run shows what is submitted.
     ``shards``: with ``stage_to_local_disk``, the shard directory copied to node-local disk first.
-    ``step_record``: a plan step's record, where the stage adds its wall seconds (``$STC_STEP_RECORD``)."""
+    ``step_record``: a plan step's record, where the stage adds its wall seconds (``$STC_STEP_RECORD``).
+    ``deepspeed``: the stage starts DeepSpeed, so its JIT ops are built once per node before the tasks."""
     stage = stage or name
     out_dir = Path(out_dir).resolve()
     script = out_dir / f"{slug(name)}.sbatch"
@@ -300,10 +345,18 @@ def render(name: str, command: Sequence[str], opts: JobOptions, out_dir: Path, *
     if opts.stage_to_local_disk and shards:
         staging = ("# Shards staged to node-local disk (one copy per node), read from there by every task.\n"
                    'LOCAL_SHARDS="$JOB_TMP/shards"\n'
-                   'srun --ntasks="$NNODES" --ntasks-per-node=1 bash -c \'mkdir -p "$1" && cp -a "$0"/. "$1"/\' '
+                   'srun --kill-on-bad-exit=1 --ntasks="$NNODES" --ntasks-per-node=1 bash -c \'mkdir -p "$1" && cp -a "$0"/. "$1"/\' '
                    f'{shlex.quote(str(Path(shards).resolve()))} "$LOCAL_SHARDS" '
                    "|| { echo 'stc-slurm: staging the shards failed'; ledger finished ', \"exit\": 1'; exit 1; }\n")
         extra = ' data.shards="$LOCAL_SHARDS"'
+    ext_dir = shlex.quote(opts.extensions_dir) if opts.extensions_dir else default_extensions_dir(out_dir)
+    jit = ""
+    if deepspeed:
+        jit = ("# DeepSpeed JIT-builds ops when it starts: build them once per node, under a kernel lock, before the\n"
+               "# tasks start (a failure here is not fatal: the tasks then build and report the error themselves).\n"
+               'srun --kill-on-bad-exit=1 --ntasks="$NNODES" --ntasks-per-node=1 '
+               f"{shlex.join(jit_ops_command())} "
+               "|| echo 'stc-slurm: building the JIT ops before the tasks failed; the tasks build them'\n")
     values = {
         "stage": stage,
         "name": name,
@@ -317,7 +370,9 @@ def render(name: str, command: Sequence[str], opts: JobOptions, out_dir: Path, *
         "workdir_q": shlex.quote(str(Path(workdir or os.getcwd()).resolve())),
         "sbatch_lines": "\n".join(f"#SBATCH {x}" for x in lines),
         "staging": staging,
-        "srun_args": "--kill-on-bad-exit=1 ",
+        "srun_args": '--kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ',
+        "ext_dir": ext_dir,
+        "jit_build": jit,
         "command": shlex.join(command),
         "extra_args": extra,
         "requeue": "1" if opts.requeue else "0",
@@ -332,20 +387,114 @@ def render(name: str, command: Sequence[str], opts: JobOptions, out_dir: Path, *
     return Rendered(name=name, stage=stage, script=script, log=log, text=re.sub(r"\{\{(\w+)\}\}", sub, text))
 
 
+def default_cpus(recipe: Any, reads_data: bool) -> int:
+    """``--cpus-per-task`` when the recipe leaves it unset: the torch threads of a rank (``run.threads``,
+    at least 1) plus, where the step reads shards, one core per DataLoader worker."""
+    return max(1, recipe.run.threads) + (recipe.data.num_workers if reads_data else 0)
+
+
 def step_options(plan: pipeline.Plan, step: pipeline.Step, opts: JobOptions) -> JobOptions:
     """What the job of ``step`` asks for: the whole allocation for a multi-rank step; one task, no GPU (one
-    for export where GPUs are used) and the host memory the step's model needs for a single-task step."""
+    for export where GPUs are used) for a single-task step. Unless the recipe or the CLI set them: the
+    cores of :func:`default_cpus`, and the host memory of the step's model (:func:`engine.preflight.host_mem_gib`,
+    per rank) times the tasks of a node."""
     st = stages.get(step.stage)
-    if st.ranks == "many":
-        return opts
-    gib = preflight.host_mem_gib(plan, step) if step.stage != "shards build" else None
-    mem = f"{gib}G" if gib else opts.mem
-    gpus = min(opts.gpus_per_node, 1) if st.resources == "gpu" else 0
-    return replace(opts, nodes=1, ntasks_per_node=1, gpus_per_node=gpus, mem=mem)
+    if st.ranks != "many":
+        gpus = min(opts.gpus_per_node, 1) if st.resources == "gpu" else 0
+        o = replace(opts, nodes=1, ntasks_per_node=1, gpus_per_node=gpus)
+        gib = preflight.host_mem_gib(plan, step) if step.stage != "shards build" else None
+        mem = f"{gib}G" if gib else opts.mem     # a single-task step always asks what its model needs
+    else:
+        o = opts
+        gib = None if opts.mem else preflight.host_mem_gib(plan, step)
+        mem = f"{gib * opts.tasks_per_node}G" if gib else opts.mem
+    cpus = opts.cpus_per_task or default_cpus(plan.recipe_of(step), reads_shards(step))
+    return replace(o, mem=mem, cpus_per_task=cpus)
+
+
+def starts_deepspeed(stage: str, recipe: Any) -> bool:
+    """Whether the stage starts DeepSpeed (whose start JIT-builds ops on CPU nodes): the trainers always,
+    the teacher cache with its ZeRO-3 teacher."""
+    return stage in ("finetune", "distill") or stage == "cache build" and bool(recipe.cache.zero3)
 
 
 def reads_shards(step: pipeline.Step) -> bool:
     return any(i.what == "data.shards" for i in step.inputs)
+
+
+# ----------------------------------------------------------------------------------------- JIT ops
+
+JIT_LOCK = ".stc-build.lock"
+
+
+def jit_ops_command() -> list[str]:
+    """What one task per node runs before a DeepSpeed stage's tasks: :func:`build_jit_ops`."""
+    return [sys.executable, "-m", "launchers.slurm", "jit-ops"]
+
+
+def _open_here(path: Path) -> bool:
+    """Whether a process of this node that we may inspect holds ``path`` open (torch's build lock is held
+    open by the process that builds, so a lock nobody holds was left by a process that died)."""
+    target = os.path.realpath(path)
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)) == target:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def build_jit_ops(root: str | os.PathLike | None = None, build: Any = None) -> dict[str, Any]:
+    """Build, or find built, the ops DeepSpeed JIT-builds when it starts, into ``root``
+    (``$TORCH_EXTENSIONS_DIR``), holding an exclusive ``flock`` on ``root/.stc-build.lock``.
+
+    The kernel drops a ``flock`` when its holder dies, so jobs that share the folder build one at a time
+    and a killed build never blocks the next one. torch's own build lock (a ``lock`` file it creates and
+    holds open while compiling) survives a killed compiler and makes every later start wait for ever; with
+    the ``flock`` held, such a file that no process on this node holds open is stale and is removed first.
+    ``build``: what builds (default: DeepSpeed's own ``build_shm_op``, the shm communication op it builds
+    at start on a CPU accelerator and skips elsewhere). Returns the folder, the stale locks removed, the
+    op's file (None where nothing is built) and whether it was compiled now."""
+    root = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    root.mkdir(parents=True, exist_ok=True)
+    if build is None:
+        from deepspeed.comm.torch import build_shm_op as build
+    t0 = time.monotonic()
+    with open(root / JIT_LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        waited = time.monotonic() - t0
+        stale = [p for p in sorted(root.rglob("lock")) if p.is_file() and not _open_here(p)]
+        if stale:   # torch closes its lock, then removes it: a lock still there a second later is left over
+            time.sleep(1.0)
+            stale = [p for p in stale if p.is_file() and not _open_here(p)]
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        stale = [str(p) for p in stale]
+        before = {str(p.resolve()): p.stat().st_mtime_ns for p in root.rglob("*.so")}
+        op = build()
+        so = getattr(op, "__file__", None) if op is not None else None
+        compiled = bool(so) and before.get(str(Path(so).resolve())) != Path(so).stat().st_mtime_ns
+    return {"dir": str(root), "stale_locks": stale, "op": so, "compiled": compiled, "waited_s": round(waited, 1),
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _jit_main() -> int:
+    r = build_jit_ops()
+    host = os.uname().nodename
+    if r["stale_locks"]:
+        print(f"stc-slurm: {host}: removed stale JIT build lock(s) {r['stale_locks']}")
+    what = ("nothing to build on this node's accelerator" if r["op"] is None
+            else f"{'built' if r['compiled'] else 'cached'} {r['op']}")
+    print(f"stc-slurm: {host}: DeepSpeed JIT ops in {r['dir']}: {what} ({r['seconds']} s, "
+          f"{r['waited_s']} s waiting for another build)", flush=True)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- ledger
@@ -374,7 +523,7 @@ class Submission:
     items: list[tuple[str, Rendered | None, str, tuple[str, ...]]] = field(default_factory=list)
     ledger: Path = Path()
     pipeline: str = ""
-    host_mem_gib: dict[str, int] = field(default_factory=dict)   # what single-task jobs ask (--mem)
+    host_mem_gib: dict[str, int] = field(default_factory=dict)   # --mem per node derived from the model
 
 
 def active_jobs(ledger: Path) -> dict[str, JobView]:
@@ -397,10 +546,11 @@ def plan_jobs(plan: pipeline.Plan, opts: JobOptions, *, only_todo: bool = True) 
         runs.add(s.name)
         argv = pipeline.command(replace(plan, nproc=1), s)[3:]      # the stage's own argv, without `run`
         o = step_options(plan, s, opts)
-        if o is not opts and o.mem.endswith("G") and o.mem != opts.mem:
+        if o.mem.endswith("G") and o.mem != opts.mem:
             sub.host_mem_gib[s.name] = int(o.mem[:-1])
         r = render(s.name, stage_command(argv), o, out, stage=s.stage, step_record=plan.step_record(s),
-                   shards=plan.recipe.data.shards if reads_shards(s) else "")
+                   shards=plan.recipe.data.shards if reads_shards(s) else "",
+                   deepspeed=starts_deepspeed(s.stage, plan.recipe_of(s)))
         deps = tuple(d for d in s.deps if d in runs)
         sub.items.append((s.name, r, "", deps))
     return sub
@@ -574,8 +724,12 @@ def _submit_stage(head: argparse.Namespace, rest: list[str]) -> int:
     if st.ranks != "many":
         opts = replace(opts, nodes=1, ntasks_per_node=1, gpus_per_node=min(opts.gpus_per_node, 1)
                        if st.resources == "gpu" else 0)
+    # a lone stage has no plan to estimate its memory from (slurm.mem or --mem, else SLURM's default);
+    # the multi-rank stages are the ones that read shards
+    opts = replace(opts, cpus_per_task=opts.cpus_per_task or default_cpus(recipe, st.ranks == "many"))
     out = slurm_dir(recipe)
-    r = render(st.name, stage_command(argv), opts, out, stage=st.name, shards=recipe.data.shards)
+    r = render(st.name, stage_command(argv), opts, out, stage=st.name, shards=recipe.data.shards,
+               deepspeed=starts_deepspeed(st.name, recipe))
     if head.dry_run:
         print(f"# sbatch --parsable {r.script}")
         print(r.text, end="")
@@ -752,3 +906,8 @@ def cancel(ledgers: Sequence[Path], pipeline: str | None = None) -> list[str]:
             raise SubmitError(f"scancel {' '.join(cancelled)}: {slurm_message(r)}")
     return cancelled
 
+
+if __name__ == "__main__":   # the per-node step of a job script (jit_ops_command)
+    if sys.argv[1:] != ["jit-ops"]:
+        sys.exit("usage: python -m launchers.slurm jit-ops")
+    sys.exit(_jit_main())

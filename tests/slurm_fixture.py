@@ -15,6 +15,12 @@ Settings chosen for tests:
   final state; the launcher itself never relies on it (its ledger covers vanished jobs).
 * no ``RequeueExit``: requeueing is the batch script's decision (exit 75 -> ``scontrol requeue``).
 * ``ReturnToService=2``: the node comes back ``idle`` after a daemon restart without an admin.
+* Two nodes on this one host, for multi-node jobs: ``<host>`` and ``<host>-b`` (``NodeHostname=<host>``,
+  its own ``Port``), each served by its own ``slurmd -N <name>`` (spool, pid and log files per node name,
+  ``%n``). The default partition ``debug`` holds the first node only, so the other tests queue as on one
+  node; partition ``multi`` holds both (``--nodes 2`` jobs). Both nodes claim the host's CPUs and memory
+  (``SlurmdParameters=config_overrides``): SLURM_NODEID, SLURM_LOCALID and the node list are what two real
+  nodes give, the hardware is shared.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ class Cluster:
     partition: str
     cpus: int
     pids: dict[str, int]
+    nodes: tuple[str, ...] = ()        # every node (the first is ``node``)
+    multi_partition: str = "multi"     # the partition with every node
 
     def env(self, base: dict | None = None) -> dict:
         e = dict(os.environ if base is None else base)
@@ -103,11 +111,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={munge_socket},cred_expire=10
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
+SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -123,7 +132,9 @@ SchedulerParameters=sched_interval=2
 InactiveLimit=0
 KillWait=5
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+NodeName={node}-b NodeHostname={node} NodeAddr=127.0.0.1 Port={slurmd_port_b} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
 PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
+PartitionName=multi Nodes={node},{node}-b MaxTime=INFINITE State=UP
 """
 
 
@@ -150,33 +161,37 @@ def start(root: Path) -> Cluster:
     # for --mem (the single-task steps of a plan) are checked against it
     mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(node=node, ctld_port=_free_port(), slurmd_port=_free_port(), root=root,
-                                      munge_socket=sock, cpus=cpus, mem_mb=mem_mb, partition="debug"))
+    ports = [_free_port() for _ in range(3)]
+    conf.write_text(SLURM_CONF.format(node=node, ctld_port=ports[0], slurmd_port=ports[1], slurmd_port_b=ports[2],
+                                      root=root, munge_socket=sock, cpus=cpus, mem_mb=mem_mb, partition="debug"))
     env = dict(os.environ, SLURM_CONF=str(conf))
-    for daemon in ("slurmctld", "slurmd"):
-        r = subprocess.run([_sbin(daemon), "-f", str(conf)], env=env, capture_output=True, text=True, timeout=30)
+    nodes = (node, f"{node}-b")
+    daemons = [("slurmctld", [], "slurmctld"), *((f"slurmd-{n}", ["-N", n], "slurmd") for n in nodes)]
+    for name, extra, binary in daemons:
+        r = subprocess.run([_sbin(binary), "-f", str(conf), *extra], env=env, capture_output=True, text=True,
+                           timeout=30)
         if r.returncode != 0:
-            raise RuntimeError(f"{daemon} failed to start: {r.stderr}\n{_tail(root / 'log' / f'{daemon}.log')}")
-        pids[daemon] = _pid_from(root / "run" / f"{daemon}.pid")
-    cluster = Cluster(root=root, conf=conf, node=node, partition="debug", cpus=cpus, pids=pids)
+            raise RuntimeError(f"{name} failed to start: {r.stderr}\n{_tail(root / 'log' / f'{name}.log')}")
+        pids[name] = _pid_from(root / "run" / f"{name}.pid")
+    cluster = Cluster(root=root, conf=conf, node=node, partition="debug", cpus=cpus, pids=pids, nodes=nodes)
     end = time.monotonic() + 30
     state = ""
     while time.monotonic() < end:
-        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True)
-        state = r.stdout.strip()
-        if state == "idle":
+        r = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%T"], env=env, capture_output=True, text=True)
+        state = " ".join(r.stdout.split())
+        if state == "idle idle":
             return cluster
         time.sleep(0.3)
     stop(cluster)
-    raise RuntimeError(f"node not idle after 30 s (state {state!r}):\n{_tail(root / 'log' / 'slurmctld.log')}\n"
-                       f"{_tail(root / 'log' / 'slurmd.log')}")
+    raise RuntimeError(f"nodes not idle after 30 s (states {state!r}):\n{_tail(root / 'log' / 'slurmctld.log')}\n"
+                       + "\n".join(_tail(root / "log" / f"slurmd-{n}.log") for n in nodes))
 
 
 def stop(cluster: Cluster) -> None:
     """Cancel leftovers, then stop the daemons this fixture started (by pid, never by name)."""
     env = cluster.env()
     subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
-    for name in ("slurmd", "slurmctld", "munged"):
+    for name in (*(f"slurmd-{n}" for n in cluster.nodes), "slurmctld", "munged"):
         pid = cluster.pids.get(name)
         if not pid:
             continue
@@ -228,8 +243,17 @@ def wait_job(job: str | int, timeout: float = 120.0, env: dict | None = None) ->
     raise TimeoutError(f"job {job} not finished after {timeout} s: {info}")
 
 
+_SHARED: dict[str, Cluster] = {}
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> Cluster:
+    """One cluster per test process. Every module that imports this fixture gets its own session-scoped
+    instance from pytest, so the instances share the cluster the first one started (and stops last:
+    session fixtures are torn down in reverse order of set-up)."""
+    if "cluster" in _SHARED:
+        yield _SHARED["cluster"]
+        return
     why = _install()
     if why:   # the SLURM tests are part of the suite: a machine that cannot run them fails them
         pytest.fail(f"no SLURM for the tests: {why}; `make test` installs slurm-wlm and munge (as root, with apt)")
@@ -239,9 +263,11 @@ def slurm_cluster(tmp_path_factory) -> Cluster:
     cluster = start(root)
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)
+    _SHARED["cluster"] = cluster
     try:
         yield cluster
     finally:
+        _SHARED.pop("cluster", None)
         stop(cluster)
         shutil.rmtree(root, ignore_errors=True)
         if old is None:

@@ -11,10 +11,13 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,7 +100,7 @@ def test_dry_run_prints_exactly_the_rendered_script(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     head, text = out.split("\n", 1)
     assert head == f"# sbatch --parsable {run.resolve() / 'slurm' / 'shards-stream.sbatch'}"
-    opts = slurm.JobOptions(nodes=2, ntasks_per_node=3, time="01:00:00", signal_seconds=120)
+    opts = slurm.JobOptions(nodes=2, ntasks_per_node=3, time="01:00:00", signal_seconds=120, cpus_per_task=1)
     want = slurm.render("shards stream", slurm.stage_command(argv), opts, run / "slurm")
     assert text == want.text
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=3", "#SBATCH --time=01:00:00",
@@ -194,6 +197,98 @@ def test_pipeline_skips_done_steps_and_selects_with_stages(seven_b, tmp_path):
     assert any("'nope'" in p for p in P.build_plan(recipe, select="nope").problems)
 
 
+def test_gpu_jobs_cores_memory_and_one_jit_cache_per_run(seven_b, tmp_path):
+    """GPU jobs: one task per GPU; cores per task data.num_workers + 1 where the step reads shards, else 1;
+    --mem per node the step's host estimate x its tasks (single-task steps: the estimate); srun in every
+    script kills the job when a task dies and is given the cores itself; every job of the run shares one
+    node-local JIT cache, readied on each node before the DeepSpeed stages only."""
+    from engine import pipeline as P
+    from engine import preflight
+
+    recipe = cfg.load(ROOT / "configs" / "qwen2audio-7b-en-de.yaml",
+                      [f"model.path={seven_b['model']}", f"data.shards={seven_b['shards']}",
+                       f"run.out_dir={tmp_path / 'run'}", "finetune.global_batch=16", "distill.global_batch=16",
+                       "data.num_workers=3", "run.threads=0", "cache.zero3=false"])
+    opts = slurm.JobOptions(nodes=2, gpus_per_node=8)
+    plan = P.build_plan(recipe, nproc=16)
+    sub = slurm.plan_jobs(plan, opts)
+    text = {name: r.text for name, r, _, _ in sub.items}
+    ext = {re.search(r"^STC_EXT_DIR=(.*)$", t, re.M).group(1) for t in text.values()}
+    assert len(ext) == 1 and ext.pop().startswith('"${TMPDIR:-/tmp}/stc-ext-$(id -u)-')
+    for name, t in text.items():
+        step = plan.step(name)
+        srun = [ln for ln in t.splitlines() if re.match(r"\s*srun ", ln)]
+        assert srun and all("--kill-on-bad-exit=1 " in ln for ln in srun), name
+        assert 'srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ' in t, name
+        cpus = int(re.search(r"#SBATCH --cpus-per-task=(\d+)", t).group(1))
+        assert cpus == (4 if slurm.reads_shards(step) else 1), name
+        assert (" -m launchers.slurm jit-ops" in t) == (step.stage in ("finetune", "distill")), name
+        mem = int(re.search(r"#SBATCH --mem=(\d+)G", t).group(1))
+        per_rank = preflight.host_mem_gib(plan, step)
+        if step.stage != "shards build" and per_rank:
+            tasks = 8 if stages_many(step.stage) else 1
+            assert mem == per_rank * tasks, name
+    for name in ("finetune", "distill-kd-25", "eval-teacher", "importance", "cache"):
+        assert "#SBATCH --gpus-per-node=8" in text[name] and "#SBATCH --ntasks-per-node=8" in text[name]
+        assert sub.host_mem_gib[name] == int(re.search(r"#SBATCH --mem=(\d+)G", text[name]).group(1))
+    assert sub.host_mem_gib["distill-kd-25"] > sub.host_mem_gib["prune-25"]   # 8 ranks on a node, not one
+    for name, r, _, _ in sub.items:
+        check = subprocess.run(["bash", "-n"], input=r.text, text=True, capture_output=True)
+        assert check.returncode == 0, (name, check.stderr)
+    # the recipe's slurm section wins over the defaults, also for the JIT cache
+    site = cfg.load(None, [f"run.out_dir={tmp_path / 'run'}", "slurm.cpus_per_task=6", "slurm.mem=900G",
+                           f"slurm.extensions_dir={tmp_path / 'site ext'}"])
+    o = slurm.options_from(site)
+    assert (o.cpus_per_task, o.mem, o.extensions_dir) == (6, "900G", str(tmp_path / "site ext"))
+    st = slurm.step_options(plan, plan.step("distill-kd-25"), replace(opts, cpus_per_task=6, mem="900G"))
+    assert (st.cpus_per_task, st.mem) == (6, "900G")
+    t = slurm.render("distill", ["x"], o, tmp_path / "run" / "slurm", deepspeed=True).text
+    assert f"STC_EXT_DIR={shlex.quote(str(tmp_path / 'site ext'))}" in t.splitlines()
+
+
+def stages_many(stage: str) -> bool:
+    from engine import stages
+
+    return stages.get(stage).ranks == "many"
+
+
+def test_jit_ops_build_under_a_kernel_lock_and_clear_stale_locks(tmp_path):
+    """build_jit_ops holds an flock on the cache (a second builder waits; a dead holder's flock is gone), and
+    removes torch's build locks that no process holds open, keeping the one a live builder holds."""
+    root = tmp_path / "ext"
+    (root / "dead_op").mkdir(parents=True)
+    (root / "live_op").mkdir()
+    (root / "dead_op" / "lock").write_text("")
+    (root / "live_op" / "lock").write_text("")
+
+    def hold(code: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, time\n{code}\nprint('held', flush=True)\n"
+                                 "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    # a live torch build: its lock held open for the whole test; another builder holding the flock 1.5 s
+    builder = hold(f"fd = os.open({str(root / 'live_op' / 'lock')!r}, os.O_RDONLY)")
+    other = hold(f"f = open({str(root / slurm.JIT_LOCK)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)")
+    killer = threading.Timer(1.5, other.kill)
+    killer.start()
+    try:
+        built = []
+        r = slurm.build_jit_ops(root, build=lambda: built.append(1))
+    finally:
+        killer.cancel()
+        other.kill()
+        other.wait()
+    assert built == [1] and r["op"] is None and not r["compiled"]
+    assert r["waited_s"] >= 1.0     # waited for the other builder; its flock went with it (killed, never unlocked)
+    assert r["stale_locks"] == [str(root / "dead_op" / "lock")]
+    assert not (root / "dead_op" / "lock").exists() and (root / "live_op" / "lock").exists()
+    builder.kill()   # the compiler is killed mid-build: its lock is left behind, now stale
+    builder.wait()
+    r = slurm.build_jit_ops(root, build=lambda: None)
+    assert r["waited_s"] < 1.0 and r["stale_locks"] == [str(root / "live_op" / "lock")]
+
+
 def test_gpu_count_of_sinfo_gres():
     assert slurm._gpu_count("(null)") == 0
     assert slurm._gpu_count("gpu:8") == 8
@@ -235,11 +330,16 @@ def test_jobs_from_the_ledger_alone(tmp_path):
 # ===================================================================================== a real SLURM
 
 def test_daemons_are_live(slurm_cluster):
-    for name in ("slurmctld", "slurmd", "munged"):
+    daemons = {"slurmctld": "slurmctld", "munged": "munged", **{f"slurmd-{n}": "slurmd" for n in slurm_cluster.nodes}}
+    assert len(slurm_cluster.nodes) == 2
+    for name, comm in daemons.items():
         pid = slurm_cluster.pids[name]
-        assert Path(f"/proc/{pid}/comm").read_text().strip() == name
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == comm, name
     r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T %c"], capture_output=True, text=True)
     assert r.stdout.split()[:2] == [slurm_cluster.node, "idle"]
+    r = subprocess.run(["sinfo", "-h", "-N", "-p", slurm_cluster.multi_partition, "-o", "%N %T"], capture_output=True,
+                       text=True)
+    assert sorted(r.stdout.split()) == sorted([*slurm_cluster.nodes, "idle", "idle"])
 
 
 def submission(tmp_path: Path, jobs: list) -> "slurm.Submission":
