@@ -49,7 +49,7 @@ class ModelConfig:
     quant: Literal["none", "nf4"] = "none"  # nf4: bitsandbytes 4-bit linear layers (QLoRA-style loading)
     double_quant: bool = True        # bitsandbytes nested quantisation of the nf4 scales
     trust_remote_code: bool = False  # off unless a recipe turns it on
-    attn_implementation: str = "sdpa"  # eager, sdpa, flash_attention_2, ... (eager is the fallback)
+    attn_implementation: str = "auto"  # auto (flash_attention_2 on CUDA bf16/fp16 when installed, else sdpa), eager, sdpa, ...
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class RunConfig:
     threads: int = 0                 # torch threads per rank (0: leave torch's default)
     progress_s: float = 30.0         # seconds between plain progress lines when stderr is not a terminal (0: every update)
     device_memory_gb: float = 0.0    # memory of one rank's device for planning the ZeRO stage (0: the visible GPU, or host RAM per local rank)
+    interconnect_gbps: float = 400.0  # network bandwidth per node (Gb/s) for the plan's communication times between nodes
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class FinetuneConfig:
     zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"  # DeepSpeed ZeRO stage; auto: the lowest that fits
     ds_config: str = ""              # path to a ds_configs/*.json; "" = chosen by the engine
     offload: bool = False            # ZeRO-3 with CPU offload of parameters and optimizer state
-    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    gradient_checkpointing: Union[Literal["auto"], bool] = "auto"  # recompute activations in backward (less memory, ~30% slower); auto: on only when the step does not fit without it (engine/memory.py)
     save_every: int = 200            # checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1)
     keep_last: int = 2               # checkpoints kept
     eval_every: int = 0              # dev-split CE every N steps (0: never)
@@ -184,7 +185,7 @@ class DistillConfig:
     zero_stage: Literal["auto", "0", "1", "2", "3"] = "auto"  # DeepSpeed ZeRO stage; auto: the lowest that fits
     ds_config: str = ""              # path to a ds_configs/*.json; "" = chosen by the engine
     offload: bool = False            # ZeRO-3 with CPU offload of parameters and optimizer state
-    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    gradient_checkpointing: Union[Literal["auto"], bool] = "auto"  # recompute activations in backward (less memory, ~30% slower); auto: on only when the step does not fit without it (engine/memory.py)
     save_every: int = 200            # checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1)
     keep_last: int = 2               # checkpoints kept
     eval_every: int = 0              # dev-split CE every N steps (0: never)
@@ -237,16 +238,17 @@ class SlurmConfig:
     time: str = ""                   # --time, e.g. "04:00:00" ("" = the partition's default)
     account: str = ""                # --account (charged project)
     qos: str = ""                    # --qos
-    mem: str = ""                    # --mem per node of multi-rank jobs, e.g. "200G" (single-task jobs ask what their model needs)
+    mem: str = ""                    # --mem per node of multi-rank jobs, e.g. "200G" ("": each step's host estimate x its tasks per node; single-task jobs ask what their model needs)
     nodes: int = 1                   # nodes per multi-rank job
     gpus_per_node: int = 0           # one task per GPU; 0: CPU-only, ntasks_per_node tasks
     ntasks_per_node: int = 0         # 0: gpus_per_node, or 1 without GPUs
-    cpus_per_task: int = 0           # 0: SLURM's default
+    cpus_per_task: int = 0           # 0: per step, data.num_workers + max(1, run.threads) where it reads shards, else max(1, run.threads)
     signal_seconds: int = 300        # USR1 this long before the time limit: checkpoint, requeue
     requeue: bool = True             # requeue a job whose stage stopped resumably (exit 75)
     max_restarts: int = 10           # stop requeueing after this many restarts
     stage_to_local_disk: bool = False  # copy data.shards to node-local disk first (once per node)
     extra_sbatch: tuple[str, ...] = ()  # further sbatch options, e.g. ["--constraint=a100"]
+    extensions_dir: str = ""         # TORCH_EXTENSIONS_DIR of the jobs ("": node-local, one per run and node; a path: a site-provided cache)
 
 
 @dataclass(frozen=True)
