@@ -32,6 +32,7 @@ import torch
 from engine import config as cfg
 from engine.config import LoraConfig, ModelConfig
 from engine.models import load, surgery, tiny
+from test_models import _lora_step  # the same train step as the newest-set test
 
 pytestmark = pytest.mark.floor
 
@@ -88,16 +89,6 @@ def test_bf16_load_forward_and_generate(ws):
         gen = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits.float()).all()
     assert gen.shape == (1, batch["input_ids"].shape[1] + 4)
-
-
-def _lora_step(pm, opt, batch) -> tuple[float, list[str]]:
-    pm.train()
-    out = pm(**batch, labels=batch["input_ids"])
-    out.loss.backward()
-    graded = [n for n, p in pm.named_parameters() if p.grad is not None]
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return out.loss.item(), graded
 
 
 def test_nf4_lora_train_eval_train(ws):
