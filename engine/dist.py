@@ -307,9 +307,15 @@ def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistEnv]:
     env_ = init(timeout_s)
     try:
         yield env_
-    finally:
+    except BaseException:
         if owns:
             finalize()
+        raise
+    if owns:
+        # every rank done with its last collective before any rank tears its connections down: a rank
+        # that closes while a peer's gloo threads still talk to it can abort that peer at exit
+        barrier()
+        finalize()
 
 
 def agree(error: str | None, cls: type[StcError] = StcError) -> None:
