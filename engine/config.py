@@ -450,6 +450,8 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
     positive("data.bucket_window", recipe.data.bucket_window)
     positive("data.num_workers", recipe.data.num_workers, strict=False)
     positive("data.max_audio_s", recipe.data.max_audio_s)
+    positive("run.interconnect_gbps", recipe.run.interconnect_gbps)
+    positive("run.device_memory_gb", recipe.run.device_memory_gb, strict=False)
     positive("shards.samples_per_shard", recipe.shards.samples_per_shard)
     positive("shards.sample_rate", recipe.shards.sample_rate)
     positive("shards.max_audio_s", recipe.shards.max_audio_s)

@@ -223,7 +223,7 @@ def comm_table(r: Any, section: str, stage: int, sh: Shape, ranks: int) -> tuple
     c = getattr(r, section)
     rpn = ranks_per_node(r, ranks)
     d = _DTYPE_BYTES[r.model.dtype]
-    gbps = r.run.interconnect_gbps if r.run.interconnect_gbps > 0 else memory.DEFAULT_INTERCONNECT_GBPS
+    gbps = r.run.interconnect_gbps
     rows = []
     for nodes in (1, 2, 4, 8):
         n = nodes * rpn
@@ -264,7 +264,7 @@ def estimate(plan: Any, step: Any) -> Estimate:
                        f"data.batch_size")
         host = (sh.params * _DTYPE_BYTES[mc.dtype] if choice.stage < 3 else sh.weight_bytes / ranks) \
             + HOST_OVERHEAD_GIB * GIB
-        gbps = r.run.interconnect_gbps if r.run.interconnect_gbps > 0 else memory.DEFAULT_INTERCONNECT_GBPS
+        gbps = r.run.interconnect_gbps
         return Estimate(ranks, sh, dev, m.total, host, choice.stage, choice.reason, accum, problem=problem, train=m,
                         comm=comm_table(r, step.stage, choice.stage, sh, ranks), gbps=gbps, offload=choice.offload)
     if step.stage in ("importance", "cache build", "evaluate"):

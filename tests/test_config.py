@@ -77,10 +77,13 @@ def test_unknown_key_named_with_closest_and_all_problems_at_once():
 def test_value_rules():
     with pytest.raises(cfg.ConfigError) as ei:
         cfg.resolve({}, ["data.batch_size=0", "cache.k=-1", "cache.targets=[ref, logits]",
-                         "data.instruction=Translate {language}"])
+                         "data.instruction=Translate {language}", "run.interconnect_gbps=0",
+                         "run.device_memory_gb=-80"])
     text = str(ei.value)
     for key in ("data.batch_size", "cache.k", "cache.targets", "data.instruction"):
         assert key in text
+    assert "run.interconnect_gbps: must be > 0, got 0.0" in text
+    assert "run.device_memory_gb: must be >= 0, got -80.0" in text
 
 
 def test_bad_override_syntax():
