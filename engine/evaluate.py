@@ -21,10 +21,20 @@ ranks split the work; whole batches go to ranks round-robin. A sample therefore 
 neighbours (the same left padding) on 1 or N ranks, so greedy outputs are identical whatever the
 world size (tested). Hypotheses are gathered to rank 0, which scores and writes.
 
-Speed: ``seconds`` is the wall time of inference (audio encoder + generation, timed per batch, the
-slowest rank's sum); ``latency_s`` = summed rank time / sentences (time per sentence when batched as
-configured); ``sentences_per_s`` and ``tokens_per_s`` (generated tokens up to the stop token) are
-per ``seconds`` of wall time.
+Speed (``speed`` in ``scores.json``), two different figures kept apart:
+
+* **throughput at batch ``evaluate.batch_size``** (``speed.batch_size``): ``seconds`` is the wall time of
+  the batched inference (audio encoder + generation, timed per batch, the slowest rank's sum);
+  ``sentences_per_s`` and ``tokens_per_s`` (generated tokens up to the stop token) are per ``seconds`` of
+  wall time; ``batch_seconds_per_sentence`` = summed rank time / sentences (the cost of one sentence
+  when batched as configured; not a latency).
+* **latency at batch 1**: with ``evaluate.latency_samples`` = N > 0, rank 0 translates the first N
+  samples of the split (split order) one at a time at batch size 1, after one untimed warm-up
+  translation, each timed from prompt preparation to the decoded string (CUDA synchronised).
+  ``latency_s`` is the mean seconds per sentence, ``latency_p50_s`` the median and
+  ``latency_samples`` the number timed. With N = 0 these three are null. These translations are
+  timing only: they are not scored, and the setting is not part of the fingerprint (it changes no
+  hypothesis), so changing it alone does not recompute a finished system.
 
 Diagnostics, per direction, as shares of all its samples (rules in :func:`is_copy` and
 :func:`is_wrong_language`): ``copy_source_rate`` (the model echoed the source), ``wrong_language_rate``
@@ -68,8 +78,8 @@ SCORES_SCHEMA_DOC = """{"schema": 1, "system", "model", "split", "n", "shuffle_a
    "comet": {"score"} | {"skipped": reason}, "primary": {"metric", "score"},
    "copy_source_rate", "wrong_language_rate", "empty_rate"}},
  "model_info": {"decoder_layers", "params_total", "params_stored", "storage_bytes", "quant", "dtype"},
- "speed": {"seconds", "latency_s", "sentences_per_s", "tokens_per_s", "generated_tokens", "device",
-   "world_size"},
+ "speed": {"seconds", "batch_size", "batch_seconds_per_sentence", "sentences_per_s", "tokens_per_s",
+   "generated_tokens", "latency_s", "latency_p50_s", "latency_samples", "device", "world_size", "per_rank"},
  "hypotheses": "hypotheses.jsonl", "skipped": [[key, reason]], "warnings": [...]}"""
 
 
@@ -492,6 +502,7 @@ def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: st
         del model
         dist.barrier()
         return None
+    lat = batch1_latency(model, processor, tok, samples, recipe.data, gen_cfg, device, ec.latency_samples)
 
     rows_by_idx = {i: (h, n) for g in gathered for i, h, n in g["rows"]}
     skipped = skipped + [tuple(x) for g in gathered for x in g["skipped"]]
@@ -539,10 +550,11 @@ def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: st
         "model_info": {"decoder_layers": decoder_layers(s.path), "params_total": counts["total"],
                        "params_stored": counts["stored"], "storage_bytes": storage_bytes(s.path),
                        "quant": quant if is_quantized(model) else "none", "dtype": dtype},
-        "speed": {"seconds": round(wall, 6), "latency_s": total / len(rows),
+        "speed": {"seconds": round(wall, 6), "batch_size": ec.batch_size,
+                  "batch_seconds_per_sentence": total / len(rows),
                   "sentences_per_s": len(rows) / wall if wall > 0 else 0.0,
                   "tokens_per_s": n_tok / wall if wall > 0 else 0.0, "generated_tokens": n_tok,
-                  "device": str(device), "world_size": env.world_size,
+                  **lat, "device": str(device), "world_size": env.world_size,
                   "per_rank": [{k: g[k] for k in ("rank", "host", "pid", "seconds")} | {"n": len(g["rows"])}
                                for g in gathered]},
         "decoding": {"num_beams": ec.num_beams, "max_new_tokens": ec.max_new_tokens, "batch_size": ec.batch_size},
@@ -560,6 +572,43 @@ def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: st
     lg.info(f"{s.name}: {len(rows)} sentences in {wall:.2f}s on {env.world_size} rank(s); wrote {sdir}")
     dist.barrier()
     return doc
+
+
+def batch1_latency(model: Any, processor: Any, tok: Any, samples: Sequence[Any], data: cfg.DataConfig,
+                   gen_cfg: Any, device: torch.device, n: int) -> dict[str, Any]:
+    """Latency at batch size 1 (rank 0 only): one untimed warm-up translation of the first sample, then
+    each of the first ``n`` samples (split order) prepared, generated and decoded alone, timed from
+    prompt preparation to the decoded string. Returns ``latency_s`` (mean seconds per sentence),
+    ``latency_p50_s`` (median) and ``latency_samples`` (how many were timed; samples that cannot be
+    prompted are passed over); all null when ``n`` is 0."""
+    none = {"latency_s": None, "latency_p50_s": None, "latency_samples": 0}
+    if n <= 0 or not samples:
+        return none
+
+    def one(smp: Any) -> bool:
+        dev = D.prepare(model, processor, [smp], data, batch_size=1, teacher_forced=False, prompt_only=True)
+        for batch in dev.batches:
+            with torch.inference_mode():
+                seqs = compat.generate_from_embeds(model, batch.gen_embeds, batch.gen_mask, generation_config=gen_cfg)
+            SC.decode_new_tokens(tok, seqs, gen_cfg.eos_token_id)
+        return bool(dev.batches)
+
+    chosen = list(samples[:n])
+    one(chosen[0])                                     # warm-up: kernels, caches, lazy initialisation
+    times: list[float] = []
+    for smp in chosen:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ok = one(smp)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if ok:
+            times.append(time.perf_counter() - t0)
+    if not times:
+        return none
+    return {"latency_s": float(np.mean(times)), "latency_p50_s": float(np.median(times)),
+            "latency_samples": len(times)}
 
 
 def print_summary(results: dict[str, dict], out: Path) -> None:

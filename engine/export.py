@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def run(recipe: Recipe, *, dry_run: bool = False) -> Path:
                 else "the full model")
         print(f"export (dry run): {src}: {what}; store {recipe.export.quant}; write {out}")
         return out
+    t_start = time.monotonic()      # meta.json "seconds" (x "world_size" 1): the device time stc report shows
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -69,7 +71,8 @@ def run(recipe: Recipe, *, dry_run: bool = False) -> Path:
         base = trained.get("base") or ""
         if not recipe.export.merge_lora:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-            write_meta(tmp, build_meta("model", config=recipe, exported={"adapter": True, "base": base}))
+            write_meta(tmp, build_meta("model", config=recipe, exported={"adapter": True, "base": base},
+                                       seconds=round(time.monotonic() - t_start, 3), world_size=1))
             return _finish(tmp, out)
         from peft import PeftModel
 
@@ -95,6 +98,7 @@ def run(recipe: Recipe, *, dry_run: bool = False) -> Path:
         counted = model
     counts = param_counts(counted)
     write_meta(tmp, build_meta("model", fingerprints={"model": fingerprint_model(tmp)}, config=recipe,
+                               seconds=round(time.monotonic() - t_start, 3), world_size=1,
                                exported={"source": str(src.resolve()), "quant": recipe.export.quant,
                                          "merged_lora": bool(trained.get("adapter")),
                                          # total: logical weights (a 4-bit matrix counts its full shape);

@@ -14,8 +14,33 @@ Reads (nothing is recomputed):
   resumes), importance ``ranking.json`` (``scan.seconds`` x ``scan.world_size``), cache ``meta.json``
   (sum of per-shard seconds, each shard made by one rank), evaluate ``scores.json`` (``speed.seconds``
   x ``speed.world_size`` per system), or any ``meta.json`` with ``device_hours`` or ``seconds`` +
-  ``world_size``. A stage that records none of these is shown as "n/a", never guessed.
-* ``config.yaml`` files found next to those outputs, embedded verbatim.
+  ``world_size`` (prune and export record these), else the wall seconds of its pipeline step record x
+  the step's ranks. The report's own row is its own build time. A stage that records none of these is
+  shown as "n/a", never guessed.
+* ``config.yaml`` files found next to those outputs, shown as differences: against the pipeline's
+  resolved config (``<run>/pipeline/config.yaml``, the recipe, when ``report.runs`` names
+  ``<run>/pipeline/steps``) as ``key: recipe value -> stage value``; without one, against the first
+  config found. Configs with the same differences are grouped.
+* ``hypotheses.jsonl`` beside each ``scores.json`` (key, ref, hyp), for the statistics below.
+* Further ``ranking.json`` files (``report.rankings``, ``label=path``), compared with the main one.
+
+What the report computes (all of it also in ``report.json``):
+
+* ``significance``: a paired bootstrap (``report.bootstrap`` resamples, seed ``run.seed``; 0 = off) of the
+  primary metric per direction (chrF++, chrF for Chinese), for every system against ``report.reference``
+  and every healed variant against the CE-only system of the same removal (:func:`comparison_pairs`),
+  on the two systems' hypotheses aligned by key (different key sets are an error naming both files).
+  Each entry: ``kind, baseline, system, direction, metric, n, baseline_score, system_score, delta,
+  ci_low, ci_high, p_value, significant, resamples, seed`` (:func:`paired_bootstrap`); report.md prints
+  a difference whose 95% CI includes 0 (or p >= 0.05) as "not significant".
+* ``metric_warnings``: directions where BLEU-4 is meaningless (references mostly under 4 tokens by the
+  direction's BLEU tokenizer: :func:`short_reference_warnings`); their messages are also in ``warnings``.
+* per system and direction ``copy_source_count``, ``wrong_language_count``, ``empty_count`` (n x rate).
+* speed per system: ``sentences_per_s`` at ``batch_size`` (throughput), ``batch_seconds_per_sentence``,
+  ``latency_s`` / ``latency_p50_s`` / ``latency_samples`` at batch 1 (null for a ``scores.json`` written
+  before batch-1 latency existed, whose ``latency_s`` was the batched figure).
+* ``rankings`` (with ``report.rankings``): Spearman's rho between the first-iteration per-layer
+  importances of each pair of rankings, oriented so larger = more important, and each removal order.
 
 Writes into ``report.out`` (every file atomically, so a rerun replaces a report whole): ``report.md``,
 ``report.json`` (the same table, machine-readable), ``quality_vs_size.png``, ``primary_by_system.png``,
@@ -25,20 +50,23 @@ Bars (``report.bars``) are data: ``system[@direction]:field OP value`` with OP o
 Per-direction fields (every direction of the system must pass unless ``@direction`` names one):
 ``primary``, ``retained`` (primary metric as % of the reference), ``bleu``, ``chrf``, ``chrfpp``,
 ``comet``, ``copy_source_rate``, ``wrong_language_rate``, ``empty_rate``. System fields:
-``tokens_per_s``, ``sentences_per_s``, ``latency_s``, ``storage_mb``, ``params_stored``,
+``tokens_per_s``, ``sentences_per_s``, ``latency_s`` (batch 1), ``latency_p50_s``,
+``batch_seconds_per_sentence``, ``storage_mb``, ``params_stored``,
 ``decoder_layers``, ``params_stored_pct`` and ``storage_pct`` (of the reference). A bar whose system
 or value is missing is "n/a", not FAIL.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import operator
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from . import config as cfg
 from . import log, stages
@@ -48,6 +76,7 @@ from .meta import build_meta, write_meta
 from .importance.report import fmt_cell
 
 SCORES = "scores.json"
+HYPOTHESES = "hypotheses.jsonl"
 SYSTEM = "system.json"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -57,8 +86,8 @@ PLOT_IMPORTANCE = "importance.png"
 METRICS = ("bleu", "chrf", "chrfpp")
 DIR_FIELDS = ("primary", "retained", "bleu", "chrf", "chrfpp", "comet", "copy_source_rate",
               "wrong_language_rate", "empty_rate")
-SYS_FIELDS = ("tokens_per_s", "sentences_per_s", "latency_s", "storage_mb", "params_stored", "decoder_layers",
-              "params_stored_pct", "storage_pct")
+SYS_FIELDS = ("tokens_per_s", "sentences_per_s", "latency_s", "latency_p50_s", "batch_seconds_per_sentence",
+              "storage_mb", "params_stored", "decoder_layers", "params_stored_pct", "storage_pct")
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 _BAR = re.compile(r"^\s*([^:@\s]+)(?:@([^:\s]+))?\s*:\s*([a-z_+]+)\s*(>=|<=|==|>|<)\s*"
                   r"(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*$")
@@ -97,6 +126,7 @@ def run_dirs(recipe: cfg.Recipe) -> list[tuple[str, Path]]:
         return out
     return [("finetune", stages.out_dir("finetune", recipe)),
             ("importance", ranking_path(recipe).parent),
+            ("prune", stages.out_dir("prune", recipe)),
             ("cache", stages.out_dir("cache build", recipe)),
             ("distill", stages.out_dir("distill", recipe)),
             ("export", stages.out_dir("export", recipe)),
@@ -181,6 +211,25 @@ def _pct(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else 100.0 * a / b
 
 
+def _speed_fields(sp: Mapping[str, Any]) -> dict:
+    """Speed as the report shows it. ``latency_s`` is the batch-1 latency; a ``scores.json`` written before
+    that existed (no ``batch_seconds_per_sentence``) kept the batched time per sentence under
+    ``latency_s``: it is read as such, and its latency is unknown."""
+    new = "batch_seconds_per_sentence" in sp
+    return {"tokens_per_s": sp.get("tokens_per_s"), "sentences_per_s": sp.get("sentences_per_s"),
+            "batch_size": sp.get("batch_size"),
+            "batch_seconds_per_sentence": sp.get("batch_seconds_per_sentence") if new else sp.get("latency_s"),
+            "latency_s": sp.get("latency_s") if new else None, "latency_p50_s": sp.get("latency_p50_s"),
+            "latency_samples": sp.get("latency_samples")}
+
+
+def _count(n: Any, rate: Any) -> int | None:
+    """How many sentences a rate of ``n`` stands for (rates are counts / n, so this is exact)."""
+    if not isinstance(n, (int, float)) or not isinstance(rate, (int, float)):
+        return None
+    return int(round(n * rate))
+
+
 def build_rows(systems: list[dict], reference: str) -> tuple[list[str], list[dict]]:
     """Directions (in first-seen order) and one row per system with scores, retained % and size/speed."""
     directions: list[str] = []
@@ -206,8 +255,7 @@ def build_rows(systems: list[dict], reference: str) -> tuple[list[str], list[dic
             "quant": mi.get("quant"), "dtype": mi.get("dtype"),
             "params_stored_pct": _pct(mi.get("params_stored"), ref_mi.get("params_stored")),
             "storage_pct": _pct(mi.get("storage_bytes"), ref_mi.get("storage_bytes")),
-            "tokens_per_s": sp.get("tokens_per_s"), "sentences_per_s": sp.get("sentences_per_s"),
-            "latency_s": sp.get("latency_s"), "speed_device": sp.get("device"), "world_size": sp.get("world_size"),
+            **_speed_fields(sp), "speed_device": sp.get("device"), "world_size": sp.get("world_size"),
             "warnings": list(sc.get("warnings") or []), "directions": {},
         }
         for d in directions:
@@ -224,6 +272,8 @@ def build_rows(systems: list[dict], reference: str) -> tuple[list[str], list[dic
                  "primary": _score(dd, "primary"),
                  "copy_source_rate": dd.get("copy_source_rate"), "wrong_language_rate": dd.get("wrong_language_rate"),
                  "empty_rate": dd.get("empty_rate"),
+                 **{f"{k}_count": _count(dd.get("n"), dd.get(f"{k}_rate"))
+                    for k in ("copy_source", "wrong_language", "empty")},
                  "signatures": {m: (dd.get(m) or {})["signature"] for m in METRICS
                                 if (dd.get(m) or {}).get("signature")}}
             e["retained"] = _pct(e["primary"], _score(rd, "primary")) if same_metric else None
@@ -384,6 +434,19 @@ def _stage_device_hours(label: str, d: Path) -> dict:
     return row
 
 
+def own_device_hours(rows: list[dict], out: Path, seconds: float) -> None:
+    """The report's own row: its build time so far (reading, bootstrap, plots) on one process, replacing
+    whatever the row for ``out`` said (a report cannot read the time of its own run from anywhere else);
+    added when no row names ``out``."""
+    row = {"stage": "report", "dir": str(out), "device_hours": seconds / 3600,
+           "source": "this report's own build time (1 process)"}
+    for h in rows:
+        if Path(h["dir"]).resolve() == out.resolve():
+            h.update(device_hours=row["device_hours"], source=row["source"])
+            return
+    rows.append(row)
+
+
 # ------------------------------------------------------------------------------------------- importance
 
 def importance_section(path: Path) -> dict:
@@ -411,6 +474,351 @@ def importance_section(path: Path) -> dict:
             "removed_original": doc.get("removed_original") or [], "steps": steps, "stopped": doc.get("stopped")}
 
 
+# ------------------------------------------------------------------------------------------- significance
+
+_HYP_CACHE: dict[str, dict[str, dict[str, tuple[str, str]]]] = {}
+
+
+def read_hypotheses(path: Path) -> dict[str, dict[str, tuple[str, str]]]:
+    """``hypotheses.jsonl`` of one system as {direction: {key: (ref, hyp)}} (direction ``src-tgt``)."""
+    k = str(path.resolve())
+    if k not in _HYP_CACHE:
+        recs, bad = read_jsonl(path)
+        out: dict[str, dict[str, tuple[str, str]]] = {}
+        for r in recs:
+            if not isinstance(r, dict) or "key" not in r or "hyp" not in r or "ref" not in r:
+                raise ReportError(f"{path}: a line lacks key/ref/hyp; rerun `stc evaluate` for this system")
+            d = f"{r.get('src_lang')}-{r.get('tgt_lang')}"
+            out.setdefault(d, {})[str(r["key"])] = (str(r["ref"]), str(r["hyp"]))
+        _HYP_CACHE[k] = out
+    return _HYP_CACHE[k]
+
+
+def metric_object(metric: str, bleu_signature: str = "") -> Any:
+    """The sacrebleu metric a direction's primary metric names (``chrf++``, ``chrf``, ``bleu``; BLEU with the
+    tokenizer its signature records)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    m = (metric or "").lower()
+    if m in ("chrf++", "chrfpp"):
+        return CHRF(word_order=2)
+    if m == "chrf":
+        return CHRF()
+    if m == "bleu":
+        tok = re.search(r"tok:([^|]+)", bleu_signature or "")
+        return BLEU(tokenize=tok.group(1) if tok else "13a")
+    raise ReportError(f"no paired bootstrap for metric {metric!r} (chrf++, chrf or bleu)")
+
+
+def sentence_stats(metric: Any, hyps: Sequence[str], refs: Sequence[str]) -> np.ndarray:
+    """sacrebleu's sufficient statistics, one row per sentence (their column sums give the corpus score)."""
+    import numpy as np
+
+    return np.asarray(metric._extract_corpus_statistics(list(hyps), [list(refs)]), dtype=np.float64)
+
+
+def paired_bootstrap(metric: Any, refs: Sequence[str], base_hyps: Sequence[str], sys_hyps: Sequence[str],
+                     resamples: int, seed: int) -> dict:
+    """Paired bootstrap of ``score(system) - score(baseline)`` on the same test sentences, as sacrebleu's
+    ``--paired-bs`` does it (:func:`sacrebleu.significance._paired_bs_test`): one seeded
+    ``numpy.random.default_rng(seed).choice(n, (resamples, n))`` index matrix shared by both systems,
+    each resample's corpus score recomputed by the metric from summed sentence statistics, and sacrebleu's
+    p-value (:func:`sacrebleu.significance._compute_p_value`, two-sided: the share of centred resampled
+    absolute differences above the observed one, with +1 smoothing). The 95% CI of the difference is the
+    2.5 and 97.5 percentiles of the resampled differences. ``significant`` needs both the CI to exclude 0
+    and p < 0.05; identical hypotheses give delta 0, CI [0, 0], p 1."""
+    import numpy as np
+    from sacrebleu.significance import _compute_p_value
+
+    n = len(refs)
+    sb, ss = sentence_stats(metric, base_hyps, refs), sentence_stats(metric, sys_hyps, refs)
+    base = float(metric._compute_score_from_stats(list(sb.sum(0))).score)
+    score = float(metric._compute_score_from_stats(list(ss.sum(0))).score)
+    delta = score - base
+    out = {"n": n, "baseline_score": base, "system_score": score, "delta": delta, "resamples": resamples,
+           "seed": seed}
+    if list(base_hyps) == list(sys_hyps):
+        return {**out, "delta": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0, "significant": False}
+    idx = np.random.default_rng(seed).choice(n, size=(resamples, n), replace=True)
+    counts = np.zeros((resamples, n), dtype=np.float64)
+    np.add.at(counts, (np.repeat(np.arange(resamples), n), idx.ravel()), 1.0)
+    rb, rs = counts @ sb, counts @ ss        # integer statistics: the sums are exact
+    bl = np.array([metric._compute_score_from_stats(list(r)).score for r in rb])
+    sy = np.array([metric._compute_score_from_stats(list(r)).score for r in rs])
+    diffs = sy - bl
+    lo, hi = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
+    absd = np.abs(diffs)
+    p = float(_compute_p_value(absd - absd.mean(), abs(delta)))
+    return {**out, "ci_low": lo, "ci_high": hi, "p_value": p, "significant": bool(p < 0.05 and not lo <= 0.0 <= hi)}
+
+
+def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, str]]:
+    """(kind, baseline, system): every system against the reference (``reference``), and every healed
+    variant against the CE-only system with the same removal (``healing``: the CE-only one is ``ce``, the
+    variants every other system with that removal whose healing is neither ``none`` nor ``ce``)."""
+    names = {r["system"] for r in rows}
+    pairs = [("reference", reference, r["system"]) for r in rows if reference in names and r["system"] != reference]
+    for ce in rows:
+        if ce.get("healing") != "ce":
+            continue
+        for v in rows:
+            if (v is not ce and v.get("removal") == ce.get("removal") and v.get("healing")
+                    and v.get("healing") not in ("none", "ce")):
+                pairs.append(("healing", ce["system"], v["system"]))
+    return pairs
+
+
+def significance(systems: list[dict], rows: list[dict], reference: str, resamples: int, seed: int,
+                 warnings: list[str]) -> list[dict]:
+    """Paired bootstrap of the primary metric, per direction, for every :func:`comparison_pairs` pair, on
+    the two systems' ``hypotheses.jsonl`` aligned by key. Key sets (or references) that differ are an
+    error naming both files; a system without hypotheses is skipped with a warning."""
+    if resamples <= 0:
+        return []
+    by_name = {s["name"]: s for s in systems}
+    row_by = {r["system"]: r for r in rows}
+    missing: set[str] = set()
+    out = []
+    for kind, a, b in comparison_pairs(rows, reference):
+        pa, pb = by_name[a]["dir"] / HYPOTHESES, by_name[b]["dir"] / HYPOTHESES
+        lack = [n for n, p in ((a, pa), (b, pb)) if not p.is_file()]
+        if lack:
+            missing.update(lack)
+            continue
+        ha, hb = read_hypotheses(pa), read_hypotheses(pb)
+        for d in row_by[b]["directions"]:
+            if d not in row_by[a]["directions"] or d not in ha or d not in hb:
+                continue
+            ea, eb = row_by[a]["directions"][d], row_by[b]["directions"][d]
+            if ea["primary_metric"] != eb["primary_metric"]:
+                warnings.append(f"{b} vs {a} on {d}: primary metrics differ ({eb['primary_metric']!r} vs "
+                                f"{ea['primary_metric']!r}): no paired bootstrap")
+                continue
+            ka, kb = set(ha[d]), set(hb[d])
+            if ka != kb:
+                raise ReportError(
+                    f"paired bootstrap {b} vs {a} on {d}: {pa} and {pb} hold different sentences "
+                    f"({len(ka - kb)} key(s) only in the first, {len(kb - ka)} only in the second, e.g. "
+                    f"{sorted(ka ^ kb)[:3]}); evaluate both systems on the same split and settings "
+                    f"(or set report.bootstrap=0)")
+            keys = sorted(ka)
+            bad_ref = [k for k in keys if ha[d][k][0] != hb[d][k][0]]
+            if bad_ref:
+                raise ReportError(f"paired bootstrap {b} vs {a} on {d}: {pa} and {pb} have different references "
+                                  f"for {len(bad_ref)} key(s), e.g. {bad_ref[:3]}; re-evaluate on the same data")
+            metric = metric_object(eb["primary_metric"], eb["signatures"].get("bleu", ""))
+            res = paired_bootstrap(metric, [ha[d][k][0] for k in keys], [ha[d][k][1] for k in keys],
+                                   [hb[d][k][1] for k in keys], resamples, seed)
+            out.append({"kind": kind, "baseline": a, "system": b, "direction": d, "metric": eb["primary_metric"],
+                        **res})
+    if missing:
+        warnings.append(f"no {HYPOTHESES} for {sorted(missing)}: their differences have no confidence interval")
+    return out
+
+
+def short_reference_warnings(systems: list[dict], rows: list[dict], directions: list[str]) -> list[dict]:
+    """Directions on which BLEU-4 is meaningless: the references, tokenized by the direction's BLEU
+    tokenizer (from its signature), have a median under 4 tokens or over half of them have fewer than 4
+    (4-grams barely exist, so BLEU is 0 or near it for any system). One record per such direction
+    with the share, the median and whether BLEU is 0 for every system."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU
+
+    out = []
+    for d in directions:
+        refs = None
+        for s in systems:
+            p = s["dir"] / HYPOTHESES
+            if p.is_file() and d in read_hypotheses(p):
+                refs = [ref for ref, _ in read_hypotheses(p)[d].values()]
+                break
+        if not refs:
+            continue
+        sig = next((r["directions"][d]["signatures"].get("bleu", "") for r in rows if d in r["directions"]), "")
+        tok = re.search(r"tok:([^|]+)", sig)
+        try:
+            tokenizer = BLEU(tokenize=tok.group(1) if tok else "13a").tokenizer
+        except Exception:  # a tokenizer whose extra is not installed here: count on whitespace
+            tokenizer = str
+        lens = np.array([len(tokenizer(r).split()) for r in refs])
+        share = float(np.mean(lens < 4))
+        med = float(np.median(lens))
+        if med < 4 or share > 0.5:
+            bleus = [r["directions"][d]["bleu"] for r in rows if d in r["directions"]]
+            zero = bool(bleus) and all(b is not None and b == 0 for b in bleus)
+            head = f"BLEU is 0 for every system on {d}" if zero else f"BLEU is unreliable on {d}"
+            out.append({"direction": d, "short_share": share, "median_tokens": med, "n": len(refs),
+                        "bleu_all_zero": zero,
+                        "message": f"{head}: {100 * share:.0f}% of the references have fewer than 4 tokens "
+                                   f"(median {med:g}), so 4-grams barely exist; read chrF/chrF++"})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- rankings
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rho: the Pearson correlation of the two samples' ranks, ties given their average rank.
+    None when fewer than 2 pairs or one side is constant."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError("spearman: samples of different lengths")
+    if len(a) < 2:
+        return None
+
+    def ranks(x: Sequence[float]) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        i = 0
+        while i < len(x):
+            j = i
+            while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            r[order[i:j + 1]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra ** 2).sum() * (rb ** 2).sum()))
+    return None if den == 0 else float((ra * rb).sum() / den)
+
+
+def ranking_paths(recipe: cfg.Recipe) -> list[tuple[str, Path]]:
+    """``report.rankings`` as (label, ranking.json path); a missing file is an error naming it and the key."""
+    out, problems = [], []
+    for i, entry in enumerate(recipe.report.rankings):
+        label, _, path = entry.partition("=") if "=" in entry else ("", "", entry)
+        p = Path(path.strip())
+        p = p if p.suffix == ".json" else p / "ranking.json"
+        if not p.is_file():
+            problems.append(f"report.rankings[{i}]: {p} not found (entry {entry!r}); point it at a ranking.json "
+                            f"written by `stc importance`, or its directory")
+            continue
+        out.append((label.strip() or p.parent.name, p))
+    if problems:
+        raise ReportError("; ".join(problems))
+    return out
+
+
+def first_iteration_importance(doc: Mapping[str, Any]) -> dict[int, float]:
+    """{original layer index: importance} from the first iteration (every candidate scored with nothing
+    removed), oriented so that larger means more important whatever the scorer: with a quality metric
+    (``higher_is_better``) removing an important layer lowers the score, so importance = -score; with a
+    loss-like metric importance = score."""
+    its = doc.get("iterations") or []
+    if not its:
+        return {}
+    mapping = dict(zip(list(doc.get("removed") or []) + list(doc.get("kept") or []),
+                       list(doc.get("removed_original") or []) + list(doc.get("kept_original") or [])))
+    sign = -1.0 if doc.get("higher_is_better", True) else 1.0
+    return {int(mapping.get(int(c), int(c))): sign * float(v) for c, v in (its[0].get("scores") or {}).items()
+            if isinstance(v, (int, float))}
+
+
+def compare_rankings(named: list[tuple[str, Path]]) -> dict:
+    """Spearman's rho per pair of rankings over the original layers both scored in their first iteration,
+    plus each ranking's scorer, metric and removal order (original indices)."""
+    docs = []
+    for label, p in named:
+        d = _read_json(p)
+        docs.append({"label": label, "path": str(p), "scorer": d.get("scorer"), "metric": d.get("metric"),
+                     "higher_is_better": d.get("higher_is_better"), "method": d.get("method"),
+                     "removal_order": list(d.get("removed_original") or []),
+                     "importance": first_iteration_importance(d)})
+    pairs = []
+    for i in range(len(docs)):
+        for j in range(i + 1, len(docs)):
+            a, b = docs[i], docs[j]
+            common = sorted(set(a["importance"]) & set(b["importance"]))
+            rho = spearman([a["importance"][c] for c in common], [b["importance"][c] for c in common]) \
+                if len(common) >= 2 else None
+            pairs.append({"a": a["label"], "b": b["label"], "layers": len(common), "rho": rho})
+    for d in docs:
+        d["importance"] = {str(k): v for k, v in sorted(d["importance"].items())}
+    return {"rankings": docs, "pairs": pairs}
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def _yaml_value(v: Any) -> str:
+    return "(absent)" if v is _ABSENT else json.dumps(v, ensure_ascii=False, default=str)
+
+
+_ABSENT = object()
+
+
+def config_diff(base: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
+    """``key: base value -> other value`` for every dotted key whose value differs (absent on one side
+    shown as ``(absent)``), sorted by key."""
+    fb, fo = _flatten(base), _flatten(other)
+    out = []
+    for k in sorted(set(fb) | set(fo)):
+        a, b = fb.get(k, _ABSENT), fo.get(k, _ABSENT)
+        if a is _ABSENT or b is _ABSENT or a != b:
+            out.append(f"{k}: {_yaml_value(a)} -> {_yaml_value(b)}")
+    return out
+
+
+def _load_yaml(p: Path) -> dict:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8", errors="replace"))
+    except yaml.YAMLError as e:
+        raise ReportError(f"{p}: not valid YAML ({e})") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def pipeline_config(recipe: cfg.Recipe) -> Path | None:
+    """``<run>/pipeline/config.yaml`` of the first ``report.runs`` entry that names ``<run>/pipeline/steps``."""
+    for r in recipe.report.runs:
+        p = Path(r.partition("=")[2] if "=" in r else r)
+        if p.name == "steps" and p.parent.name == "pipeline" and (p.parent / "config.yaml").is_file():
+            return p.parent / "config.yaml"
+    return None
+
+
+def config_diffs(runs: list[tuple[str, Path]], edir: Path, rank: Path, recipe_path: Path | None) -> dict:
+    """The configs next to the outputs, as differences. With the pipeline's resolved config
+    (``recipe_path``, the recipe) every stage's ``config.yaml`` is shown as the keys whose values differ
+    from it; without one the first config found is the base. Configs with the same differences are
+    grouped (every path listed once)."""
+    cands: list[tuple[str, Path]] = [(label, d / "config.yaml") for label, d in runs]
+    cands += [("importance", rank.parent / "config.yaml"), ("evaluate", edir / "config.yaml")]
+    cands += [(f"evaluate {p.parent.name}", p) for p in sorted(edir.glob("*/config.yaml"))]
+    seen: set[Path] = set()
+    found: list[tuple[str, Path]] = []
+    for label, p in cands:
+        if not p.is_file() or p.resolve() in seen or (recipe_path and p.resolve() == recipe_path.resolve()):
+            continue
+        seen.add(p.resolve())
+        found.append((label, p))
+    base_path = recipe_path if recipe_path is not None else (found[0][1] if found else None)
+    if base_path is None:
+        return {"recipe": None, "base": None, "groups": []}
+    base = _load_yaml(base_path)
+    groups: dict[tuple[str, ...], dict] = {}
+    for label, p in found:
+        if recipe_path is None and p == base_path:
+            continue
+        diff = tuple(config_diff(base, _load_yaml(p)))
+        g = groups.setdefault(diff, {"diff": list(diff), "configs": []})
+        g["configs"].append({"stage": label, "path": str(p)})
+    return {"recipe": str(recipe_path) if recipe_path else None, "base": str(base_path),
+            "groups": list(groups.values())}
+
+
 # ------------------------------------------------------------------------------------------- formatting
 
 def _f(v: Any, digits: int = 2) -> str:
@@ -433,12 +841,18 @@ def _pct_s(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}%"
 
 
+def _ms(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{1000 * v:.1f}"
+
+
 def table_markdown(directions: list[str], rows: list[dict], reference: str, has_ref: bool) -> list[str]:
     head = ["system", "decoder layers", "params stored", "storage MB"]
     for d in directions:
         head += [f"{d} BLEU", f"{d} chrF", f"{d} chrF++", f"{d} primary % of {reference}" if has_ref
                  else f"{d} primary", f"{d} copy-src", f"{d} wrong-lang"]
-    head.append("tokens/s")
+    bs = sorted({r["batch_size"] for r in rows if isinstance(r.get("batch_size"), int)})
+    head += ["tokens/s", f"throughput at batch {bs[0]} (sentences/s)" if len(bs) == 1 else
+             "throughput at eval batch (sentences/s)", "latency, batch 1 (ms/sentence)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         name = f"**{r['system']}**" if r["system"] == reference else r["system"]
@@ -454,31 +868,53 @@ def table_markdown(directions: list[str], rows: list[dict], reference: str, has_
                     else f"{_f(e['primary'])} {e['primary_metric'] or ''}".strip())
             cells += [_f(e["bleu"]), _f(e["chrf"]), _f(e["chrfpp"]), prim, _rate(e["copy_source_rate"]),
                       _rate(e["wrong_language_rate"])]
-        cells.append(_f(r["tokens_per_s"], 1))
+        thr = _f(r["sentences_per_s"], 2)
+        if len(bs) > 1 and r.get("batch_size"):
+            thr += f" (batch {r['batch_size']})"
+        cells += [_f(r["tokens_per_s"], 1), thr, _ms(r.get("latency_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _configs(runs: list[tuple[str, Path]], edir: Path, rank: Path) -> list[dict]:
-    """config.yaml files next to the outputs, identical ones shown once with every path."""
-    cands: list[Path] = []
-    for _, d in runs:
-        cands.append(d / "config.yaml")
-    cands += [rank.parent / "config.yaml", edir / "config.yaml", *sorted(edir.glob("*/config.yaml"))]
-    seen: dict[str, dict] = {}
-    done: set[Path] = set()
-    for p in cands:
-        rp = p.resolve()
-        if rp in done or not p.is_file():
-            continue
-        done.add(rp)
-        text = p.read_text(encoding="utf-8", errors="replace")
-        h = hashlib.sha256(text.encode()).hexdigest()
-        seen.setdefault(h, {"paths": [], "text": text})["paths"].append(str(p))
-    return list(seen.values())
+def counts_markdown(directions: list[str], rows: list[dict]) -> list[str]:
+    """Copy-of-source, wrong-language and empty outputs as sentence counts (of n) per system and direction."""
+    head = ["system"] + [f"{d} {k}" for d in directions for k in ("copy-src", "wrong-lang", "empty")]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        cells = [r["system"]]
+        for d in directions:
+            e = r["directions"].get(d)
+            if e is None:
+                cells += ["-"] * 3
+                continue
+            n = e.get("n")
+            cells += [f"{e[k]} / {n}" if e.get(k) is not None else "-"
+                      for k in ("copy_source_count", "wrong_language_count", "empty_count")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
-def markdown(doc: Mapping[str, Any], configs: list[dict]) -> str:
+def significance_markdown(sig: list[dict], resamples: int, seed: int) -> list[str]:
+    L = ["## Are the differences real? (paired bootstrap, 95% CI)", ""]
+    if resamples <= 0:
+        return L + ["Off (`report.bootstrap=0`): differences below carry no confidence interval.", ""]
+    if not sig:
+        return L + ["No pair to compare (needs the reference system or a CE-only system, and their "
+                    f"`{HYPOTHESES}`).", ""]
+    L += [f"Primary metric of each direction; delta = system - baseline, on the same test sentences; "
+          f"{resamples} paired resamples (sacrebleu's paired bootstrap, seed {seed}). A difference whose 95% "
+          f"CI includes 0 (or p >= 0.05) is **not significant**: with one seed and this test set it cannot be "
+          f"told from noise.", "",
+          "| direction | system | baseline | metric | system score | baseline score | delta | 95% CI | p | verdict |",
+          "|---|---|---|---|---:|---:|---:|---|---:|---|"]
+    for c in sig:
+        L.append(f"| {c['direction']} | {c['system']} | {c['baseline']} | {c['metric']} | {_f(c['system_score'])} | "
+                 f"{_f(c['baseline_score'])} | {c['delta']:+.2f} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | "
+                 f"{c['p_value']:.3f} | {'significant' if c['significant'] else 'not significant'} |")
+    return L + [""]
+
+
+def markdown(doc: Mapping[str, Any], configs: Mapping[str, Any]) -> str:
     ref, dirs, rows = doc["reference"], doc["directions"], doc["systems"]
     has_ref = doc["reference_found"]
     L = [f"# {doc['title']}", "", f"Generated {doc['created']} from `{doc['eval_dir']}`"
@@ -493,7 +929,9 @@ def markdown(doc: Mapping[str, Any], configs: list[dict]) -> str:
               f"test sentences. Params counted as stored (4-bit weights packed two per byte); storage counts "
               f"only `*.safetensors` (MB = 10^6 bytes).", ""]
     L += table_markdown(dirs, rows, ref, has_ref)
-    L += [""]
+    L += ["", "Speed: throughput = sentences per second of wall time when translating in batches of the "
+          "evaluation's batch size; latency = mean milliseconds per sentence translated alone (batch 1, "
+          "`evaluate.latency_samples` sentences after a warm-up); '-' where not measured.", ""]
     described = [r for r in rows if r["label"] or r["removed_layers"] or r["healing"]]
     if described:
         for r in described:
@@ -509,6 +947,10 @@ def markdown(doc: Mapping[str, Any], configs: list[dict]) -> str:
                 bits.append(str(r["notes"]))
             L.append(f"- `{r['system']}`: " + "; ".join(bits))
         L.append("")
+    L += ["Copy-of-source, wrong-language and empty outputs, as sentence counts:", ""]
+    L += counts_markdown(dirs, rows)
+    L += [""]
+    L += significance_markdown(doc.get("significance") or [], doc.get("bootstrap", 0), doc.get("seed", 0))
     L += ["Details per direction:", "", "| system | direction | n | COMET | empty | BLEU % | chrF % | chrF++ % |",
           "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -560,6 +1002,7 @@ def markdown(doc: Mapping[str, Any], configs: list[dict]) -> str:
                      f"{'forced' if s['forced'] else _f(s['score'], 4)} | "
                      f"{_pct_s(None if s['relative'] is None else 100 * s['relative'])} |")
         L.append("")
+    L += rankings_markdown(doc.get("rankings"))
 
     L += ["## sacrebleu signatures", ""]
     if doc["signatures"]:
@@ -571,13 +1014,44 @@ def markdown(doc: Mapping[str, Any], configs: list[dict]) -> str:
     else:
         L += ["none recorded", ""]
 
-    L += ["## Resolved configs", ""]
-    if not configs:
-        L += ["No config.yaml found next to the outputs.", ""]
-    for c in configs:
-        L += ["<details><summary>" + ", ".join(f"<code>{p}</code>" for p in c["paths"]) + "</summary>", "",
-              "```yaml", c["text"].rstrip("\n"), "```", "", "</details>", ""]
+    L += configs_markdown(configs)
     return "\n".join(L)
+
+
+def configs_markdown(configs: Mapping[str, Any]) -> list[str]:
+    L = ["## Configs", ""]
+    if not configs.get("base"):
+        return L + ["No config.yaml found next to the outputs.", ""]
+    if configs.get("recipe"):
+        L += [f"Recipe (the pipeline's resolved config): `{configs['recipe']}`. Each stage's `config.yaml` below "
+              f"is shown only as the keys whose values differ from it (`key: recipe value -> stage value`).", ""]
+    else:
+        L += [f"No pipeline config: base `{configs['base']}` (the first config found); every other `config.yaml` "
+              f"is shown as the keys whose values differ from it (`key: base value -> its value`).", ""]
+    for g in configs["groups"]:
+        who = ", ".join(f"{c['stage']} (`{c['path']}`)" for c in g["configs"])
+        if not g["diff"]:
+            L.append(f"- {who}: same as the {'recipe' if configs.get('recipe') else 'base'}")
+            continue
+        L.append(f"- {who}:")
+        L += [f"  - `{line}`" for line in g["diff"]]
+    return L + [""]
+
+
+def rankings_markdown(cmp: Mapping[str, Any] | None) -> list[str]:
+    if not cmp or len(cmp.get("rankings") or []) < 2:
+        return []
+    L = ["### Importance scorers compared", "",
+         "Spearman's rho between the per-layer importances of the first iteration (every candidate scored with "
+         "nothing removed; oriented so that larger = more important for every metric), over the original layers "
+         "both scored; 1 = same order, 0 = unrelated, -1 = reversed.", "",
+         "| ranking | ranking | layers | Spearman rho |", "|---|---|---:|---:|"]
+    for pr in cmp["pairs"]:
+        L.append(f"| {pr['a']} | {pr['b']} | {pr['layers']} | {_f(pr['rho'], 3)} |")
+    L += ["", "| ranking | scorer | metric | removal order (original layers) | file |", "|---|---|---|---|---|"]
+    for r in cmp["rankings"]:
+        L.append(f"| {r['label']} | {r['scorer']} | {r['metric']} | {r['removal_order']} | `{r['path']}` |")
+    return L + [""]
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -587,35 +1061,86 @@ def _png(fig: Any) -> bytes:
 
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
+def size_scale(values: Sequence[float], unit: str = "params") -> tuple[float, str]:
+    """(divisor, axis label) that puts the largest of ``values`` between 1 and 1000: thousands, millions or
+    billions of parameters (``unit="params"``), or kB/MB/GB of storage (``unit="bytes"``, 10^3 steps)."""
+    top = max((abs(v) for v in values), default=0.0)
+    steps = ([(1e9, "billions"), (1e6, "millions"), (1e3, "thousands"), (1.0, "")] if unit == "params"
+             else [(1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1.0, "bytes")])
+    for div, name in steps:
+        if top >= div:
+            break
+    if unit == "params":
+        return div, "params as stored" + (f" ({name})" if name else "")
+    return div, f"storage ({name})"
+
+
 def plot_quality_vs_size(directions: list[str], rows: list[dict], reference: str, has_ref: bool) -> bytes:
+    """Quality (retained % of the reference, or the primary metric) against size, one panel per direction.
+    The x axis is in the unit that fits the models (parameters as stored; storage bytes when no system
+    has a parameter count). Each system is a numbered marker; the numbers are explained in one legend,
+    so no label can cover another; systems of the same size are spread side by side by 2.5% of the
+    axis's span (the x position is then approximate; report.json has the exact sizes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, max(1, len(directions)), figsize=(5.5 * max(1, len(directions)), 4.5), squeeze=False)
+    use_params = any(isinstance(r["params_stored"], (int, float)) for r in rows)
+    field = "params_stored" if use_params else "storage_bytes"
+    div, xlabel = size_scale([float(r[field]) for r in rows if isinstance(r[field], (int, float))],
+                             "params" if use_params else "bytes")
+    number = {r["system"]: k for k, r in enumerate(rows, 1)}
+    cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    n_dirs = max(1, len(directions))
+    fig, axes = plt.subplots(1, n_dirs, figsize=(5.0 * n_dirs + 2.5, 4.5), squeeze=False)
+    handles: dict[str, Any] = {}
     for ax, d in zip(axes[0], directions):
-        pts = [(r["params_stored"] / 1e9, r["directions"][d]["retained" if has_ref else "primary"], r["system"])
-               for r in rows if d in r["directions"] and isinstance(r["params_stored"], (int, float))
-               and r["directions"][d]["retained" if has_ref else "primary"] is not None]
+        key = "retained" if has_ref else "primary"
+        pts = [(r[field] / div, r["directions"][d][key], r["system"]) for r in rows
+               if d in r["directions"] and isinstance(r[field], (int, float)) and r["directions"][d][key] is not None]
+        same: dict[float, list[str]] = {}           # systems of the same size sit side by side, not on top
+        for x, _, name in pts:
+            same.setdefault(round(x, 3), []).append(name)
+        xs = [x for x, _, _ in pts]
+        step = 0.025 * (((max(xs) - min(xs)) or max(xs)) if xs else 1.0) or 0.025
+        if not pts:  # e.g. a reference that scores 0: nothing is a share of it
+            ax.text(0.5, 0.5, f"no {'retained share' if has_ref else 'score'} to plot", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
         for x, y, name in pts:
-            ax.scatter([x], [y], s=40, marker="*" if name == reference else "o", zorder=3)
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            k = number[name]
+            color = cmap((k - 1) % cmap.N)
+            group = same[round(x, 3)]
+            x = x + step * (group.index(name) - (len(group) - 1) / 2)
+            h = ax.scatter([x], [y], s=150 if name == reference else 110, marker="*" if name == reference else "o",
+                           color=color, edgecolors="black", linewidths=0.5, zorder=3)
+            ax.annotate(str(k), (x, y), ha="center", va="center", fontsize=7, color="white", weight="bold",
+                        zorder=4)
+            handles.setdefault(name, h)
         if has_ref:
             ax.axhline(100, ls="--", color="grey", lw=1)
-            ax.axhline(97, ls=":", color="tab:red", lw=1, label="97%")
-            ax.legend(fontsize=7)
-        ax.set_xlabel("params as stored (billions)")
+            ax.axhline(97, ls=":", color="tab:red", lw=1)
+        ax.set_xlabel(xlabel)
         metric = next((r["directions"][d]["primary_metric"] for r in rows if d in r["directions"]), "primary")
         ax.set_ylabel(f"{metric}, % of {reference}" if has_ref else f"{metric}")
         ax.set_title(d)
-        ax.margins(x=0.2, y=0.1)  # room for the names written beside the points
+        ax.margins(x=0.12, y=0.1)
         ax.grid(alpha=0.3)
+    labels = [f"{number[n]}  {n}" for n in handles]
+    extra = []
+    if has_ref:
+        from matplotlib.lines import Line2D
+
+        extra = [Line2D([], [], ls="--", color="grey", lw=1), Line2D([], [], ls=":", color="tab:red", lw=1)]
+        labels += [f"100% of {reference}", "97%"]
+    if handles:
+        fig.legend(list(handles.values()) + extra, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8, frameon=False)
     return _png(fig)
 
 
@@ -653,10 +1178,13 @@ def _signatures(rows: list[dict]) -> dict:
     return out
 
 
-def build(recipe: cfg.Recipe) -> tuple[dict, list[dict]]:
-    """Everything the report shows, as data (``report.json``), plus the configs to embed."""
+def build(recipe: cfg.Recipe) -> tuple[dict, dict]:
+    """Everything the report shows, as data (``report.json``), plus the config differences to show."""
     rc = recipe.report
+    if rc.bootstrap < 0:
+        raise cfg.ConfigError([f"report.bootstrap: must be >= 0 (0: off), got {rc.bootstrap}"])
     bars = parse_bars(rc.bars)
+    extra_rankings = ranking_paths(recipe)
     warnings: list[str] = []
     edir = eval_dir(recipe)
     systems = load_systems(edir, rc.systems, rc.reference, warnings, plan_systems(recipe))
@@ -680,20 +1208,27 @@ def build(recipe: cfg.Recipe) -> tuple[dict, list[dict]]:
                 warnings.append(f"{d} {m}: systems were scored with different sacrebleu signatures")
     for r in rows:
         warnings += [f"{r['system']}: {w}" for w in r["warnings"]]
+    metric_warnings = short_reference_warnings(systems, rows, directions)
+    warnings += [m["message"] for m in metric_warnings]
+    sig = significance(systems, rows, rc.reference, rc.bootstrap, recipe.run.seed, warnings)
     runs = run_dirs(recipe)
     rank = ranking_path(recipe)
+    named = ([("main", rank)] if rank.is_file() else []) + extra_rankings
+    rankings = compare_rankings(named) if extra_rankings else None
     doc = {"schema": 1, "kind": "report", "title": rc.title,
            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "eval_dir": str(edir), "reference": rc.reference, "reference_found": has_ref, "directions": directions,
            "systems": rows, "bars": evaluate_bars(bars, rows, directions),
            "device_hours": [stage_device_hours(label, d) for label, d in runs],
            "importance": importance_section(rank), "importance_plot": False, "plots": bool(rc.plots),
-           "signatures": sigs, "warnings": warnings}
-    return doc, _configs(runs, edir, rank)
+           "signatures": sigs, "warnings": warnings, "metric_warnings": metric_warnings,
+           "bootstrap": rc.bootstrap, "seed": recipe.run.seed, "significance": sig, "rankings": rankings}
+    return doc, config_diffs(runs, edir, rank, pipeline_config(recipe))
 
 
 def run(recipe: cfg.Recipe) -> dict:
     """``stc report``: write report.md, report.json, plots, config.yaml and meta.json into report.out."""
+    t0 = time.monotonic()
     doc, configs = build(recipe)
     out = out_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
@@ -713,6 +1248,7 @@ def run(recipe: cfg.Recipe) -> dict:
         p = out / stale
         if p.exists() and p.resolve() != imp_png.resolve():
             p.unlink()
+    own_device_hours(doc["device_hours"], out, time.monotonic() - t0)
     atomic_write_json(out / REPORT_JSON, doc)
     atomic_write_text(out / REPORT_MD, markdown(doc, configs))
     cfg.save_resolved(recipe, out)

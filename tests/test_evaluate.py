@@ -161,6 +161,10 @@ def test_scores_equal_sacrebleu_recomputed_from_hypotheses(env, first_run):
     assert sp["world_size"] == 1 and sp["device"] == "cpu" and sp["seconds"] > 0
     assert sp["sentences_per_s"] == pytest.approx(7 / sp["seconds"], rel=1e-3)
     assert sp["tokens_per_s"] == pytest.approx(sp["generated_tokens"] / sp["seconds"], rel=1e-3)
+    # throughput at the configured batch and latency at batch 1 are separate figures
+    assert sp["batch_size"] == 2 and 0 < sp["batch_seconds_per_sentence"] <= sp["seconds"]
+    assert sp["latency_samples"] == 7  # evaluate.latency_samples=16, but the split has 7 samples
+    assert sp["latency_s"] > 0 and sp["latency_p50_s"] > 0
     meta = json.loads((d / "meta.json").read_text())
     assert meta["kind"] == "eval" and meta["fingerprints"]["model"].startswith("sha256:")
     assert (d / "config.yaml").exists() and not list(d.glob("*.tmp-*"))
@@ -173,12 +177,14 @@ def test_rerun_skips_and_a_changed_setting_recomputes(env, first_run, tmp_path):
     shutil.copytree(first_run[0], out)
     scores = out / "model" / E.SCORES
     before = scores.stat().st_mtime_ns
-    res = E.run_evaluate(recipe(env, out))
+    res = E.run_evaluate(recipe(env, out, "evaluate.latency_samples=0"))  # timing only: not in the fingerprint
     assert scores.stat().st_mtime_ns == before and res["model"]["fingerprint"] == json.loads(scores.read_text())["fingerprint"]
     res2 = E.run_evaluate(recipe(env, out, "evaluate.max_new_tokens=6"))
     assert scores.stat().st_mtime_ns != before and res2["model"]["fingerprint"] != res["model"]["fingerprint"]
     assert res2["model"]["speed"]["generated_tokens"] <= 6 * 7
     assert json.loads(scores.read_text())["fingerprint"] == res2["model"]["fingerprint"]
+    res3 = E.run_evaluate(recipe(env, out, "evaluate.max_new_tokens=5", "evaluate.latency_samples=0"))
+    assert res3["model"]["speed"]["latency_s"] is None and res3["model"]["speed"]["latency_samples"] == 0
 
 
 def test_shuffle_audio_pairs_text_with_other_audio(env, first_run, tmp_path):

@@ -68,6 +68,10 @@ def runs(tmp_path) -> dict:
         (ev / name).mkdir(parents=True)
         (ev / name / "scores.json").write_text(json.dumps(_scores(name, *spec)))
         (ev / name / "config.yaml").write_text("evaluate: {split: test}  # EVAL-CONFIG-MARK\n")
+    kd = json.loads((ev / "kd-25" / "scores.json").read_text())  # a current scores.json: batch-1 latency apart
+    kd["speed"].update(batch_size=8, batch_seconds_per_sentence=0.1, latency_s=0.05, latency_p50_s=0.04,
+                       latency_samples=16)
+    (ev / "kd-25" / "scores.json").write_text(json.dumps(kd))
     (ev / "kd-25" / "system.json").write_text(json.dumps(
         {"label": "student 25% removed, CE+KD, nf4", "removed_layers": [13, 3, 20, 9, 29, 1, 19, 27],
          "removal": "iterative", "healing": "ce+kd", "notes": "paper recipe"}))
@@ -135,10 +139,12 @@ def test_report_table_bars_plots_and_json(runs, stc_cmd, stc_env):
     assert kd[:4] == ["kd-25", "24", "4.12B", "5600.0"]
     assert kd[4:10] == ["29.00", "58.00", "48.50", "97.0% (48.50 chrf++)", "1.0%", "0.0%"]
     assert kd[10:16] == ["38.00", "38.00", "33.00", "95.0% (38.00 chrf)", "0.0%", "0.0%"]
-    assert kd[16] == "120.0"
+    assert kd[16:19] == ["120.0", "5.00", "50.0"]  # tokens/s, throughput at batch 8, latency ms at batch 1
+    assert "throughput at batch 8 (sentences/s)" in md and "latency, batch 1 (ms/sentence)" in md
+    assert _row(md, "teacher")[18] == "-"  # an older scores.json: its latency_s was the batched figure
     assert _row(md, "teacher")[7] == "100.0% (50.00 chrf++)"
     assert "teacher-shuffled (shuffled audio)" in md
-    rows = [ln.split("|")[1].strip() for ln in md.split("## Results")[1].split("Details")[0].splitlines()
+    rows = [ln.split("|")[1].strip() for ln in md.split("## Results")[1].split("Copy-of-source")[0].splitlines()
             if ln.startswith("| ") and not ln.startswith("| system")]
     assert rows == ["**teacher**", "kd-25", "teacher-shuffled (shuffled audio)"]
     assert "`kd-25`: student 25% removed, CE+KD, nf4; removed layers [13, 3, 20, 9, 29, 1, 19, 27] (iterative)" in md
@@ -162,9 +168,12 @@ def test_report_table_bars_plots_and_json(runs, stc_cmd, stc_env):
     assert s["teacher-shuffled"]["shuffle_audio"] is True
     # device-hours from what each stage records
     dh = {h["stage"]: h["device_hours"] for h in doc["device_hours"]}
-    assert dh == pytest.approx({"finetune": 0.75, "importance": 2.0, "cache": 1.5, "distill": 1.5, "export": None,
-                                "evaluate": 3 * 36.0 * 2 / 3600})
-    assert "| export | n/a |" in md and "| **total (known)** | 5.81 |" in md
+    own = dh.pop("report")
+    assert 0 < own < 0.1  # the report's own build time
+    assert dh == pytest.approx({"finetune": 0.75, "importance": 2.0, "prune": None, "cache": 1.5, "distill": 1.5,
+                                "export": None, "evaluate": 3 * 36.0 * 2 / 3600})
+    assert "| export | n/a |" in md and "| prune | n/a |" in md
+    assert "this report's own build time" in md
     # importance: order, plot copied
     steps = doc["importance"]["steps"]
     assert [(x["iteration"], x["layer"], x["relative"]) for x in steps] == [(1, 13, 0.98), (2, 3, 0.94)]
@@ -173,8 +182,20 @@ def test_report_table_bars_plots_and_json(runs, stc_cmd, stc_env):
     for name in ("quality_vs_size.png", "primary_by_system.png", "importance.png"):
         assert _is_png(out / name), name
     assert SIG["chrfpp"] in md and "tok:zh" in md
-    assert "FINETUNE-CONFIG-MARK" in md and md.count("EVAL-CONFIG-MARK") == 1  # identical configs shown once
-    assert "<details><summary>" in md
+    # configs: no pipeline config, so the first one found (finetune's) is the base; the three identical eval
+    # configs are one group, shown as their differences only
+    assert f"base `{runs['run'] / 'finetune' / 'config.yaml'}`" in md and "MARK" not in md
+    groups = doc_groups = report.config_diffs(report.run_dirs(cfg.load(runs["recipe"])), runs["eval"],
+                                              runs["run"] / "importance" / "ranking.json", None)["groups"]
+    assert len(doc_groups) == 1 and len(groups[0]["configs"]) == 3
+    assert groups[0]["diff"] == ['evaluate.split: (absent) -> "test"', "finetune.epochs: 3.0 -> (absent)"]
+    assert '  - `evaluate.split: (absent) -> "test"`' in md
+    # counts beside the rates: 2% of 50 en-de sentences copied the source, 10% were in another language
+    counts = _row(md.split("sentence counts:")[1], "teacher-shuffled")
+    assert counts[1:4] == ["1 / 50", "5 / 50", "0 / 50"]
+    assert s["teacher-shuffled"]["directions"]["en-de"]["copy_source_count"] == 1
+    # no hypotheses.jsonl in this fixture: no CI, said so
+    assert doc["significance"] == [] and any("hypotheses.jsonl" in w for w in doc["warnings"])
     meta = json.loads((out / "meta.json").read_text())
     assert meta["kind"] == "report" and meta["systems"] == ["teacher", "kd-25", "teacher-shuffled"]
     assert (out / "config.yaml").exists()
@@ -187,8 +208,11 @@ def test_rerun_overwrites_and_plots_off(runs, stc_cmd, stc_env):
     out = runs["out"]
     doc = json.loads((out / "report.json").read_text())
     assert doc["title"] == "Again" and (out / "report.md").read_text().startswith("# Again")
-    assert {k: v for k, v in doc.items() if k not in ("title", "created", "plots")} == \
-        {k: v for k, v in first.items() if k not in ("title", "created", "plots")}
+    def same(d: dict) -> dict:  # the report's own build time differs between runs
+        return {k: v for k, v in d.items() if k not in ("title", "created", "plots", "device_hours")}
+    assert same(doc) == same(first)
+    assert [h for h in doc["device_hours"] if h["stage"] != "report"] == \
+        [h for h in first["device_hours"] if h["stage"] != "report"]
     assert not (out / "quality_vs_size.png").exists() and not (out / "primary_by_system.png").exists()
     assert (out / "importance.png").exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]

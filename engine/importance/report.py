@@ -79,7 +79,18 @@ def markdown(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def original_index(doc: Mapping[str, Any]) -> Any:
+    """Maps a layer index of the scanned model (the keys of ``iterations[*].scores``, ``chosen``,
+    ``removed``: indices stay those of the scanned model across iterations) to its index in the original
+    model, from ``removed``/``removed_original`` and ``kept``/``kept_original``. A scan of an unpruned
+    model maps every index to itself; one of an already pruned model does not."""
+    m = dict(zip(list(doc.get("removed") or []) + list(doc.get("kept") or []),
+                 list(doc.get("removed_original") or []) + list(doc.get("kept_original") or [])))
+    return lambda c: int(m.get(int(c), int(c)))
+
+
 def plot(doc: Mapping[str, Any], path: Path) -> None:
+    """Score per candidate and iteration, at the candidates' original layer indices (stars: removed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,19 +98,20 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.8))
     cmap = plt.get_cmap("viridis", max(2, len(doc["iterations"])))
+    orig = original_index(doc)
     for k, it in enumerate(doc["iterations"]):
-        xs = sorted(int(c) for c in it["scores"])
-        ys = [it["scores"][str(c)] for c in xs]
-        ax.plot(xs, ys, marker="o", ms=3, lw=1, color=cmap(k), label=f"iteration {it['iteration']}")
+        cs = sorted((int(c) for c in it["scores"]), key=lambda c: orig(c))
+        ax.plot([orig(c) for c in cs], [it["scores"][str(c)] for c in cs], marker="o", ms=3, lw=1, color=cmap(k),
+                label=f"iteration {it['iteration']}")
         for c in it["chosen"]:
-            ax.plot([c], [it["scores"][str(c)]], marker="*", ms=12, color=cmap(k), mec="black")
+            ax.plot([orig(c)], [it["scores"][str(c)]], marker="*", ms=12, color=cmap(k), mec="black")
     base = (doc.get("baseline") or {}).get("score")
     if base is not None:
         ax.axhline(base, ls="--", color="grey", lw=1, label="unpruned")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer removed (index in the scanned model)")
+    ax.set_xlabel("decoder layer removed (original layer index)")
     ax.set_ylabel(f"{doc['metric']} ({'higher' if doc['higher_is_better'] else 'lower'} is better)")
     ax.set_title(f"{doc['method']} layer importance ({doc['scorer']}), {doc['n_samples']} dev samples; "
                  f"star = removed")
