@@ -103,6 +103,7 @@ class FinetuneConfig:
     mode: Literal["full", "lora", "qlora"] = "full"  # the paper's teacher: full fine-tune
     lora: LoraConfig = field(default_factory=LoraConfig)  # used when mode is lora/qlora
     epochs: float = 3.0              # passes over the train split (fractions allowed)
+    max_steps: int = 0               # cap on optimizer steps (0: none, epochs decide)
     lr: float = 1e-5                 # peak learning rate (AdamW)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
     warmup_steps: int = 0            # linear warm-up in optimizer steps
@@ -131,6 +132,7 @@ class ImportanceConfig:
     force_remove: tuple[int, ...] = ()  # layers removed before the search
     protect: tuple[int, ...] = (0, -1)  # layers never removed (negative: from the end; the paper protects first and last)
     stop_below: float = 0.0          # stop when score falls below this fraction of the unpruned score
+    shortlist: int = 0               # iterative: after the first iteration re-score only the N candidates that hurt least last time (0: all, the paper's)
     max_dev_samples: int = 0         # 0: all
     max_new_tokens: int = 128        # greedy decoding limit of the task scorer
     decode_batch_size: int = 16      # dev samples per forward / generate call
@@ -176,6 +178,7 @@ class DistillConfig:
     temperature: float = 1.0         # KD temperature
     seq_kd: bool = True              # also train on teacher translations (de-duplicated)
     epochs: float = 4.0              # passes over the train split (+ teacher translations with seq_kd)
+    max_steps: int = 0               # cap on optimizer steps (0: none, epochs decide): healings whose data differ in size (seq_kd adds the translations) get the same budget
     lr: float = 1e-5                 # peak learning rate (AdamW)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
     warmup_steps: int = 0            # linear warm-up in optimizer steps
@@ -215,6 +218,7 @@ class EvaluateConfig:
                            "flores101", "flores200"] = "auto"  # auto: zh for Chinese, 13a otherwise
     shuffle_audio: bool = False      # pair each text with another sample's audio (seed run.seed): ablation
     dev_split_check: bool = True     # refuse a test split sharing keys/sources with data.dev_split
+    latency_samples: int = 16        # rank 0 times the first N samples one by one at batch 1 (speed.latency_s); 0: skip
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,8 @@ class ReportConfig:
     runs: tuple[str, ...] = ()       # stage dirs for device-hours, "dir" or "label=dir" (default: the recipe's)
     bars: tuple[str, ...] = ()       # checks "system[@direction]:field>=value", e.g. "kd-25:retained>=97"
     strict_bars: bool = False        # exit 1 when a bar fails (n/a does not fail)
+    bootstrap: int = 1000            # paired bootstrap resamples for the 95% CIs of differences (seed run.seed); 0: off
+    rankings: tuple[str, ...] = ()   # further ranking.json files (or dirs) "label=path", compared with report.importance
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,8 @@ class PipelineConfig:
     finetune: bool = False           # fine-tune the teacher first (finetune.mode full); else model.path is the teacher
     students: tuple[float, ...] = (0.25, 0.5)  # fractions of decoder layers to remove, one student each (kd-25, kd-50)
     ablations: bool = True           # for the first fraction: no healing, CE-only healing, contiguous middle block
+    variants: tuple[str, ...] = ()   # more healings of the first fraction, each its own student: "word" (CE + word-level KD from the cache), "seq" (CE + sequence-level KD on the teacher's translations)
+    scorers: tuple[str, ...] = ()    # cheap importance scorers (nll, block_influence) also run once (oneshot) on the dev split; the report compares their layer rankings with the main one (Spearman)
     shuffle_check: bool = True       # also score the teacher on shuffled audio (it must drop: the model listens)
     nproc: int = 1                   # local ranks per multi-rank stage (`stc run --nproc`); --nproc wins
     jobs: int = 1                    # local steps at once: independent steps side by side (GPUs split among them); --jobs wins
@@ -466,6 +474,7 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         positive(f"{sec}.global_batch", c.global_batch)
         positive(f"{sec}.epochs", c.epochs)
         positive(f"{sec}.keep_last", c.keep_last)
+        positive(f"{sec}.max_steps", c.max_steps, strict=False)
     positive("distill.lora.r", recipe.distill.lora.r)
     positive("distill.temperature", recipe.distill.temperature)
     positive("evaluate.batch_size", recipe.evaluate.batch_size)

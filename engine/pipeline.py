@@ -9,6 +9,7 @@ The steps::
 
     [shards]            stc shards build, when shards.manifest is set (its output is data.shards)
     [finetune]          teacher fine-tune (pipeline.finetune=true; the teacher is then <run>/teacher/final)
+    [export-teacher]    finetune.mode=lora: the adapter merged into whole weights (<run>/teacher-merged)
     eval-teacher        the teacher on the test split
     eval-teacher-shuffled  the same with audio shuffled across samples (pipeline.shuffle_check): a
                         model that translates as well without its own audio is not listening
@@ -16,9 +17,12 @@ The steps::
     cache               teacher top-k logits + translations of the train split, built once
     per fraction r of pipeline.students (name: round(100 r)):
       prune-R           the first round(r L) layers of the ranking's removal order (prune.count)
-      distill-kd-R      CE + cached word-level KD (+ sequence-level KD when distill.seq_kd)
+      distill-kd-R      the recipe's healing: CE + cached word-level KD (+ sequence-level KD when distill.seq_kd)
       export-kd-R       merge the adapter, quantise (export.quant)
       eval-kd-R
+    more healings of the first fraction (pipeline.variants), each distill/export/eval like kd-R:
+      kdword-R          CE + word-level KD only;   seqkd-R   CE + sequence-level KD only
+    importance-S        a cheap scorer S of pipeline.scorers, oneshot: its ranking is compared in the report
     ablations of the first fraction (pipeline.ablations):
       eval-pruned-R     the pruned student before healing
       distill-ce-R, export-ce-R, eval-ce-R        healed with CE only (no cache read)
@@ -221,9 +225,10 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     n_proc = pc.nproc if nproc is None else nproc
     if n_proc < 1:
         problems.append(f"pipeline.nproc (--nproc): must be >= 1, got {n_proc}")
-    if pc.finetune and recipe.finetune.mode != "full":
-        problems.append(f"pipeline.finetune=true needs finetune.mode=full (got {recipe.finetune.mode!r}): the teacher "
-                        f"must be a whole model that importance, cache and evaluate load directly")
+    if pc.finetune and recipe.finetune.mode == "qlora":
+        problems.append("pipeline.finetune=true with finetune.mode=qlora: the teacher would be merged into 4-bit "
+                        "weights; fine-tune it with finetune.mode=full or lora (a LoRA teacher is merged into "
+                        "whole weights by an export step)")
 
     def make(name: str, stage: str, ovs: Sequence[str], inputs: Sequence[Input] = (), *,
              system: Mapping[str, Any] | None = None, removed: int = 0) -> Step:
@@ -257,6 +262,12 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
         steps.append(make("finetune", "finetune", (f"finetune.out={ft}",), (ext_model, ext_data)))
         teacher = ft / "final"
         t_in = Input(teacher / "meta.json", "finetune", "the fine-tuned teacher")
+        if recipe.finetune.mode == "lora":  # fold the adapter into whole weights: every later step loads a plain model
+            merged = run / "teacher-merged"
+            steps.append(make("export-teacher", "export", (f"export.source={teacher}", f"export.out={merged}",
+                                                           "export.quant=none", "export.merge_lora=true"), (t_in,)))
+            teacher = merged
+            t_in = Input(merged / "meta.json", "export-teacher", "the fine-tuned teacher (adapter merged)")
     else:
         teacher, t_in = model_path, ext_model
     common = (f"model.path={teacher}", f"cache.teacher={teacher}")
@@ -277,23 +288,58 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
         steps.append(evaluate("teacher-shuffled", teacher, t_in, label="teacher, audio shuffled", removal=0.0,
                               healing="none", quant=quant_teacher, shuffle=True))
 
+    dc = recipe.distill
+    kd_label = "CE+KD" if dc.kd_weight <= 0 or not dc.seq_kd else "CE+word KD+seq KD"
+    if dc.kd_weight <= 0:
+        kd_label = "CE+seq KD" if dc.seq_kd else "CE only"
+    elif not dc.seq_kd:
+        kd_label = "CE+word KD"
+    kd_healing = {"CE+word KD+seq KD": "ce+kd+seq", "CE+word KD": "ce+kd", "CE+seq KD": "ce+seq",
+                  "CE only": "ce"}[kd_label]
+    variants = {"word": ("kdword", "CE+word KD", "ce+kd"), "seq": ("seqkd", "CE+seq KD", "ce+seq")}
+    for v in pc.variants:
+        if v not in variants:
+            problems.append(f"pipeline.variants: unknown healing {v!r}; choose from {sorted(variants)}")
+    scorers = ("nll", "block_influence", "task")
+    for sc in pc.scorers:
+        if sc not in scorers:
+            problems.append(f"pipeline.scorers: unknown scorer {sc!r}; choose from {list(scorers)}")
+        elif sc == recipe.importance.scorer:
+            problems.append(f"pipeline.scorers: {sc!r} is importance.scorer already (the main ranking)")
+
     counts = {r: layer_count(r, n_layers) if n_layers else 0 for r in students}
     imp = run / "importance"
     steps.append(make("importance", "importance",
                       (*common, f"importance.out={imp}", f"importance.remove={max(counts.values(), default=0)}"),
                       (t_in, ext_data)))
+    ranking_cmp = []
+    for sc in pc.scorers:
+        if sc in scorers and sc != recipe.importance.scorer:
+            sdir = run / f"importance-{sc}"
+            steps.append(make(f"importance-{sc}", "importance",
+                              (*common, f"importance.out={sdir}", f"importance.scorer={sc}", "importance.method=oneshot",
+                               f"importance.remove={max(counts.values(), default=0)}", "importance.stop_below=0"),
+                              (t_in, ext_data)))
+            ranking_cmp.append(f"{sc}={sdir}")
     cache = run / "cache"
     cache_step = make("cache", "cache build", (*common, f"cache.out={cache}"), (t_in, ext_data))
 
-    def student(tag: str, pruned: Path, pruned_by: str, *, kd: bool, removed: int) -> tuple[Step, Step, Path]:
-        d = pruned.parent / ("kd" if kd else "ce")
+    def student(tag: str, pruned: Path, pruned_by: str, *, healing: str, removed: int) -> tuple[Step, Step, Path]:
+        """Distill + export of one healing: "kd" (the recipe's distill section: CE + word-level KD, + sequence-level
+        KD when distill.seq_kd), "ce" (CE only: reads no cache), "word" (CE + word-level KD), "seq" (CE + sequence-
+        level KD). The students of one pruned model sit side by side: <students>/r25/{kd,ce,word,seq}."""
+        d = pruned.parent / healing
         dist_ovs = [*common, f"distill.out={d / 'distill'}", f"distill.student={pruned}"]
         ins = [Input(pruned / "meta.json", pruned_by, "the pruned student"), ext_data]
-        if kd:
+        if healing == "ce":  # no KD term and no teacher translations, so the trainer reads no cache
+            dist_ovs += ["distill.cache=", "distill.kd_weight=0", "distill.seq_kd=false"]
+        else:
             dist_ovs += [f"distill.cache={cache}", "distill.teacher_mode=cache"]
             ins.append(Input(cache / "meta.json", "cache", "the teacher cache"))
-        else:  # CE only: no KD term and no teacher translations, so the trainer reads no cache
-            dist_ovs += ["distill.cache=", "distill.kd_weight=0", "distill.seq_kd=false"]
+            if healing == "word":
+                dist_ovs += ["distill.seq_kd=false"]
+            elif healing == "seq":
+                dist_ovs += ["distill.kd_weight=0", "distill.seq_kd=true"]
         dstep = make(f"distill-{tag}", "distill", dist_ovs, ins, removed=removed)
         final = dstep.out / "final"
         exp = d / "export"
@@ -310,16 +356,25 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
                           (t_in, Input(imp / "meta.json", "importance", "the layer ranking")), removed=k))
         if i == 0:
             steps.append(cache_step)
-        dstep, estep, exp = student(f"kd-{p}", pruned, f"prune-{p}", kd=True, removed=k)
+        dstep, estep, exp = student(f"kd-{p}", pruned, f"prune-{p}", healing="kd", removed=k)
         steps += [dstep, estep, evaluate(f"kd-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
-                                         label=f"{p}% removed, CE+KD", removal=r, healing="ce+kd", quant=exp_quant,
-                                         removed_from=f"prune-{p}", removed=k)]
+                                         label=f"{p}% removed, {kd_label}", removal=r, healing=kd_healing,
+                                         quant=exp_quant, removed_from=f"prune-{p}", removed=k)]
+        for v in (pc.variants if i == 0 else ()):
+            if v not in variants:
+                continue
+            name, label, healing = variants[v]
+            dstep, estep, exp = student(f"{name}-{p}", pruned, f"prune-{p}", healing=v, removed=k)
+            steps += [dstep, estep,
+                      evaluate(f"{name}-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
+                               label=f"{p}% removed, {label}", removal=r, healing=healing, quant=exp_quant,
+                               removed_from=f"prune-{p}", removed=k)]
         if i == 0 and pc.ablations:
             steps.append(evaluate(f"pruned-{p}", pruned,
                                   Input(pruned / "meta.json", f"prune-{p}", "the pruned student"),
                                   label=f"{p}% removed, no healing", removal=r, healing="none",
                                   quant=recipe.model.quant, removed_from=f"prune-{p}", removed=k))
-            dstep, estep, exp = student(f"ce-{p}", pruned, f"prune-{p}", kd=False, removed=k)
+            dstep, estep, exp = student(f"ce-{p}", pruned, f"prune-{p}", healing="ce", removed=k)
             ce_in = Input(exp / "meta.json", estep.name, "the exported student")
             steps += [dstep, estep, evaluate(f"ce-{p}", exp, ce_in, label=f"{p}% removed, CE only", removal=r,
                                              healing="ce", quant=exp_quant, removed_from=f"prune-{p}", removed=k)]
@@ -334,10 +389,10 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
                                f"prune.out={mpruned}"),
                               (t_in, Input(mimp / "meta.json", f"importance-middle-{p}", "the middle-block ranking")),
                               removed=k))
-            dstep, estep, exp = student(f"middle-{p}", mpruned, f"prune-middle-{p}", kd=True, removed=k)
+            dstep, estep, exp = student(f"middle-{p}", mpruned, f"prune-middle-{p}", healing="kd", removed=k)
             steps += [dstep, estep,
                       evaluate(f"middle-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
-                               label=f"{p}% removed as a middle block, CE+KD", removal=r, healing="ce+kd",
+                               label=f"{p}% removed as a middle block, {kd_label}", removal=r, healing=kd_healing,
                                quant=exp_quant, removed_from=f"prune-middle-{p}", removed=k)]
     if pc.report:
         rep = run / "report"
@@ -345,7 +400,8 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
         steps.append(make("report", "report", (f"evaluate.out={eval_out}", f"report.eval_dir={eval_out}",
                                                f"report.out={rep}", f"report.importance={imp}",
                                                f"report.systems={_list([s.system['name'] for s in evals])}",
-                                               f"report.runs={_list([run / PIPELINE_DIR / STEPS_DIR])}"),
+                                               f"report.runs={_list([run / PIPELINE_DIR / STEPS_DIR])}",
+                                               *([f"report.rankings={_list(ranking_cmp)}"] if ranking_cmp else [])),
                           tuple(Input(s.marker, s.name, f"scores of {s.system['name']}") for s in evals)))
     names = [s.name for s in steps]
     if len(set(names)) != len(names):  # logs and status are keyed by name
@@ -541,6 +597,10 @@ def stale_reason(plan: Plan, step: Step, changed: Mapping[str, str] | None = Non
     meta = _meta(step.marker)
     if meta is None:
         return f"stale: {step.marker} is unreadable"
+    if step.stage == "shards build":  # built from another manifest (e.g. by hand before the first pipeline run)
+        why = _manifest_changed(plan, meta)
+        if why:
+            return f"stale: {why}"
     theirs = meta.get("config")
     if not isinstance(theirs, Mapping):
         return None  # the stage records no config: the marker is all there is to check
@@ -550,6 +610,18 @@ def stale_reason(plan: Plan, step: Step, changed: Mapping[str, str] | None = Non
         return "todo"
     why = _diff(compared(theirs, step.stage), compared(mine, step.stage))
     return f"stale: {why}" if why else None
+
+
+def _manifest_changed(plan: Plan, meta: Mapping[str, Any]) -> str | None:
+    """Whether shards.manifest now holds other bytes than the shards were built from (their meta.json)."""
+    import hashlib
+
+    built = (meta.get("fingerprints") or {}).get("manifest")
+    path = Path(plan.recipe.shards.manifest)
+    if not built or not path.is_file():
+        return None
+    now = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return None if now == built else f"{path} changed since the shards were built from it"
 
 
 def changed_externals(plan: Plan) -> dict[str, str]:

@@ -415,6 +415,21 @@ def test_iterative_oneshot_middle_block_and_ties():
     assert low.removed == [6]  # lower is better for nll
 
 
+def test_shortlist_rescores_only_the_least_harmful_candidates():
+    """shortlist=N: the first iteration scores every candidate, later ones only the N that hurt least in the
+    iteration before; with no interactions between layers it removes what the full search removes."""
+    full = SR.run_search(SR.make_plan(icfg(remove=3), 8, "chrf++"), FakeRunner(fake_score))
+    fr = FakeRunner(fake_score)
+    short = SR.run_search(SR.make_plan(icfg(remove=3, shortlist=2), 8, "chrf++"), fr)
+    # it0 scores 1..6 (+ baseline); ranks 2 (49), 5 (48.5), 3/4 (48), 6, 1 -> it1 re-scores {5, 3}; it2 the best
+    # two left of it1's order + it0's tail: 3 was scored in it1 (with 2, 5 gone: 50-1-1.5-2-10), 4 comes from it0
+    scored = [sorted(u.candidate for u in fr.calls if u.iteration == i and u.candidate is not None) for i in range(3)]
+    assert scored == [[1, 2, 3, 4, 5, 6], [3, 5], [3, 4]]
+    assert short.removed == [2, 5, 4] == full.removed
+    with pytest.raises(ImportanceError, match="importance.shortlist"):
+        SR.make_plan(icfg(remove=3, shortlist=-1), 8, "chrf++")
+
+
 def test_stop_below_and_forced_layers():
     p = SR.make_plan(icfg(remove=4, stop_below=0.93), 8, "chrf++")
     r = SR.run_search(p, FakeRunner(fake_score))

@@ -122,9 +122,41 @@ def test_plan_options(tiny):
     teacher = tiny["root"] / "run" / "teacher" / "final"
     assert f"model.path={teacher}" in plan.steps[2].overrides and plan.steps[2].deps == ("finetune",)
     bad = plan_for(tiny, "pipeline.students=[0.25, 1.5]", "pipeline.nproc=0", "pipeline.finetune=true",
-                   "finetune.mode=lora")
+                   "finetune.mode=qlora", "pipeline.variants=[word, both]", "pipeline.scorers=[task, bleu]")
     text = "\n".join(P.check(bad))
-    assert "pipeline.students" in text and "pipeline.nproc" in text and "finetune.mode=full" in text
+    assert "pipeline.students" in text and "pipeline.nproc" in text and "finetune.mode=qlora" in text
+    assert "unknown healing 'both'" in text and "unknown scorer 'bleu'" in text
+    assert "'task' is importance.scorer already" in text
+
+
+def test_plan_lora_teacher_healing_variants_and_scorer_comparison(tiny):
+    """A LoRA teacher is merged by an export step every later step reads; pipeline.variants adds word-only
+    and sequence-only KD students of the first fraction; pipeline.scorers adds oneshot rankings the
+    report compares."""
+    plan = plan_for(tiny, "pipeline.finetune=true", "finetune.mode=lora", "pipeline.variants=[word, seq]",
+                    "pipeline.scorers=[nll, block_influence]", "pipeline.students=[0.25, 0.5]")
+    by = {s.name: s for s in plan.steps}
+    run = tiny["root"] / "run"
+    merged = run / "teacher-merged"
+    exp = by["export-teacher"]
+    assert exp.deps == ("finetune",) and {"export.quant=none", "export.merge_lora=true",
+                                          f"export.source={run / 'teacher' / 'final'}"} <= set(exp.overrides)
+    assert f"model.path={merged}" in by["importance"].overrides and by["importance"].deps == ("export-teacher",)
+    assert by["eval-teacher"].deps == ("export-teacher",)
+    word, seq = by["distill-kdword-25"], by["distill-seqkd-25"]
+    assert "distill.seq_kd=false" in word.overrides and "distill.kd_weight=0" not in word.overrides
+    assert {"distill.kd_weight=0", "distill.seq_kd=true"} <= set(seq.overrides)
+    assert word.out == run / "students" / "r25" / "word" / "distill" and "cache" in seq.deps
+    assert "distill-kdword-50" not in by                                 # variants: the first fraction only
+    assert by["eval-kdword-25"].system["healing"] == "ce+kd" and by["eval-seqkd-25"].system["healing"] == "ce+seq"
+    assert by["eval-kd-25"].system["label"].endswith("CE+word KD+seq KD")
+    for sc in ("nll", "block_influence"):
+        st = by[f"importance-{sc}"]
+        assert {f"importance.scorer={sc}", "importance.method=oneshot", "importance.remove=2"} <= set(st.overrides)
+    rep = by["report"].overrides
+    assert any(o.startswith("report.rankings=") and "nll=" in o and "block_influence=" in o for o in rep)
+    assert {f"eval-{n}" for n in ("kdword-25", "seqkd-25")} <= {i.made_by for i in by["report"].inputs}
+    assert P.check(plan, data_pending=True) == [] or all("finetune" not in p for p in P.check(plan))
 
 
 def test_dry_run_prints_the_table_and_runs_nothing(tiny):
@@ -400,6 +432,26 @@ def test_moved_run_and_inputs_stay_done_but_changed_content_is_stale(tiny, tmp_p
     st = P.states(moved)
     assert st["importance"].startswith("stale: the content of data.shards changed")
     assert st["prune-25"].startswith("stale: the content of data.shards changed")   # reads it through importance
+
+
+def test_shards_built_from_another_manifest_are_stale(tiny, tmp_path):
+    """Shards built (by hand, before any pipeline run) from other manifest bytes are rebuilt."""
+    import shutil
+
+    m = tmp_path / "manifest.jsonl"
+    shutil.copy(_manifest_path(tiny), m)
+    sh = tmp_path / "sh"
+    shutil.copytree(tiny["root"] / "sh", sh)
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}", f"shards.manifest={m}", f"shards.out={sh}",
+                    f"data.shards={sh}", "shards.samples_per_shard=4")
+    assert P.states(plan)["shards"] == "done"
+    m.write_text(m.read_text() + m.read_text().splitlines()[0].replace('"train"', '"extra"') + "\n")
+    assert P.states(plan)["shards"] == f"stale: {m} changed since the shards were built from it"
+
+
+def _manifest_path(tiny) -> Path:
+    meta = json.loads((tiny["root"] / "sh" / "meta.json").read_text())
+    return Path(meta["source"]["manifest"])
 
 
 def test_missing_input_of_a_step_names_the_step_that_makes_it(tiny, tmp_path):

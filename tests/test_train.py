@@ -274,3 +274,18 @@ def test_meta_param_counts_match_the_loaded_model(tmp_path):
     full = load_model(mc, for_training=True)
     assert n_full == sum(p.numel() for p in full.parameters()) == n_all - n_train
     assert n_full_train == sum(p.numel() for p in full.parameters() if p.requires_grad)
+
+
+def test_total_steps_from_epochs_capped_by_max_steps():
+    """distill/finetune.max_steps caps the optimizer steps epochs would give (0: no cap): healings whose data
+    differ in size (sequence-level KD adds the teacher's translations) get the same budget."""
+    from types import SimpleNamespace
+
+    from engine.train.trainer import Trainer
+
+    def total(n, accum, epochs, cap):
+        return Trainer._plan_total_steps(SimpleNamespace(stream=[0] * n, accum=accum,
+                                                         cfg=SimpleNamespace(epochs=epochs, max_steps=cap)))
+
+    assert total(10, 2, 3.0, 0) == 15 and total(10, 2, 3.0, 4) == 4 and total(10, 2, 0.5, 40) == 3
+    assert total(11, 2, 1.0, 0) == 6

@@ -2,7 +2,11 @@
 and the three search methods.
 
 * ``iterative`` (the paper): score every remaining candidate, remove the one whose removal keeps the
-  best score, re-score the rest, until the target count or the quality floor ``stop_below``.
+  best score, re-score the rest, until the target count or the quality floor ``stop_below``. With
+  ``shortlist`` N > 0 only the first iteration scores every candidate; each later one re-scores the N
+  candidates that hurt least in the iteration before (the search a CPU can afford: 24 layers, 10
+  removals: 22 + 9 N scans instead of 175). Layers that hurt most once rarely become the cheapest to
+  remove after one more layer is gone; ranking.json lists what each iteration scored.
 * ``oneshot``: score every candidate once against the unpruned model, drop the best N together.
 * ``middle_block``: a contiguous block of N layers centred in the decoder (the baseline the paper beat).
 
@@ -42,6 +46,7 @@ class Plan:
     method: str
     metric: str
     stop_below: float
+    shortlist: int = 0            # iterative: after the first iteration re-score only this many (0: all)
 
     @property
     def higher_is_better(self) -> bool:
@@ -109,7 +114,9 @@ def make_plan(icfg: ImportanceConfig, num_layers: int, metric: str) -> Plan:
     if icfg.stop_below > 0 and metric == "block_influence":
         raise ImportanceError("importance.stop_below needs a quality score; block_influence has none "
                               "(use scorer=nll or task, or stop_below=0)")
-    plan = Plan(n, protected, forced, count, icfg.method, metric, float(icfg.stop_below))
+    if icfg.shortlist < 0:
+        raise ImportanceError(f"importance.shortlist={icfg.shortlist}: a count of candidates (0: re-score all)")
+    plan = Plan(n, protected, forced, count, icfg.method, metric, float(icfg.stop_below), int(icfg.shortlist))
     if icfg.method == "middle_block":
         if forced:
             raise ImportanceError("importance.force_remove cannot be combined with method=middle_block")
@@ -337,8 +344,13 @@ def run_search(plan: Plan, runner: Runner, log: Any = None) -> Result:
 
     # iterative
     last: dict | None = None
+    prev: list[int] = []          # the previous iteration's candidates, best first
     for it in range(plan.n_remove - len(plan.forced)):
         cands = [c for c in plan.prunable if c not in removed]
+        if plan.shortlist and prev:
+            # re-score only the layers whose removal hurt least last time (in layer order: same units on every rank)
+            keep = set([c for c in prev if c not in removed][:plan.shortlist])
+            cands = [c for c in cands if c in keep]
         units = [Unit(it, tuple(removed), c) for c in cands]
         if it == 0 and plan.has_baseline:
             units.append(base_unit)
@@ -347,7 +359,9 @@ def run_search(plan: Plan, runner: Runner, log: Any = None) -> Result:
             base_val = recs[base_unit.key]["score"]
             res.baseline = _summary(recs[base_unit.key], None, hib)
         by_c = {c: recs[J.unit_key(it, removed, c)] for c in cands}
-        best = rank_order({c: r["score"] for c, r in by_c.items()}, hib)[0]
+        order = rank_order({c: r["score"] for c, r in by_c.items()}, hib)
+        best = order[0]
+        prev = order if not (plan.shortlist and prev) else order + [c for c in prev if c not in order]
         if floor_hit(by_c[best]["score"]):
             res.stopped = (f"iteration {it}: the best removal (layer {best}) scores {by_c[best]['score']:.4g}, "
                            f"below stop_below={plan.stop_below} of the unpruned {base_val:.4g}")

@@ -410,7 +410,7 @@ def ranking_doc(result: search.Result, plan: search.Plan, recipe: cfg.Recipe, *,
         "schema": 1, "kind": "importance_ranking", "method": plan.method, "scorer": recipe.importance.scorer,
         "metric": plan.metric, "higher_is_better": plan.higher_is_better, "model": str(model_dir),
         "num_layers": plan.num_layers, "protected": list(plan.protected), "forced": list(plan.forced),
-        "target_remove": plan.n_remove, "stop_below": plan.stop_below,
+        "target_remove": plan.n_remove, "stop_below": plan.stop_below, "shortlist": plan.shortlist,
         "removed": list(result.removed), "removed_original": [original[i] for i in result.removed],
         "kept": kept, "kept_original": [original[i] for i in kept],
         "baseline": result.baseline, "final": result.final, "stopped": result.stopped, "block": result.block,
@@ -597,6 +597,7 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
                           + (f" and audio layer(s) {list(pc.prune_audio_layers)}" if pc.prune_audio_layers else "")
                           + f"; write {out} in {dtype} ({dtype_why})")
         return None
+    t_start = time.monotonic()      # meta.json "seconds" (x "world_size" 1): the device time stc report shows
     # loaded in the dtype it is saved in: nothing is computed, and a bf16 source never takes fp32 memory
     model = load_model(dataclasses.replace(recipe.model, dtype=dtype))
     before = param_counts(model)
@@ -625,7 +626,7 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
            "tokenizer": fingerprint_tokenizer(tmp),
            "features": fingerprint_feature_extractor(tmp)}
     write_meta(tmp, build_meta("model", fingerprints=fps, config=recipe, pruned=pruned, params=counts,
-                               dtype=dtype))
+                               dtype=dtype, seconds=round(time.monotonic() - t_start, 3), world_size=1))
     cfg.save_resolved(recipe, tmp)
     old = None
     if out.exists():

@@ -520,7 +520,9 @@ class Trainer:
 
     def _plan_total_steps(self) -> int:
         per_epoch = math.ceil(len(self.stream) / self.accum)
-        return max(1, math.ceil(self.cfg.epochs * per_epoch))
+        total = max(1, math.ceil(self.cfg.epochs * per_epoch))
+        cap = int(getattr(self.cfg, "max_steps", 0) or 0)
+        return min(total, cap) if cap > 0 else total
 
     # ------------------------------------------------------------------ resume
     def _maybe_resume(self) -> Path | None:
