@@ -522,6 +522,14 @@ class Trainer:
         per_epoch = math.ceil(len(self.stream) / self.accum)
         total = max(1, math.ceil(self.cfg.epochs * per_epoch))
         cap = int(getattr(self.cfg, "max_steps", 0) or 0)
+        if cap > 0 and cap < per_epoch and getattr(self.cfg, "seq_kd", False) and hasattr(self, "log"):
+            # the stream shuffles whole shards: a run shorter than one epoch reads a few shards, which may hold
+            # none (or only) of the teacher's translations
+            self.log.warning("distill.max_steps=%d covers %.0f%% of one epoch of %d samples (references and teacher "
+                             "translations); the stream shuffles whole shards (%d here), so the teacher translations "
+                             "may be under- or over-represented: build smaller shards (shards.samples_per_shard) or "
+                             "train at least one epoch", cap, 100.0 * cap / per_epoch, len(self.stream),
+                             len(getattr(self.stream, "shards", ()) or ()))
         return min(total, cap) if cap > 0 else total
 
     # ------------------------------------------------------------------ resume
