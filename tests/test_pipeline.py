@@ -236,7 +236,7 @@ def test_runs_in_order_then_skips_everything(tiny, tmp_path):
     report_step = plan.step("report")
     described = report.plan_systems(plan.recipe_of(report_step))
     sysj = described["kd-25"]
-    assert sysj["removed_layers"] == [2] and sysj["removal"] == 0.25 and sysj["healing"] == "ce+kd"
+    assert sysj["removed_layers"] == [2] and sysj["removal"] == 0.25 and sysj["healing"] == "ce+kd+seq"
     assert sysj["quant"] == "nf4" and sysj["label"] and sysj["step"] == "eval-kd-25"
     assert described["pruned-25"]["healing"] == "none" and described["teacher"]["removed_layers"] == []
     assert sorted(described) == sorted(SYSTEMS)
@@ -532,7 +532,7 @@ def test_pipeline_end_to_end(tiny, local_run):
     assert rows["kd-50"]["removed_layers"] == prune50["removed_original"]
     assert rows["middle-50"]["removed_layers"] == middle["removed_original"]
     for name in E2E_SYSTEMS:                                               # described by the plan's steps
-        assert rows[name]["label"] and rows[name]["healing"] in ("none", "ce", "ce+kd"), name
+        assert rows[name]["label"] and rows[name]["healing"] in ("none", "ce", "ce+kd+seq"), name
         assert rows[name]["removal"] == (0.0 if "teacher" in name else 0.5), name
     assert rows["kd-50"]["decoder_layers"] == 2 and rows["teacher"]["decoder_layers"] == 4
     assert (run / "report" / "report.md").exists() and (run / "report" / "meta.json").exists()
@@ -589,7 +589,8 @@ def test_submit_pipeline_on_slurm_equals_the_local_run(tiny, local_run, slurm_cl
         sa, sb = json.loads((a / "scores.json").read_text()), json.loads((b / "scores.json").read_text())
         assert sa["directions"] == sb["directions"], name
     ra, rb = (json.loads((d / "report" / "report.json").read_text()) for d in (local_run, run))
-    timing = ("tokens_per_s", "sentences_per_s", "latency_s", "seconds", "model", "dir")   # clocks and paths
+    timing = ("tokens_per_s", "sentences_per_s", "latency_s", "latency_p50_s", "batch_seconds_per_sentence",
+              "seconds", "model", "dir")                                   # clocks and paths
     assert [x["system"] for x in ra["systems"]] == [y["system"] for y in rb["systems"]]
     for x, y in zip(ra["systems"], rb["systems"]):
         assert {k: v for k, v in x.items() if k not in timing} == {k: v for k, v in y.items() if k not in timing}
