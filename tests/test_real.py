@@ -170,7 +170,8 @@ def test_ci_twin_runs_the_whole_benchmark_and_reruns_nothing(tmp_path):
     pairs = {(s["system"], s["baseline"]) for s in rep["significance"]}
     assert {(s, "teacher") for s in systems - {"teacher"}} <= pairs
     assert {("kd-25", "ce-25"), ("kdword-25", "ce-25"), ("seqkd-25", "ce-25")} <= pairs
-    assert {r["label"] for r in rep["rankings"]["compared"]} >= {"nll", "block_influence"}
+    assert {r["label"] for r in rep["rankings"]["rankings"]} >= {"main", "nll", "block_influence"}
+    assert len(rep["rankings"]["pairs"]) == 3
     md = (out / "report" / "report.md").read_text()
     assert "paired bootstrap" in md and "Spearman" in md and "latency, batch 1" in md
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
