@@ -200,7 +200,11 @@ class DistillConfig:
 class ExportConfig:
     out: str = ""                    # output directory (default: <run.out_dir>/export)
     source: str = ""                 # trainer output to export (default: <distill.out>/final)
-    quant: Literal["none", "nf4"] = "nf4"  # storage of the exported linear layers (nf4: the paper's 4-bit)
+    quant: Literal["none", "nf4", "int8"] = "nf4"  # storage of the linears of export.quantize (nf4: the paper's 4-bit; int8: LLM.int8)
+    quantize: tuple[str, ...] = ("encoder", "projector", "decoder")  # components whose linears take export.quant (also: lm_head); the rest stay in model.dtype
+    trim_vocab: bool = False         # keep only the vocabulary rows the trim splits use (+ specials, bytes, merge closure), before quantizing
+    trim_splits: tuple[str, ...] = ("train",)  # shard splits whose prompts and translations define the kept vocabulary (dev/test are only checked and counted)
+    max_gb: float = 0.0              # size target: plan validation refuses a student whose predicted safetensors bytes exceed it (decimal GB; 0: none)
     merge_lora: bool = True          # fold adapters into the weights (false: ship the adapter and name its base)
 
 
@@ -477,6 +481,13 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         positive(f"{sec}.max_steps", c.max_steps, strict=False)
     positive("distill.lora.r", recipe.distill.lora.r)
     positive("distill.temperature", recipe.distill.temperature)
+    positive("export.max_gb", recipe.export.max_gb, strict=False)
+    from .models.storage import StorageError, check_choice
+
+    try:
+        check_choice(recipe.export.quant, recipe.export.quantize)
+    except StorageError as e:
+        problems.append(str(e))
     positive("evaluate.batch_size", recipe.evaluate.batch_size)
     positive("evaluate.max_new_tokens", recipe.evaluate.max_new_tokens)
     positive("evaluate.num_beams", recipe.evaluate.num_beams)

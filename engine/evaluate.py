@@ -347,7 +347,8 @@ def _model_config(recipe: cfg.Recipe, path: Path) -> tuple[cfg.ModelConfig, str]
     c = json.loads((path / "config.json").read_text(encoding="utf-8"))
     qc = c.get("quantization_config") or {}
     if qc:
-        quant = str(qc.get("bnb_4bit_quant_type") or qc.get("quant_method") or "quantized")
+        quant = "int8" if qc.get("load_in_8bit") else str(qc.get("bnb_4bit_quant_type") or qc.get("quant_method")
+                                                            or "quantized")
         return replace(recipe.model, path=str(path), quant="none"), quant
     return replace(recipe.model, path=str(path)), recipe.model.quant
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import memory, zero
+from .models import storage
 from .errors import StcError
 
 GIB = 2**30
@@ -63,6 +64,8 @@ class Estimate:
     comm: tuple = ()              # ((nodes, ranks, bytes per rank, seconds), ...)
     gbps: float = 0.0
     offload: bool = False
+    size: Any = None              # engine.models.storage.Breakdown of an export step's output
+    note: str = ""
 
     def text(self) -> str:
         """Several short lines (the plan prints each wrapped at 80 columns)."""
@@ -85,6 +88,9 @@ class Estimate:
             m = self.infer
             return (head + f"; {g(m.total)} GiB/rank of {self.device_bytes / GIB:.0f} GiB: weights {g(m.weights)} + "
                     f"KV cache {g(m.kv_cache)} + activations {g(m.working)}; host ~{math.ceil(self.host_bytes / GIB)} GiB")
+        if self.size is not None:
+            return head + f"; host ~{math.ceil(self.host_bytes / GIB)} GiB; writes {self.size.short()}" \
+                + (f" ({self.note})" if self.note else "")
         return head + f"; host ~{math.ceil(self.host_bytes / GIB)} GiB"
 
 
@@ -297,9 +303,71 @@ def estimate(plan: Any, step: Any) -> Estimate:
         sh = shape(mpath, 0 if step.stage == "prune" else step.removed, "inference", dtype, "none", (),
                    mc.trust_remote_code)
         copies = 1.2 if step.stage == "prune" else 2.2     # export: merged model + its quantised reload
-        return Estimate(1, sh, dev, 0.0, sh.weight_bytes * copies + HOST_OVERHEAD_GIB * GIB)
+        size, problem = None, ""
+        if step.stage == "export":
+            rows = trimmed_rows(r, mpath) if r.export.trim_vocab else None
+            size = export_size(mpath, step.removed, r, rows)
+            if r.export.trim_vocab and rows is None:     # the untrimmed size: an upper bound, not a refusal
+                pass
+            elif not storage.fits(size, r.export.max_gb):
+                problem = (f"export: the student would take {size.total / storage.GB:.3f} GB on disk, over "
+                           f"export.max_gb={r.export.max_gb:g}; remove more decoder layers, quantize more "
+                           f"components (export.quantize: {', '.join(storage.QUANTIZABLE)})"
+                           + ("" if r.export.trim_vocab else " or trim the vocabulary (export.trim_vocab=true)")
+                           + ". Breakdown:\n" + size.table())
+        note = ""
+        if step.stage == "export" and r.export.trim_vocab:
+            note = (f"vocabulary trimmed to {rows:,} rows" if rows else
+                    "untrimmed vocabulary: an upper bound until the shards are built")
+        return Estimate(1, sh, dev, 0.0, sh.weight_bytes * copies + HOST_OVERHEAD_GIB * GIB, problem=problem,
+                        size=size, note=note)
     sh = Shape(0, 0, 0.0, 0)
     return Estimate(1, sh, dev, 0.0, HOST_OVERHEAD_GIB * GIB)
+
+
+@functools.lru_cache(maxsize=64)
+def _export_size(model_path: str, removed: int, dtype: str, quant: str, quantize: tuple, double_quant: bool,
+                 trust_remote_code: bool, rows: int | None) -> Any:
+    return storage.predict(model_path, removed=removed, dtype=dtype, quant=quant, quantize=quantize,
+                           double_quant=double_quant, trust_remote_code=trust_remote_code, vocab_rows=rows)
+
+
+def export_size(model_path: str, removed: int, recipe: Any, rows: int | None = None) -> Any:
+    """The predicted bytes on disk (:class:`engine.models.storage.Breakdown`) of the student with
+    ``removed`` decoder layers that ``recipe``'s export writes (``rows``: its vocabulary after trimming)."""
+    mc = recipe.model
+    return _export_size(model_path, removed, mc.dtype, recipe.export.quant, tuple(recipe.export.quantize),
+                        mc.double_quant, mc.trust_remote_code, rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _trimmed_rows(model_path: str, key: str) -> int | None:
+    import json as _json
+
+    from .config import resolve
+    from .export import trim_corpus
+    from .models import vocab
+    from .models.load import load_processor
+
+    recipe = resolve(_json.loads(key))
+    try:
+        processor = load_processor(model_path)
+        texts, _ = trim_corpus(recipe, processor)
+        tok = getattr(processor, "tokenizer", processor)
+        return len(vocab.keep_ids(tok, texts + vocab.template_texts(tok)).ids)
+    except Exception:      # no tokenizer (a config-only directory) or shards not built yet: not known now
+        return None
+
+
+def trimmed_rows(recipe: Any, model_path: str) -> int | None:
+    """Vocabulary rows ``export.trim_vocab`` keeps, from the model's tokenizer and the trim splits'
+    texts (the same rule the export applies); None when the tokenizer or the shards are not there yet."""
+    import json as _json
+
+    from .config import to_dict
+
+    key = _json.dumps({"data": to_dict(recipe.data), "export": to_dict(recipe.export)}, sort_keys=True)
+    return _trimmed_rows(model_path, key)
 
 
 def estimates(plan: Any) -> dict[str, Estimate]:

@@ -154,6 +154,22 @@ def nf4_config(dtype: Any, double_quant: bool = True) -> Any:
         bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 
 
+def export_quant_config(dtype: Any, quant: str, skip_modules: list[str], double_quant: bool = True) -> Any:
+    """The bitsandbytes config an export stores with: ``nf4`` as :func:`nf4_config`, or ``int8``
+    (LLM.int8), converting every linear except the modules named in ``skip_modules`` (run-time module
+    names, see :func:`engine.models.storage.skip_modules`). The list is saved in ``config.json``, so a
+    plain ``from_pretrained`` rebuilds the same layout."""
+    from transformers import BitsAndBytesConfig
+
+    if quant == "nf4":
+        c = nf4_config(dtype, double_quant)
+        c.llm_int8_skip_modules = list(skip_modules)
+        return c
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+    raise ValueError(f"export quantization must be nf4 or int8, got {quant!r}")
+
+
 def rank_cuda_device() -> Any:
     """This rank's GPU: the current CUDA device, which the engine's distributed layer sets to the rank's
     local GPU when the rank session starts (:func:`engine.dist.init`; models know nothing of ranks)."""
@@ -233,7 +249,7 @@ def _run_device_type(run_device: Any, device: Any) -> str:
 
 
 def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = False,
-               run_device: Any = None) -> Any:
+               run_device: Any = None, quantization: Any = None) -> Any:
     """Load ``cfg.path`` as configured; returns the transformers model.
 
     ``device``: where to put the weights (``None``: CPU for unquantized models, left to the caller;
@@ -241,6 +257,8 @@ def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = Fal
     this rank's GPU). ``run_device``: where the model will run when the caller loads it on the CPU and
     moves it later (decides the automatic attention; default ``device``, else CUDA when available).
     ``for_training``: ``model.train()`` and ``use_cache=False``; otherwise ``model.eval()``.
+    ``quantization``: a bitsandbytes config used instead of ``cfg.quant``'s (an export's, see
+    :func:`export_quant_config`).
     """
     compat.check_versions()
     p = check_model_dir(cfg.path)
@@ -249,7 +267,7 @@ def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = Fal
         raise ModelLoadError(f"{p} holds a {kind} model but model.kind is {cfg.kind!r}; "
                              f"set model.kind={kind} or auto")
     dtype = torch_dtype(cfg.dtype)
-    quantized = cfg.quant == "nf4"
+    quantized = cfg.quant == "nf4" or quantization is not None
     if cfg.quant not in ("none", "nf4"):
         raise ValueError(f"model.quant must be none or nf4, got {cfg.quant!r}")
     if device is None:
@@ -261,7 +279,9 @@ def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = Fal
         from transformers import AutoModelForCausalLM as cls
     kwargs: dict[str, Any] = dict(compat.dtype_kwargs(dtype), local_files_only=True,
                                   trust_remote_code=cfg.trust_remote_code)
-    if quantized:
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    elif quantized:
         kwargs["quantization_config"] = nf4_config(dtype, cfg.double_quant)
     dmap = device_map(device)
     if dmap is not None:
