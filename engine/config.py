@@ -208,6 +208,24 @@ class ExportConfig:
     merge_lora: bool = True          # fold adapters into the weights (false: ship the adapter and name its base)
 
 
+EXPORT_SCHEMES = ("none", "nf4", "int8")
+EXPORT_QUANTIZABLE = ("encoder", "projector", "decoder", "lm_head")
+
+
+def export_choice_problem(quant: str, quantize) -> str:
+    """What is wrong with an export's scheme and component list ("" when nothing)."""
+    if quant not in EXPORT_SCHEMES:
+        return f"export.quant must be one of {', '.join(EXPORT_SCHEMES)}, got {quant!r}"
+    for c in quantize:
+        if c == "embeddings":
+            return ("export.quantize: 'embeddings' cannot be stored quantized (bitsandbytes converts "
+                    "linear layers only, and transformers reloads embeddings in the compute dtype); "
+                    "shrink them by trimming the vocabulary instead")
+        if c not in EXPORT_QUANTIZABLE:
+            return f"export.quantize: unknown component {c!r}; choose from {', '.join(EXPORT_QUANTIZABLE)}"
+    return ""
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     out: str = ""                    # default: <run.out_dir>/eval; one folder per system under it
@@ -482,12 +500,9 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
     positive("distill.lora.r", recipe.distill.lora.r)
     positive("distill.temperature", recipe.distill.temperature)
     positive("export.max_gb", recipe.export.max_gb, strict=False)
-    from .models.storage import StorageError, check_choice
-
-    try:
-        check_choice(recipe.export.quant, recipe.export.quantize)
-    except StorageError as e:
-        problems.append(str(e))
+    problem = export_choice_problem(recipe.export.quant, recipe.export.quantize)
+    if problem:
+        problems.append(problem)
     positive("evaluate.batch_size", recipe.evaluate.batch_size)
     positive("evaluate.max_new_tokens", recipe.evaluate.max_new_tokens)
     positive("evaluate.num_beams", recipe.evaluate.num_beams)

@@ -47,9 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..config import EXPORT_QUANTIZABLE as QUANTIZABLE
+from ..config import EXPORT_SCHEMES as SCHEMES
+from ..config import export_choice_problem
+
 COMPONENTS = ("encoder", "projector", "embeddings", "decoder", "lm_head", "norms")
-QUANTIZABLE = ("encoder", "projector", "decoder", "lm_head")
-SCHEMES = ("none", "nf4", "int8")
 
 # name fragment -> component, first match wins (audio layers are "layers" too: the tower comes first)
 _COMPONENT_PATTERNS = (
@@ -72,6 +74,14 @@ GB = 10**9              # sizes are reported in decimal GB, as the track's bins 
 
 class StorageError(ValueError):
     pass
+
+
+def check_choice(quant: str, quantize: Iterable[str]) -> tuple[str, ...]:
+    """Validate an export's scheme and component list (see ``engine.config.export_choice_problem``)."""
+    problem = export_choice_problem(quant, quantize)
+    if problem:
+        raise StorageError(problem)
+    return tuple(quantize)
 
 
 def component_of(name: str) -> str:
@@ -135,21 +145,6 @@ class Breakdown:
         big = sorted(((b, c) for c, b in self.bytes.items() if b), reverse=True)[:3]
         return (f"{self.total / GB:.3f} GB on disk (" + ", ".join(
             f"{c} {b / GB:.3f} {self.storage.get(c, '')}".rstrip() for b, c in big) + ")")
-
-
-def check_choice(quant: str, quantize: Iterable[str]) -> tuple[str, ...]:
-    """Validate an export's scheme and component list; returns the list as a tuple."""
-    if quant not in SCHEMES:
-        raise StorageError(f"export.quant must be one of {', '.join(SCHEMES)}, got {quant!r}")
-    q = tuple(quantize)
-    for c in q:
-        if c == "embeddings":
-            raise StorageError("export.quantize: 'embeddings' cannot be stored quantized (bitsandbytes converts "
-                               "linear layers only, and transformers reloads embeddings in the compute dtype); "
-                               "shrink them by trimming the vocabulary instead")
-        if c not in QUANTIZABLE:
-            raise StorageError(f"export.quantize: unknown component {c!r}; choose from {', '.join(QUANTIZABLE)}")
-    return q
 
 
 def _entries_of_linear(name: str, comp: str, shape: tuple[int, ...], quant: str, dtype: str,
