@@ -83,6 +83,9 @@ REPORT_JSON = "report.json"
 PLOT_SIZE = "quality_vs_size.png"
 PLOT_PRIMARY = "primary_by_system.png"
 PLOT_IMPORTANCE = "importance.png"
+PLOT_FRONTIER = "frontier.png"
+# The IWSLT 2025 compression track's size bins (bytes on disk): < 200 MB, 200-500 MB, 0.5-1 GB, 1-2 GB, 2-4 GB
+SIZE_BINS = (200e6, 500e6, 1e9, 2e9, 4e9)
 METRICS = ("bleu", "chrf", "chrfpp")
 DIR_FIELDS = ("primary", "retained", "bleu", "chrf", "chrfpp", "comet", "copy_source_rate",
               "wrong_language_rate", "empty_rate")
@@ -965,6 +968,9 @@ def markdown(doc: Mapping[str, Any], configs: Mapping[str, Any]) -> str:
         L += ["![quality retained vs params as stored](" + PLOT_SIZE + ")", "",
               "![primary metric per system](" + PLOT_PRIMARY + ")", ""]
 
+    L += frontier_markdown(doc.get("frontier") or {})
+    if doc["plots"] and doc.get("frontier"):
+        L += ["![quality against bytes on disk](" + PLOT_FRONTIER + ")", ""]
     L += ["## Quality bars", ""]
     if not doc["bars"]:
         L += ["No bars configured (`report.bars`, e.g. `kd-25:retained>=97`).", ""]
@@ -1144,6 +1150,119 @@ def plot_quality_vs_size(directions: list[str], rows: list[dict], reference: str
     return _png(fig)
 
 
+def size_bin(nbytes: float) -> str:
+    """The track's bin of a size on disk (see ``SIZE_BINS``)."""
+    names = ["< 200 MB", "200-500 MB", "0.5-1 GB", "1-2 GB", "2-4 GB"]
+    for edge, name in zip(SIZE_BINS, names):
+        if nbytes < edge:
+            return name
+    return "> 4 GB"
+
+
+def frontier(directions: list[str], rows: list[dict], sig: list[dict], reference: str) -> dict[str, list[dict]]:
+    """Per direction, every system with its bytes on disk, primary score, the 95% interval of its
+    difference to the reference (from the paired bootstrap, placed around the reference's score) and its
+    size bin; ``pareto`` marks the systems no other system beats on both size and score (the shuffled-audio
+    control is left out: it is not a system anyone would ship)."""
+    out: dict[str, list[dict]] = {}
+    ci = {(g["system"], g["direction"]): g for g in sig if g["kind"] == "reference"}
+    for d in directions:
+        pts = []
+        for r in rows:
+            e = r["directions"].get(d)
+            if not e or e.get("primary") is None or not isinstance(r.get("storage_bytes"), (int, float)) \
+                    or r.get("shuffle_audio"):
+                continue
+            g = ci.get((r["system"], d))
+            lo = hi = None
+            if g is not None:
+                lo, hi = g["baseline_score"] + g["ci_low"], g["baseline_score"] + g["ci_high"]
+            pts.append({"system": r["system"], "bytes": int(r["storage_bytes"]), "score": float(e["primary"]),
+                        "metric": e["primary_metric"], "ci_low": lo, "ci_high": hi, "bin": size_bin(r["storage_bytes"]),
+                        "reference": r["system"] == reference})
+        for p in pts:
+            p["pareto"] = not any(q is not p and q["bytes"] <= p["bytes"] and q["score"] >= p["score"]
+                                  and (q["bytes"] < p["bytes"] or q["score"] > p["score"]) for q in pts)
+        out[d] = sorted(pts, key=lambda p: p["bytes"])
+    return out
+
+
+def plot_frontier(front: Mapping[str, list[dict]], reference: str) -> bytes:
+    """Quality against bytes on disk (log axis), one panel per direction: each system a numbered point with
+    the 95% interval of its difference to the reference drawn around the score, the Pareto front as a
+    line, the track's bin edges (200 MB ... 4 GB) as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    dirs = list(front) or [""]
+    names = list(dict.fromkeys(p["system"] for d in dirs for p in front.get(d, [])))
+    number = {n: k for k, n in enumerate(names, 1)}
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    fig, axes = plt.subplots(1, len(dirs), figsize=(5.5 * len(dirs) + 2.5, 4.5), squeeze=False)
+    handles: dict[str, Any] = {}
+    fmt = FuncFormatter(lambda v, _: f"{v / 1e9:g} GB" if v >= 1e9 else f"{v / 1e6:g} MB" if v >= 1e6
+                        else f"{v / 1e3:g} kB")
+    for ax, d in zip(axes[0], dirs):
+        pts = front.get(d, [])
+        if not pts:
+            ax.text(0.5, 0.5, "no system with a size and a score", ha="center", va="center", transform=ax.transAxes,
+                    color="grey")
+            continue
+        xs = [p["bytes"] for p in pts]
+        lo_x, hi_x = min(xs) / 1.6, max(xs) * 1.6
+        for edge in SIZE_BINS:
+            if lo_x <= edge <= hi_x:
+                ax.axvline(edge, color="grey", lw=0.8, ls=":")
+                ax.text(edge, 1.0, f" {fmt(edge, 0)}", transform=ax.get_xaxis_transform(), fontsize=7,
+                        color="grey", va="top", rotation=90)
+        par = [p for p in pts if p["pareto"]]
+        ax.plot([p["bytes"] for p in par], [p["score"] for p in par], color="black", lw=1, alpha=0.5, zorder=1)
+        for p in pts:
+            k = number[p["system"]]
+            color = cmap((k - 1) % cmap.N)
+            if p["ci_low"] is not None:
+                ax.plot([p["bytes"]] * 2, [p["ci_low"], p["ci_high"]], color=color, lw=2, alpha=0.6, zorder=2)
+            h = ax.scatter([p["bytes"]], [p["score"]], s=150 if p["reference"] else 110,
+                           marker="*" if p["reference"] else "o", color=color, edgecolors="black", linewidths=0.5,
+                           zorder=3)
+            ax.annotate(str(k), (p["bytes"], p["score"]), ha="center", va="center", fontsize=7, color="white",
+                        weight="bold", zorder=4)
+            handles.setdefault(p["system"], h)
+        ax.set_xscale("log")
+        ax.set_xlim(lo_x, hi_x)
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xlabel("bytes on disk (safetensors)")
+        ax.set_ylabel(pts[0]["metric"])
+        ax.set_title(d)
+        ax.grid(alpha=0.3)
+    labels = [f"{number[n]}  {n}" for n in handles]
+    from matplotlib.lines import Line2D
+
+    extra = [Line2D([], [], color="black", lw=1, alpha=0.5), Line2D([], [], color="grey", lw=2, alpha=0.6)]
+    labels += ["Pareto front", f"95% CI of the difference to {reference}"]
+    fig.legend(list(handles.values()) + extra, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+               frameon=False)
+    return _png(fig)
+
+
+def frontier_markdown(front: Mapping[str, list[dict]]) -> list[str]:
+    L = ["## Quality against bytes on disk", "",
+         "Sizes are the safetensors bytes; bins are the IWSLT 2025 compression track's. The interval is the "
+         "paired bootstrap's 95% interval of the difference to the reference, placed around the reference's "
+         "score; Pareto: no other system is both smaller and better.", "",
+         "| direction | system | bytes | bin | score | 95% interval | Pareto |", "|---|---|---:|---|---:|---|---|"]
+    for d, pts in front.items():
+        for p in pts:
+            iv = f"[{_f(p['ci_low'])}, {_f(p['ci_high'])}]" if p["ci_low"] is not None else "-"
+            L.append(f"| {d} | {p['system']} | {p['bytes']:,} | {p['bin']} | {_f(p['score'])} {p['metric']} | {iv} | "
+                     f"{'yes' if p['pareto'] else ''} |")
+    return L + [""]
+
+
 def plot_primary(directions: list[str], rows: list[dict]) -> bytes:
     import matplotlib
 
@@ -1222,7 +1341,8 @@ def build(recipe: cfg.Recipe) -> tuple[dict, dict]:
            "device_hours": [stage_device_hours(label, d) for label, d in runs],
            "importance": importance_section(rank), "importance_plot": False, "plots": bool(rc.plots),
            "signatures": sigs, "warnings": warnings, "metric_warnings": metric_warnings,
-           "bootstrap": rc.bootstrap, "seed": recipe.run.seed, "significance": sig, "rankings": rankings}
+           "bootstrap": rc.bootstrap, "seed": recipe.run.seed, "significance": sig, "rankings": rankings,
+           "frontier": frontier(directions, rows, sig, rc.reference)}
     return doc, config_diffs(runs, edir, rank, pipeline_config(recipe))
 
 
@@ -1243,8 +1363,9 @@ def run(recipe: cfg.Recipe) -> dict:
         atomic_write_bytes(out / PLOT_SIZE, plot_quality_vs_size(doc["directions"], doc["systems"], doc["reference"],
                                                                  doc["reference_found"]))
         atomic_write_bytes(out / PLOT_PRIMARY, plot_primary(doc["directions"], doc["systems"]))
-        written += [PLOT_SIZE, PLOT_PRIMARY]
-    for stale in {PLOT_SIZE, PLOT_PRIMARY, PLOT_IMPORTANCE} - set(written):  # a rerun leaves no old plots
+        atomic_write_bytes(out / PLOT_FRONTIER, plot_frontier(doc["frontier"], doc["reference"]))
+        written += [PLOT_SIZE, PLOT_PRIMARY, PLOT_FRONTIER]
+    for stale in {PLOT_SIZE, PLOT_PRIMARY, PLOT_IMPORTANCE, PLOT_FRONTIER} - set(written):  # a rerun leaves no old plots
         p = out / stale
         if p.exists() and p.resolve() != imp_png.resolve():
             p.unlink()

@@ -179,8 +179,14 @@ def test_report_table_bars_plots_and_json(runs, stc_cmd, stc_env):
     assert [(x["iteration"], x["layer"], x["relative"]) for x in steps] == [(1, 13, 0.98), (2, 3, 0.94)]
     assert "| 1 | 1 | 13 | 13 | 49.0000 | 98.0% |" in md and "![layer importance](importance.png)" in md
     # plots, signatures, configs, meta
-    for name in ("quality_vs_size.png", "primary_by_system.png", "importance.png"):
+    for name in ("quality_vs_size.png", "primary_by_system.png", "importance.png", "frontier.png"):
         assert _is_png(out / name), name
+    # quality against bytes on disk: the shuffled control is no system to ship; the student is smaller
+    # and worse than the teacher, so both are on the Pareto front; bins are the track's
+    front = {p["system"]: p for p in doc["frontier"]["en-de"]}
+    assert set(front) == {"teacher", "kd-25"}
+    assert front["kd-25"]["bin"] == "> 4 GB" and front["kd-25"]["pareto"] and front["teacher"]["pareto"]
+    assert "## Quality against bytes on disk" in md and "![quality against bytes on disk](frontier.png)" in md
     assert SIG["chrfpp"] in md and "tok:zh" in md
     # configs: no pipeline config, so the first one found (finetune's) is the base; the three identical eval
     # configs are one group, shown as their differences only
@@ -201,6 +207,25 @@ def test_report_table_bars_plots_and_json(runs, stc_cmd, stc_env):
     assert (out / "config.yaml").exists()
 
 
+def test_frontier_marks_the_pareto_systems_bins_and_intervals():
+    def row(name, nbytes, score, shuffled=False):
+        return {"system": name, "storage_bytes": nbytes, "shuffle_audio": shuffled,
+                "directions": {"en-de": {"primary": score, "primary_metric": "chrf++"}}}
+
+    rows = [row("teacher", 16.8e9, 50.0), row("kd-25", 5.4e9, 49.0), row("kd-41", 3.8e9, 49.5),
+            row("tiny", 150e6, 20.0), row("bad", 6e9, 30.0), row("shuffled", 16.8e9, 5.0, True)]
+    sig = [{"kind": "reference", "system": "kd-41", "direction": "en-de", "baseline_score": 50.0,
+            "ci_low": -1.5, "ci_high": 0.5}]
+    f = {p["system"]: p for p in report.frontier(["en-de"], rows, sig, "teacher")["en-de"]}
+    assert "shuffled" not in f
+    assert {n for n, p in f.items() if p["pareto"]} == {"teacher", "kd-41", "tiny"}   # kd-25, bad: beaten by kd-41
+    assert (f["kd-41"]["ci_low"], f["kd-41"]["ci_high"]) == (48.5, 50.5) and f["kd-25"]["ci_low"] is None
+    assert [f[n]["bin"] for n in ("tiny", "kd-41", "kd-25")] == ["< 200 MB", "2-4 GB", "> 4 GB"]
+    assert report.size_bin(200e6) == "200-500 MB" and report.size_bin(999e6) == "0.5-1 GB"
+    png = report.plot_frontier(report.frontier(["en-de"], rows, sig, "teacher"), "teacher")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_rerun_overwrites_and_plots_off(runs, stc_cmd, stc_env):
     _stc(stc_cmd, stc_env, "report", "--config", str(runs["recipe"]))
     first = json.loads((runs["out"] / "report.json").read_text())
@@ -214,6 +239,7 @@ def test_rerun_overwrites_and_plots_off(runs, stc_cmd, stc_env):
     assert [h for h in doc["device_hours"] if h["stage"] != "report"] == \
         [h for h in first["device_hours"] if h["stage"] != "report"]
     assert not (out / "quality_vs_size.png").exists() and not (out / "primary_by_system.png").exists()
+    assert not (out / "frontier.png").exists()
     assert (out / "importance.png").exists()
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
