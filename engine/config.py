@@ -286,6 +286,8 @@ class PipelineConfig:
     students: tuple[float, ...] = (0.25, 0.5)  # fractions of decoder layers to remove, one student each (kd-25, kd-50)
     ablations: bool = True           # for the first fraction: no healing, CE-only healing, contiguous middle block
     variants: tuple[str, ...] = ()   # more healings of the first fraction, each its own student: "word" (CE + word-level KD from the cache), "seq" (CE + sequence-level KD on the teacher's translations)
+    progressive: bool = False        # also prune -> heal -> prune: loop-R of every later fraction starts from the previous fraction's healed student (merged, re-scanned by importance), beside kd-R pruned from the teacher at once
+    storage: tuple[str, ...] = ()    # more exports of every kd-R student, each its own system kd-R-<levers>: "+"-joined levers of trim (export.trim_vocab), lm_head (lm_head quantised too), int8 (export.quant=int8), bf16 (export.quant=none), e.g. [trim, trim+lm_head]
     scorers: tuple[str, ...] = ()    # cheap importance scorers (nll, block_influence) also run once (oneshot) on the dev split; the report compares their layer rankings with the main one (Spearman)
     shuffle_check: bool = True       # also score the teacher on shuffled audio (it must drop: the model listens)
     nproc: int = 1                   # local ranks per multi-rank stage (`stc run --nproc`); --nproc wins

@@ -20,8 +20,16 @@ The steps::
       distill-kd-R      the recipe's healing: CE + cached word-level KD (+ sequence-level KD when distill.seq_kd)
       export-kd-R       merge the adapter, quantise (export.quant)
       eval-kd-R
+      export-kd-R-L, eval-kd-R-L   the same student stored with the size levers L of pipeline.storage
+                        (trim: vocabulary trimmed; lm_head: lm_head quantised too; int8; bf16): the
+                        report's frontier of quality against bytes on disk
     more healings of the first fraction (pipeline.variants), each distill/export/eval like kd-R:
       kdword-R          CE + word-level KD only;   seqkd-R   CE + sequence-level KD only
+    prune -> heal -> prune (pipeline.progressive), for every fraction after the first, from the healed
+    student of the fraction before it (kd of the first fraction, then loop-R):
+      merge-R           the previous healed student merged into whole weights (export, no quantisation)
+      importance-loop-R the importance scan on it, removing the layers still missing to reach R
+      prune-loop-R, distill-loop-R, export-loop-R, eval-loop-R   (healed like kd-R, the same teacher cache)
     importance-S        a cheap scorer S of pipeline.scorers, oneshot: its ranking is compared in the report
     ablations of the first fraction (pipeline.ablations):
       eval-pruned-R     the pruned student before healing
@@ -265,7 +273,8 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
         if recipe.finetune.mode == "lora":  # fold the adapter into whole weights: every later step loads a plain model
             merged = run / "teacher-merged"
             steps.append(make("export-teacher", "export", (f"export.source={teacher}", f"export.out={merged}",
-                                                           "export.quant=none", "export.merge_lora=true"), (t_in,)))
+                                                           "export.quant=none", "export.merge_lora=true",
+                                                           "export.trim_vocab=false", "export.max_gb=0"), (t_in,)))
             teacher = merged
             t_in = Input(merged / "meta.json", "export-teacher", "the fine-tuned teacher (adapter merged)")
     else:
@@ -275,12 +284,14 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     quant_teacher = recipe.model.quant
 
     def evaluate(system: str, model: Path, model_in: Input, *, label: str, removal: float, healing: str,
-                 quant: str, removed_from: str = "", shuffle: bool = False, removed: int = 0) -> Step:
+                 quant: str, removed_from: str | list[str] = "", shuffle: bool = False, removed: int = 0,
+                 storage: str = "") -> Step:
         ovs = [*common, f"evaluate.out={eval_out}", f"evaluate.models={_list([f'{system}={model}'])}",
                f"evaluate.shuffle_audio={'true' if shuffle else 'false'}"]
         return make(f"eval-{system}", "evaluate", ovs, (model_in, ext_data),
                     system={"name": system, "label": label, "removal": removal, "healing": healing, "quant": quant,
-                            "removed_from": removed_from, "model": str(model)}, removed=removed)
+                            "removed_from": removed_from, "model": str(model), "storage": storage},
+                    removed=removed)
 
     steps.append(evaluate("teacher", teacher, t_in, label="teacher", removal=0.0, healing="none",
                           quant=quant_teacher))
@@ -300,6 +311,24 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     for v in pc.variants:
         if v not in variants:
             problems.append(f"pipeline.variants: unknown healing {v!r}; choose from {sorted(variants)}")
+    levers = {"trim": ("export.trim_vocab=true",), "int8": ("export.quant=int8",), "bf16": ("export.quant=none",),
+              "lm_head": (f"export.quantize={_list(dict.fromkeys((*recipe.export.quantize, 'lm_head')))}",)}
+    storage_ovs: dict[str, tuple[str, ...]] = {}
+    for spec in pc.storage:
+        parts = [x.strip() for x in str(spec).split("+")]
+        bad_l = [x for x in parts if x not in levers]
+        if bad_l or not parts:
+            problems.append(f"pipeline.storage: {spec!r} has unknown levers {bad_l}; join with '+' levers from "
+                            f"{sorted(levers)}")
+            continue
+        if "int8" in parts and "bf16" in parts:
+            problems.append(f"pipeline.storage: {spec!r} asks for int8 and bf16 storage at once")
+            continue
+        tag = "-".join(parts)
+        if tag in storage_ovs:
+            problems.append(f"pipeline.storage: {spec!r} is listed twice")
+            continue
+        storage_ovs[tag] = tuple(o for x in parts for o in levers[x])
     scorers = ("nll", "block_influence", "task")
     for sc in pc.scorers:
         if sc not in scorers:
@@ -360,6 +389,18 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
         steps += [dstep, estep, evaluate(f"kd-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
                                          label=f"{p}% removed, {kd_label}", removal=r, healing=kd_healing,
                                          quant=exp_quant, removed_from=f"prune-{p}", removed=k)]
+        for tag, lever_ovs in storage_ovs.items():
+            sexp = exp.parent / f"export-{tag}"
+            squant = next((o.split("=", 1)[1] for o in reversed(lever_ovs) if o.startswith("export.quant=")),
+                          exp_quant)
+            sstep = make(f"export-kd-{p}-{tag}", "export",
+                         (*common, f"export.source={dstep.out / 'final'}", f"export.out={sexp}", *lever_ovs),
+                         estep.inputs, removed=k)
+            steps += [sstep, evaluate(f"kd-{p}-{tag}", sexp,
+                                      Input(sexp / "meta.json", sstep.name, "the exported student"),
+                                      label=f"{p}% removed, {kd_label}, {tag.replace('-', ' + ')}", removal=r,
+                                      healing=kd_healing, quant=squant, removed_from=f"prune-{p}", removed=k,
+                                      storage=tag)]
         for v in (pc.variants if i == 0 else ()):
             if v not in variants:
                 continue
@@ -394,6 +435,45 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
                       evaluate(f"middle-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
                                label=f"{p}% removed as a middle block, {kd_label}", removal=r, healing=kd_healing,
                                quant=exp_quant, removed_from=f"prune-middle-{p}", removed=k)]
+    if pc.progressive and len(students) > 1:
+        chain = [f"prune-{pct(students[0])}"]
+        prev_tag, prev_k = f"kd-{pct(students[0])}", counts[students[0]]
+        prev_final = run / "students" / f"r{pct(students[0])}" / "kd" / "distill" / "final"
+        for r in students[1:]:
+            p, k = pct(r), counts[r]
+            if k <= prev_k:
+                problems.append(f"pipeline.progressive: fraction {r} removes {k} layers, not more than the "
+                                f"{prev_k} of the fraction before it; list pipeline.students in increasing order")
+                break
+            loop = run / "students" / f"loop-r{p}"
+            merged = loop / "from"
+            mstep = make(f"merge-{p}", "export", (f"export.source={prev_final}", f"export.out={merged}",
+                                                  "export.quant=none", "export.merge_lora=true",
+                                                  "export.trim_vocab=false", "export.max_gb=0"),
+                         (Input(prev_final / "meta.json", f"distill-{prev_tag}", "the healed student"),),
+                         removed=prev_k)
+            m_in = Input(merged / "meta.json", mstep.name, f"the healed {prev_tag} student, merged")
+            limp = loop / "importance"
+            istep = make(f"importance-loop-{p}", "importance",
+                         (f"model.path={merged}", f"cache.teacher={teacher}", f"importance.out={limp}",
+                          f"importance.remove={k - prev_k}", "importance.force_remove=[]"), (m_in, ext_data),
+                         removed=prev_k)
+            lpruned = loop / "pruned"
+            pstep = make(f"prune-loop-{p}", "prune",
+                         (f"model.path={merged}", f"cache.teacher={teacher}", f"prune.ranking={limp}",
+                          f"prune.count={k - prev_k}", "prune.layers=[]", f"prune.out={lpruned}"),
+                         (m_in, Input(limp / "meta.json", istep.name, "the healed student's layer ranking")),
+                         removed=k)
+            steps += [mstep, istep, pstep]
+            if cache_step not in steps:
+                steps.append(cache_step)
+            chain.append(pstep.name)
+            dstep, estep, exp = student(f"loop-{p}", lpruned, pstep.name, healing="kd", removed=k)
+            steps += [dstep, estep,
+                      evaluate(f"loop-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
+                               label=f"{p}% removed in steps (from {prev_tag}, healed), {kd_label}", removal=r,
+                               healing=kd_healing, quant=exp_quant, removed_from=list(chain), removed=k)]
+            prev_tag, prev_k, prev_final = f"loop-{p}", k, dstep.out / "final"
     if pc.report:
         rep = run / "report"
         evals = [s for s in steps if s.stage == "evaluate"]

@@ -160,14 +160,17 @@ def plan_systems(recipe: cfg.Recipe) -> dict[str, dict]:
         sysd = s.get("system")
         if not isinstance(sysd, dict) or not sysd.get("name"):
             continue
-        info = {k: sysd.get(k) for k in ("name", "label", "removal", "healing", "quant", "model")}
+        info = {k: sysd.get(k) for k in ("name", "label", "removal", "healing", "quant", "model", "storage")}
         info["step"] = s["step"]
         removed: list = []
-        prune = by_step.get(sysd.get("removed_from") or "")
-        if prune:
-            meta = _read_json(Path(prune["out"]) / "meta.json") if (Path(prune["out"]) / "meta.json").exists() else {}
-            removed = list(((meta or {}).get("pruned") or {}).get("removed_original") or [])
-        info["removed_layers"] = removed
+        froms = sysd.get("removed_from") or []      # a prune step, or the chain of them of a pruned-in-steps student
+        for name in ([froms] if isinstance(froms, str) else froms):
+            prune = by_step.get(name)
+            if prune:
+                mp = Path(prune["out"]) / "meta.json"
+                meta = _read_json(mp) if mp.exists() else {}
+                removed += list(((meta or {}).get("pruned") or {}).get("removed_original") or [])
+        info["removed_layers"] = sorted(set(removed)) if not isinstance(froms, str) else removed
         out[sysd["name"]] = info
     return out
 
@@ -251,7 +254,7 @@ def build_rows(systems: list[dict], reference: str) -> tuple[list[str], list[dic
             "system": s["name"], "label": info.get("label") or "", "model": sc.get("model"), "split": sc.get("split"),
             "n": sc.get("n"), "shuffle_audio": bool(sc.get("shuffle_audio")),
             "removed_layers": info.get("removed_layers"), "removal": info.get("removal"),
-            "healing": info.get("healing"), "notes": info.get("notes"),
+            "healing": info.get("healing"), "storage": info.get("storage") or "", "notes": info.get("notes"),
             "decoder_layers": mi.get("decoder_layers"), "params_total": mi.get("params_total"),
             "params_stored": mi.get("params_stored"), "storage_bytes": mi.get("storage_bytes"),
             "storage_mb": mi["storage_bytes"] / 1e6 if isinstance(mi.get("storage_bytes"), (int, float)) else None,
@@ -558,7 +561,8 @@ def paired_bootstrap(metric: Any, refs: Sequence[str], base_hyps: Sequence[str],
 def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, str]]:
     """(kind, baseline, system): every system against the reference (``reference``), and every healed
     variant against the CE-only system with the same removal (``healing``: the CE-only one is ``ce``, the
-    variants every other system with that removal whose healing is neither ``none`` nor ``ce``)."""
+    variants every other system with that removal whose healing is neither ``none`` nor ``ce``, stored with the
+    same levers: a vocabulary-trimmed export is compared with the teacher and on the frontier, not as a healing)."""
     names = {r["system"] for r in rows}
     pairs = [("reference", reference, r["system"]) for r in rows if reference in names and r["system"] != reference]
     for ce in rows:
@@ -566,7 +570,7 @@ def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, s
             continue
         for v in rows:
             if (v is not ce and v.get("removal") == ce.get("removal") and v.get("healing")
-                    and v.get("healing") not in ("none", "ce")):
+                    and v.get("healing") not in ("none", "ce") and (v.get("storage") or "") == (ce.get("storage") or "")):
                 pairs.append(("healing", ce["system"], v["system"]))
     return pairs
 

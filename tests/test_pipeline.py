@@ -156,7 +156,74 @@ def test_plan_lora_teacher_healing_variants_and_scorer_comparison(tiny):
     rep = by["report"].overrides
     assert any(o.startswith("report.rankings=") and "nll=" in o and "block_influence=" in o for o in rep)
     assert {f"eval-{n}" for n in ("kdword-25", "seqkd-25")} <= {i.made_by for i in by["report"].inputs}
-    assert P.check(plan, data_pending=True) == [] or all("finetune" not in p for p in P.check(plan))
+    assert P.check(plan) == []
+
+
+def test_plan_storage_levers_export_each_kd_student_again(tiny):
+    """pipeline.storage: every kd-R student is exported again with the named size levers, each export its own
+    system evaluated beside the others (the report's frontier); the healing comparison leaves them out."""
+    plan = plan_for(tiny, "pipeline.storage=[trim, trim+lm_head, int8]", "pipeline.students=[0.25, 0.5]")
+    by = {s.name: s for s in plan.steps}
+    run = tiny["root"] / "run"
+    for p in (25, 50):
+        final = run / "students" / f"r{p}" / "kd" / "distill" / "final"
+        t = by[f"export-kd-{p}-trim"]
+        assert t.deps == (f"distill-kd-{p}",) and t.out == run / "students" / f"r{p}" / "kd" / "export-trim"
+        assert {f"export.source={final}", "export.trim_vocab=true"} <= set(t.overrides)
+        tl = by[f"export-kd-{p}-trim-lm_head"]
+        assert 'export.quantize=["encoder","projector","decoder","lm_head"]' in tl.overrides
+        assert "export.quant=int8" in by[f"export-kd-{p}-int8"].overrides
+        ev = by[f"eval-kd-{p}-trim"]
+        assert ev.deps == (f"export-kd-{p}-trim",) and ev.system["storage"] == "trim"
+        assert ev.system["healing"] == by[f"eval-kd-{p}"].system["healing"]
+        assert by[f"eval-kd-{p}-int8"].system["quant"] == "int8" and by[f"eval-kd-{p}-trim"].system["quant"] == "nf4"
+        for s in (t, tl, ev):
+            cfg.resolve(plan.tree, list(s.overrides))
+    assert {"eval-kd-25-trim", "eval-kd-50-int8"} <= {i.made_by for i in by["report"].inputs}
+    assert P.check(plan) == []
+    rows = [{"system": "ce-25", "removal": 0.25, "healing": "ce"},
+            {"system": "kd-25", "removal": 0.25, "healing": "ce+kd+seq", "storage": ""},
+            {"system": "kd-25-trim", "removal": 0.25, "healing": "ce+kd+seq", "storage": "trim"}]
+    from engine.report import comparison_pairs
+
+    assert [p for p in comparison_pairs(rows, "teacher") if p[0] == "healing"] == [("healing", "ce-25", "kd-25")]
+    bad = plan_for(tiny, "pipeline.storage=[trim+fp8, int8+bf16, trim, trim]")
+    text = "\n".join(P.check(bad))
+    assert "unknown levers ['fp8']" in text and "int8 and bf16" in text and "'trim' is listed twice" in text
+
+
+def test_plan_progressive_prunes_the_healed_student_again(tiny):
+    """pipeline.progressive: the 50% student is also reached in steps: the healed 25% student merged,
+    scanned again, pruned by the layers still missing, healed with the same teacher cache."""
+    plan = plan_for(tiny, "pipeline.progressive=true", "pipeline.students=[0.25, 0.5]", "pipeline.ablations=false")
+    by = {s.name: s for s in plan.steps}
+    run = tiny["root"] / "run"
+    loop = run / "students" / "loop-r50"
+    m = by["merge-50"]
+    assert m.deps == ("distill-kd-25",) and m.removed == 1
+    assert {f"export.source={run / 'students/r25/kd/distill/final'}", "export.quant=none",
+            "export.merge_lora=true", "export.max_gb=0"} <= set(m.overrides)
+    imp = by["importance-loop-50"]
+    assert imp.deps == ("merge-50",) and {f"model.path={loop / 'from'}", "importance.remove=1"} <= set(imp.overrides)
+    pr = by["prune-loop-50"]
+    assert pr.deps == ("merge-50", "importance-loop-50") and "prune.count=1" in pr.overrides and pr.removed == 2
+    d = by["distill-loop-50"]
+    assert d.deps == ("prune-loop-50", "cache") and f"distill.student={loop / 'pruned'}" in d.overrides
+    assert f"model.path={plan.steps[0].overrides[0].split('=', 1)[1]}" in d.overrides    # the teacher
+    ev = by["eval-loop-50"]
+    assert ev.system["removed_from"] == ["prune-25", "prune-loop-50"] and ev.system["removal"] == 0.5
+    assert "eval-kd-50" in by                                     # the one-shot student stays beside it
+    names = [s.name for s in plan.steps]
+    assert names.index("distill-kd-25") < names.index("merge-50") < names.index("report")
+    for s in (m, imp, pr, d, ev):
+        cfg.resolve(plan.tree, list(s.overrides))
+    assert P.check(plan) == []
+    three = plan_for(tiny, "pipeline.progressive=true", "pipeline.students=[0.25, 0.5, 0.75]")
+    b3 = {s.name: s for s in three.steps}
+    assert b3["merge-75"].deps == ("distill-loop-50",) and "importance.remove=1" in b3["importance-loop-75"].overrides
+    assert b3["eval-loop-75"].system["removed_from"] == ["prune-25", "prune-loop-50", "prune-loop-75"]
+    bad = plan_for(tiny, "pipeline.progressive=true", "pipeline.students=[0.5, 0.25]")
+    assert any("list pipeline.students in increasing order" in p for p in P.check(bad))
 
 
 def test_dry_run_prints_the_table_and_runs_nothing(tiny):
@@ -599,3 +666,25 @@ def test_submit_pipeline_on_slurm_equals_the_local_run(tiny, local_run, slurm_cl
     # recorded their wall seconds in the step record as jobs too
     assert [(x["stage"], x["source"]) for x in ra["device_hours"]] == [(y["stage"], y["source"]) for y in rb["device_hours"]]
     assert all(isinstance(y["device_hours"], float) for y in rb["device_hours"] if y["stage"] != "report"), rb["device_hours"]
+
+
+@pytest.mark.slow
+def test_progressive_pipeline_end_to_end(tiny, tmp_path):
+    """Prune -> heal -> prune on the tiny model: the 50% student reached in steps is a real model that lacks
+    the first round's layers and the second round's, and the report lists every removed layer."""
+    out = tmp_path / "run"
+    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1", f"run.out_dir={out}", "pipeline.progressive=true",
+            "pipeline.students=[0.25, 0.5]", "pipeline.ablations=false", "pipeline.shuffle_check=false", timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
+    first = json.loads((out / "students/r25/pruned/meta.json").read_text())["pruned"]
+    second = json.loads((out / "students/loop-r50/pruned/meta.json").read_text())["pruned"]
+    ranking = json.loads((out / "students/loop-r50/importance/ranking.json").read_text())
+    assert second["removed"] == ranking["removed"][:1]
+    assert not set(first["removed_original"]) & set(second["removed_original"])
+    assert sorted(second["kept_original"]) == sorted(set(range(4)) - set(first["removed_original"])
+                                                     - set(second["removed_original"]))
+    conf = json.loads((out / "students/loop-r50/kd/export/config.json").read_text())
+    assert (conf.get("text_config") or conf)["num_hidden_layers"] == 2
+    rows = {row["system"]: row for row in json.loads((out / "report/report.json").read_text())["systems"]}
+    assert rows["loop-50"]["removed_layers"] == sorted(first["removed_original"] + second["removed_original"])
+    assert rows["loop-50"]["decoder_layers"] == 2 and "in steps" in rows["loop-50"]["label"]
