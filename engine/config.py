@@ -44,7 +44,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""                   # local Hugging Face directory (never downloaded)
-    kind: Literal["auto", "qwen2audio", "causal_lm"] = "auto"  # auto: from config.json (model_type / architectures)
+    kind: str = "auto"               # auto: from config.json (model_type / architectures); else a family of engine.models.families
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # compute and storage dtype of the loaded weights
     quant: Literal["none", "nf4"] = "none"  # nf4: bitsandbytes 4-bit linear layers (QLoRA-style loading)
     double_quant: bool = True        # bitsandbytes nested quantisation of the nf4 scales
@@ -124,6 +124,7 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class ImportanceConfig:
     out: str = ""                    # output directory (default: <run.out_dir>/importance)
+    component: Literal["decoder", "audio"] = "decoder"  # which layers are the candidates: the decoder's (the paper's) or the audio encoder's (audio models only); remove/protect/force_remove/target_layers count that component's layers
     scorer: Literal["task", "nll", "block_influence"] = "task"  # task: chrF++/chrF of greedy translations (the paper's); nll, block_influence: cheap proxies
     selector: Literal["auto", "chrf++", "chrf", "bleu", "primary"] = "auto"  # auto: chrF (zh), chrF++ (else); mixed: primary (each its own)
     method: Literal["iterative", "oneshot", "middle_block"] = "iterative"  # iterative: one layer per scan (the paper's)
@@ -142,7 +143,7 @@ class ImportanceConfig:
 class PruneConfig:
     ranking: str = ""                # ranking.json (or its directory) written by `stc importance`
     layers: tuple[int, ...] = ()     # or: decoder layers to remove, indices of the model at model.path
-    count: int = 0                   # remove only the first N of the ranking's removal order (0: all)
+    count: int = 0                   # remove only the first N of the ranking's removal order (0: all); an audio ranking (importance.component=audio) removes audio-encoder layers
     out: str = ""                    # default: <run.out_dir>/pruned
     prune_audio_layers: tuple[int, ...] = ()  # audio-encoder layers to remove as well
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # dtype of the saved weights (auto: the source checkpoint's, not model.dtype)
@@ -509,8 +510,15 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
     positive("evaluate.max_new_tokens", recipe.evaluate.max_new_tokens)
     positive("evaluate.num_beams", recipe.evaluate.num_beams)
     positive("evaluate.max_samples", recipe.evaluate.max_samples, strict=False)
+    from .models import families
+
+    if recipe.model.kind != "auto" and recipe.model.kind not in families.kinds():
+        problems.append(f"model.kind: {recipe.model.kind!r} is not a supported family; one of auto, "
+                        f"{', '.join(families.kinds())}")
     if recipe.importance.remove < 0:
         problems.append(f"importance.remove: must be >= 0, got {recipe.importance.remove}")
+    if recipe.prune.count < 0:
+        problems.append(f"prune.count: must be >= 0 (0: the whole ranking), got {recipe.prune.count}")
     bad_t = [t for t in recipe.cache.targets if t not in ("ref", "teacher")]
     if bad_t:
         problems.append(f"cache.targets: {bad_t} not in ('ref', 'teacher')")

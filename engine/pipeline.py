@@ -233,6 +233,11 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     n_proc = pc.nproc if nproc is None else nproc
     if n_proc < 1:
         problems.append(f"pipeline.nproc (--nproc): must be >= 1, got {n_proc}")
+    if recipe.importance.component != "decoder":
+        problems.append(f"importance.component={recipe.importance.component}: the pipeline ranks and prunes decoder "
+                        "layers (its students are fractions of them); scan the audio encoder on its own with `stc "
+                        "importance importance.component=audio importance.out=...` and prune the pipeline's teacher "
+                        "with `stc prune`, or set importance.component=decoder")
     if pc.finetune and recipe.finetune.mode == "qlora":
         problems.append("pipeline.finetune=true with finetune.mode=qlora: the teacher would be merged into 4-bit "
                         "weights; fine-tune it with finetune.mode=full or lora (a LoRA teacher is merged into "

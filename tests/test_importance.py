@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,9 +33,10 @@ WORDS = ["morning", "meeting", "weather", "book", "train", "model", "layer", "ri
 
 
 def build_env(root: Path, *, kind: str = "audio", layers: int = 6, n_dev: int = 6, n_test: int = 3, seed: int = 3,
-              src_text: bool = True, test_copies_dev: bool = False) -> dict:
+              src_text: bool = True, test_copies_dev: bool = False, **tiny: Any) -> dict:
     """A tiny model (fp32 weights) and shards built by `stc shards build` from a synthetic manifest:
-    short sine-wave WAVs (audio) or text-only rows (causal LM)."""
+    short sine-wave WAVs (audio) or text-only rows (causal LM); ``tiny``: more arguments of
+    ``build_tiny_qwen2audio`` (e.g. ``audio_layers``, ``audio_seconds``)."""
     import soundfile as sf
 
     from engine.data import shards
@@ -43,7 +45,7 @@ def build_env(root: Path, *, kind: str = "audio", layers: int = 6, n_dev: int = 
     root.mkdir(parents=True, exist_ok=True)
     model = root / "model"
     if kind == "audio":
-        build_tiny_qwen2audio(model, num_layers=layers, dtype="fp32", seed=seed)
+        build_tiny_qwen2audio(model, num_layers=layers, dtype="fp32", seed=seed, **tiny)
     else:
         build_tiny_causal_lm(model, num_layers=layers, dtype="fp32", seed=seed)
     rows = []

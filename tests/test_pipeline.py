@@ -192,6 +192,12 @@ def test_plan_storage_levers_export_each_kd_student_again(tiny):
     assert "unknown levers ['fp8']" in text and "int8 and bf16" in text and "'trim' is listed twice" in text
 
 
+def test_plan_refuses_an_audio_encoder_ranking(tiny):
+    """The pipeline's students are fractions of decoder layers: an audio-encoder scan is refused, naming the key."""
+    text = "\n".join(P.check(plan_for(tiny, "importance.component=audio")))
+    assert "importance.component=audio" in text and "stc importance" in text
+
+
 def test_plan_progressive_prunes_the_healed_student_again(tiny):
     """pipeline.progressive: the 50% student is also reached in steps: the healed 25% student merged,
     scanned again, pruned by the layers still missing, healed with the same teacher cache."""

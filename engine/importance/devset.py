@@ -18,6 +18,13 @@ Two views of each batch are kept, both cut from the same captured embeddings:
 Samples are sorted by length (audio duration, then source and target characters, then key) before
 batching, so a batch wastes little on padding and generation stops early for short batches.
 
+Audio-encoder candidates (``importance.component=audio``) change the encoder's output, so there
+the decoder inputs cannot be shared between candidates: :func:`prepare` with ``keep_features`` also
+keeps each batch's Featurizer output (input ids, masks, log-mel features; on the CPU), and
+:func:`reembed` recomputes both views of every batch from them with the model as it is at the call
+(e.g. inside :func:`engine.importance.layers.without_audio_layers`). The decoder scorers then score
+that dev set unchanged; the decoder path keeps no features and never re-encodes.
+
 Dev and test are kept apart (the paper selected layers on its test set): a dev sample whose
 key, or whose normalised source text, also occurs in the test split is refused.
 """
@@ -72,6 +79,7 @@ class DevBatch:
     labels: torch.Tensor | None = None
     gen_embeds: torch.Tensor | None = None
     gen_mask: torch.Tensor | None = None
+    features: dict[str, Any] | None = field(default=None, repr=False)  # the Featurizer batch (keep_features)
 
     @property
     def n_label_tokens(self) -> int:
@@ -271,10 +279,29 @@ def _featurize(feat: Featurizer, chunk: list[DevSample]) -> tuple[dict | None, l
     return (feat([_as_feature_sample(s) for s in kept]) if kept else None), kept, bad
 
 
+def _set_views(db: DevBatch, emb: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *,
+               teacher_forced: bool, prompt_only: bool) -> None:
+    """Cut the teacher-forced and/or prompt-only view of one batch from its decoder inputs."""
+    dev = emb.device
+    if teacher_forced:
+        db.embeds, db.attention_mask, db.labels = emb, mask, labels
+    if prompt_only:
+        # prompt = everything before the first label token (PromptBuilder puts labels right after it)
+        plen = [int((labels[r] != IGNORE).nonzero()[0]) for r in range(labels.shape[0])]
+        p = max(plen)
+        g = emb.new_zeros((emb.shape[0], p, emb.shape[2]))
+        gm = torch.zeros((emb.shape[0], p), dtype=mask.dtype, device=dev)
+        for r, n in enumerate(plen):
+            g[r, p - n:] = emb[r, :n]
+            gm[r, p - n:] = 1
+        db.gen_embeds, db.gen_mask = g, gm
+
+
 @torch.inference_mode()
 def prepare(model: torch.nn.Module, processor: Any, samples: Sequence[DevSample], data: DataConfig, *,
-            batch_size: int, teacher_forced: bool, prompt_only: bool) -> DevSet:
-    """Featurize the dev samples in length-sorted batches and compute their decoder inputs once."""
+            batch_size: int, teacher_forced: bool, prompt_only: bool, keep_features: bool = False) -> DevSet:
+    """Featurize the dev samples in length-sorted batches and compute their decoder inputs once.
+    ``keep_features``: also keep each batch's Featurizer output, for :func:`reembed`."""
     import time
 
     feat = Featurizer(processor, data)
@@ -292,23 +319,37 @@ def prepare(model: torch.nn.Module, processor: Any, samples: Sequence[DevSample]
         mask = fb["attention_mask"].to(dev)
         labels = fb["labels"].to(dev)
         db = DevBatch(keys=list(fb["keys"]), refs=[s.meta["tgt_text"] for s in chunk],
-                      tgt_langs=[s.meta["tgt_lang"] for s in chunk])
-        if teacher_forced:
-            db.embeds, db.attention_mask, db.labels = emb, mask, labels
-        if prompt_only:
-            # prompt = everything before the first label token (PromptBuilder puts labels right after it)
-            plen = [int((labels[r] != IGNORE).nonzero()[0]) for r in range(labels.shape[0])]
-            p = max(plen)
-            g = emb.new_zeros((emb.shape[0], p, emb.shape[2]))
-            gm = torch.zeros((emb.shape[0], p), dtype=mask.dtype, device=dev)
-            for r, n in enumerate(plen):
-                g[r, p - n:] = emb[r, :n]
-                gm[r, p - n:] = 1
-            db.gen_embeds, db.gen_mask = g, gm
+                      tgt_langs=[s.meta["tgt_lang"] for s in chunk], features=fb if keep_features else None)
+        _set_views(db, emb, mask, labels, teacher_forced=teacher_forced, prompt_only=prompt_only)
         batches.append(db)
     keys = [k for b in batches for k in b.keys]
     tl = [t for b in batches for t in b.tgt_langs]
     return DevSet(batches=batches, keys=keys, tgt_langs=tl, skipped=skipped,
+                  encode_seconds=time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def reembed(model: torch.nn.Module, dev: DevSet, *, interrupt: Any = None) -> DevSet:
+    """``dev`` with the decoder inputs of every batch recomputed by ``model`` as it is now (same samples,
+    batches, views and labels; the kept features are shared, not copied). ``interrupt`` is called
+    between batches (a scan's stop request). Needs a dev set prepared with ``keep_features``."""
+    import time
+
+    t0 = time.perf_counter()
+    out: list[DevBatch] = []
+    for b in dev.batches:
+        if interrupt is not None:
+            interrupt()
+        if b.features is None:
+            raise ImportanceError("the dev set was prepared without its features (keep_features=True): "
+                                  "cannot recompute its decoder inputs")
+        emb = decoder_inputs(model, b.features)
+        nb = DevBatch(keys=b.keys, refs=b.refs, tgt_langs=b.tgt_langs, features=b.features)
+        mask = b.attention_mask if b.attention_mask is not None else b.features["attention_mask"].to(emb.device)
+        labels = b.labels if b.labels is not None else b.features["labels"].to(emb.device)
+        _set_views(nb, emb, mask, labels, teacher_forced=b.embeds is not None, prompt_only=b.gen_embeds is not None)
+        out.append(nb)
+    return DevSet(batches=out, keys=dev.keys, tgt_langs=dev.tgt_langs, skipped=dev.skipped,
                   encode_seconds=time.perf_counter() - t0)
 
 

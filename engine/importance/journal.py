@@ -11,6 +11,12 @@ layers (a unit's score depends on nothing else); the record keeps the removal or
 journals a unit as soon as it is scored. A task-scorer record names its translations file
 (``hypotheses``, relative to the journal's directory), written before the record.
 
+The layers a journal scores belong to one component, named in its header (``component``: ``decoder``
+or ``audio``, the audio encoder's; a header without it predates the key and is a decoder scan) and
+in every audio unit record: unit keys are positions in that component's layer list, so a journal of
+the other component is refused as a whole, never mixed in, and a record of the other component is
+reported and not used.
+
 Header fingerprints (``model``, ``tokenizer``, ``features``, ``prompt``, ``dev``, ``scorer``) are
 compared on every rerun: a journal written for another model, dev set, metric or prompt is refused
 with the names of what differs, never mixed in. A line that is not a valid record (a kill in the
@@ -72,10 +78,12 @@ def header(fingerprints: Mapping[str, str], info: Mapping[str, Any]) -> dict:
     return {"type": "header", "schema": JOURNAL_SCHEMA, "fingerprints": dict(fingerprints), **info}
 
 
-def _unit_problem(rec: Mapping[str, Any], metric: str) -> str | None:
+def _unit_problem(rec: Mapping[str, Any], metric: str, component: str = "decoder") -> str | None:
     """Why a parsed JSON object is not a usable unit record (None when it is one)."""
     if rec.get("type") != "unit":
         return f"unexpected record type {rec.get('type')!r}"
+    if rec.get("component", "decoder") != component:
+        return f"a unit of the {rec.get('component')!r} layers, this scan ranks the {component!r} layers"
     if not isinstance(rec.get("iteration"), int) or rec["iteration"] < 0:
         return "bad 'iteration'"
     rem = rec.get("removed")
@@ -118,8 +126,10 @@ def _lines(path: Path) -> Iterable[tuple[int, Any, str | None]]:
             yield no, obj, None
 
 
-def read(out: str | os.PathLike, fingerprints: Mapping[str, str], metric: str) -> JournalState:
-    """Read every rank's journal under ``out``; refuse one written for another scan."""
+def read(out: str | os.PathLike, fingerprints: Mapping[str, str], metric: str, *,
+         component: str = "decoder") -> JournalState:
+    """Read every rank's journal under ``out``; refuse one written for another scan (another
+    ``component`` first, with its own message, then any fingerprint that differs)."""
     st = JournalState()
     for path in sorted(Path(out).glob(JOURNAL_GLOB)):
         st.files.append(path.name)
@@ -136,6 +146,12 @@ def read(out: str | os.PathLike, fingerprints: Mapping[str, str], metric: str) -
                         f"{path}: line {no} should be the journal header but is "
                         f"{problem or 'a ' + repr(obj.get('type')) + ' record'}; without it the file cannot be "
                         f"matched to this scan: delete {path.name} (its units will be recomputed)")
+                theirs = obj.get("component", "decoder")
+                if theirs != component:
+                    raise ImportanceError(
+                        f"{path} journals a scan of the {theirs} layers (importance.component={theirs}); this scan "
+                        f"ranks the {component} layers (importance.component={component}). Refusing to mix their "
+                        f"scores: use another importance.out, or delete the journal files in {path.parent}")
                 diffs = [FINGERPRINT_NAMES.get(k, k) + f" differs ({str(obj.get('fingerprints', {}).get(k))[:19]}... "
                          f"in the journal, {str(v)[:19]}... now)"
                          for k, v in fingerprints.items() if obj.get("fingerprints", {}).get(k) != v]
@@ -148,7 +164,7 @@ def read(out: str | os.PathLike, fingerprints: Mapping[str, str], metric: str) -
             if obj is not None and obj.get("type") == "header":
                 problem = "a second header"
             if obj is not None and problem is None:
-                problem = _unit_problem(obj, metric)
+                problem = _unit_problem(obj, metric, component)
             if problem is not None:
                 st.problems.append(f"{path.name} line {no}: {problem}; its unit will be recomputed")
                 continue

@@ -8,6 +8,13 @@ activations, and a scan visits hundreds of candidate sets. :func:`without_layers
 permanently; so ``generate`` builds a KV cache of the right depth and indexes it correctly. On exit
 (also on an exception) the original list, config values and ``layer_idx`` values come back.
 Contexts nest: the inner one acts on the list the outer one installed.
+
+:func:`without_audio_layers` does the same for the audio encoder's layer list (Qwen2-Audio:
+``audio_tower.layers``) and its config's ``encoder_layers`` / ``stc_original_audio_layers``, as
+:func:`engine.models.surgery.drop_layers` with ``audio_remove`` does permanently. The encoder runs
+whatever its ``layers`` list holds (``encoder_layers`` is read only when the model is built, and
+LayerDrop acts only in training), so the swapped list is all a forward sees; the config is set so
+that anything reading it (a save, a meta-device size prediction) sees the model it is running.
 """
 from __future__ import annotations
 
@@ -55,6 +62,18 @@ def _decoder_configs(model: nn.Module) -> list[Any]:
     return out
 
 
+def _restore(saved_cfg: list[tuple[Any, dict[str, Any]]], saved_idx: list[tuple[nn.Module, int]]) -> None:
+    """Puts back config values (a key that was absent is removed again) and ``layer_idx`` values."""
+    for c, vals in saved_cfg:
+        for k, v in vals.items():
+            if v is _MISSING:
+                c.__dict__.pop(k, None)
+            else:
+                setattr(c, k, v)
+    for m, idx in saved_idx:
+        m.layer_idx = idx
+
+
 def num_layers(model: nn.Module) -> int:
     return len(surgery.decoder_layers(model))
 
@@ -91,15 +110,68 @@ def without_layers(model: nn.Module, drop: Iterable[int]) -> Iterator[list[int]]
         # Restore in reverse order of change; each step is safe to run even if its forward step did not.
         if top_n is not _MISSING:
             top.num_hidden_layers = top_n
-        for c, vals in saved_cfg:
-            for k, v in vals.items():
-                if v is _MISSING:
-                    c.__dict__.pop(k, None)
-                else:
-                    setattr(c, k, v)
-        for m, idx in saved_idx:
-            m.layer_idx = idx
+        _restore(saved_cfg, saved_idx)
         if surgery.decoder_layers(model) is new:
+            surgery._replace_list(model, new, layers)
+
+
+def audio_layer_list(model: nn.Module) -> nn.ModuleList:
+    """The audio encoder's layer list; an :class:`engine.models.surgery.SurgeryError` naming the model
+    class when it has none (a text-only LM)."""
+    found = surgery.audio_layers(model)
+    if found is None:
+        raise surgery.SurgeryError(f"{type(model).__name__} has no audio encoder: only an audio-language model has "
+                                   "audio layers to skip")
+    return found
+
+
+def num_audio_layers(model: nn.Module) -> int:
+    return len(audio_layer_list(model))
+
+
+def _audio_configs(model: nn.Module) -> tuple[list[Any], str]:
+    """Every config object that counts the audio encoder's layers (deduplicated by identity: the
+    wrapper's audio config and the encoder's own config, the same object in transformers 5), and the
+    field that counts them."""
+    layers = audio_layer_list(model)
+    acfg, key = surgery.audio_config(model)
+    owner = next((m for m in model.modules() if any(c is layers for c in m.children())), None)
+    out: list[Any] = []
+    for c in (acfg, getattr(owner, "config", None)):
+        if c is not None and hasattr(c, key) and all(c is not o for o in out):
+            out.append(c)
+    return out, key
+
+
+@contextlib.contextmanager
+def without_audio_layers(model: nn.Module, drop: Iterable[int]) -> Iterator[list[int]]:
+    """Run ``model`` without the audio-encoder layers at positions ``drop`` of its *current* audio
+    layer list. Yields the kept positions; restores list, config values and ``layer_idx`` values on
+    exit (also on an exception). Dropping every audio layer is refused, as
+    :func:`engine.models.surgery.drop_layers` refuses it."""
+    layers = audio_layer_list(model)
+    n = len(layers)
+    dropped = set(surgery.normalise_indices(drop, n, "audio layer"))
+    keep = [i for i in range(n) if i not in dropped]
+    if not dropped:
+        yield keep
+        return
+    if not keep:
+        raise surgery.SurgeryError("removing every audio-encoder layer leaves no encoder")
+    configs, count_key = _audio_configs(model)
+    keys = (count_key, "layer_types", "max_window_layers", surgery.ORIGINAL_AUDIO_KEY)
+    saved_cfg = [(c, {k: c.__dict__.get(k, _MISSING) for k in keys}) for c in configs]
+    saved_idx = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
+    new = nn.ModuleList([layers[i] for i in keep])
+    try:
+        surgery._replace_list(model, layers, new)
+        surgery._renumber(list(new))   # as drop_layers does (the encoder keeps no cache: layer_idx is unused)
+        for c in configs:
+            surgery._trim_config(c, keep, count_key, surgery.ORIGINAL_AUDIO_KEY)
+        yield keep
+    finally:
+        _restore(saved_cfg, saved_idx)
+        if surgery.audio_layers(model) is new:
             surgery._replace_list(model, new, layers)
 
 

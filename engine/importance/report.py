@@ -1,4 +1,8 @@
-"""What a finished scan writes next to its journal: ``ranking.json``, ``ranking.md``, ``importance.png``."""
+"""What a finished scan writes next to its journal: ``ranking.json``, ``ranking.md``, ``importance.png``.
+
+``ranking.json`` names the component its layers belong to (``component``: ``decoder`` or ``audio``, the
+audio encoder's; a ranking without the key predates it and ranks decoder layers); the markdown and
+the plot say which."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,15 +24,22 @@ def fmt_cell(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def layer_word(doc: Mapping[str, Any]) -> str:
+    """"decoder layer" or "audio-encoder layer": what the ranking's layer indices count."""
+    return "audio-encoder layer" if doc.get("component", "decoder") == "audio" else "decoder layer"
+
+
 def _pct(rel: float | None) -> str:
     return "-" if rel is None else f"{100 * rel:.1f}%"
 
 
 def markdown(doc: Mapping[str, Any]) -> str:
     m = doc["metric"]
-    lines = [f"# Layer importance: {doc['method']} search, scorer `{doc['scorer']}`, metric `{m}` "
+    what = layer_word(doc)
+    head = "Audio-encoder layer" if what.startswith("audio") else "Layer"
+    lines = [f"# {head} importance: {doc['method']} search, scorer `{doc['scorer']}`, metric `{m}` "
              f"({'higher' if doc['higher_is_better'] else 'lower'} is better)", "",
-             f"- model: `{doc['model']}` ({doc['num_layers']} decoder layers; protected {doc['protected']})",
+             f"- model: `{doc['model']}` ({doc['num_layers']} {what}s; protected {doc['protected']})",
              f"- dev: split `{doc['dev']['split']}` of `{doc['dev']['shards']}`, {doc['n_samples']} samples",
              f"- unpruned: {fmt_cell((doc.get('baseline') or {}).get('score'))}; pruned "
              f"({len(doc['removed'])} removed): {fmt_cell((doc.get('final') or {}).get('score'))} "
@@ -111,7 +122,7 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer removed (original layer index)")
+    ax.set_xlabel(f"{layer_word(doc)} removed (original layer index)")
     ax.set_ylabel(f"{doc['metric']} ({'higher' if doc['higher_is_better'] else 'lower'} is better)")
     ax.set_title(f"{doc['method']} layer importance ({doc['scorer']}), {doc['n_samples']} dev samples; "
                  f"star = removed")

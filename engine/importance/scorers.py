@@ -20,6 +20,18 @@ iterations; a candidate ``None`` scores the model with just ``removed`` taken ou
 * :func:`task_scores`: the paper's scorer: greedy-translate the dev set without the candidate and
   score with sacrebleu (chrF++ with word_order=2, chrF, BLEU with the target's tokenizer).
 
+Audio-encoder candidates (``importance.component=audio``): :func:`iter_audio_scores`. Indices are then
+positions in the audio encoder's layer list of the model as loaded. A candidate changes the encoder's
+output, so for each scored model (``removed`` + candidate skipped with
+:func:`engine.importance.layers.without_audio_layers`) the dev set's decoder inputs are recomputed
+(:func:`engine.importance.devset.reembed`: the model's own encoder, projector and merge) and the
+unchanged decoder is scored by ``nll`` or ``task`` exactly as above with no decoder layer removed; so a
+candidate's score is the score of the model with those audio layers permanently dropped. There is no
+prefix reuse (each candidate runs the encoder and the whole decoder once per dev batch); the baseline
+with nothing removed uses the decoder inputs :func:`engine.importance.devset.prepare` cached.
+``block_influence`` on audio layers (:func:`audio_block_influence`) is 1 - cos(input, output) of each
+audio layer over the valid (unpadded) encoder frames of the dev audio, from one encoder pass per batch.
+
 Every scorer takes ``interrupt``, a function called between dev batches: it raises (the scan's stop
 request, :class:`engine.importance.search.StopScan`) to abandon the unit in flight.
 """
@@ -38,6 +50,7 @@ from .. import compat, langs
 from ..data.prompt import IGNORE
 from ..models import surgery
 from . import layers as L
+from . import devset as D
 from .devset import DevSet, ImportanceError
 
 # metric -> higher is better
@@ -94,10 +107,10 @@ def _positions(n: int, removed: Sequence[int]) -> tuple[list[int], dict[int, int
     return rem, {orig: j for j, orig in enumerate(cur)}
 
 
-def _check_candidates(cands: Sequence[int | None], pos: dict[int, int], n: int) -> None:
+def _check_candidates(cands: Sequence[int | None], pos: dict[int, int], n: int, what: str = "layer") -> None:
     for c in cands:
         if c is not None and c not in pos:
-            raise ImportanceError(f"candidate layer {c} is already removed or does not exist (0..{n - 1})")
+            raise ImportanceError(f"candidate {what} {c} is already removed or does not exist (0..{n - 1})")
 
 
 # ---------------------------------------------------------------------------------------------- nll
@@ -203,6 +216,56 @@ class BlockInfluence:
     seconds: float
 
 
+class _Influence:
+    """Accumulates 1 - cos(input, output) per layer and the angular distance of n-layer blocks over the
+    rows that :meth:`add` selects, one forward per call; :meth:`result` divides by the rows seen."""
+
+    def __init__(self, layers: torch.nn.ModuleList, block_sizes: Sequence[int]):
+        self.layers = layers
+        self.nc = nc = len(layers)
+        self.sizes = [s for s in dict.fromkeys(int(b) for b in block_sizes) if 1 <= s <= nc]
+        self.bi = [0.0] * nc
+        self.ang = {s: [0.0] * (nc - s + 1) for s in self.sizes}
+        self.rows = 0
+
+    def add(self, forward: Callable[[], Any], pick: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Runs ``forward()`` once with hooks that keep ``pick(hidden)`` (rows x hidden) of every layer's
+        input and of the last layer's output."""
+        nc, layers = self.nc, self.layers
+        ins: list[torch.Tensor | None] = [None] * (nc + 1)   # ins[nc] = output of the last layer
+
+        def pre_for(j: int):
+            def pre(mod, args, kwargs):
+                ins[j] = pick(L.first_arg(args, kwargs)).float()
+            return pre
+
+        def post(mod, args, out):
+            ins[nc] = pick(L.first_out(out)).float()
+
+        hooks = [layers[j].register_forward_pre_hook(pre_for(j), with_kwargs=True) for j in range(nc)]
+        hooks.append(layers[nc - 1].register_forward_hook(post))
+        try:
+            forward()
+        finally:
+            for hk in hooks:
+                hk.remove()
+        for j in range(nc):
+            self.bi[j] += float((1 - F.cosine_similarity(ins[j], ins[j + 1], dim=-1)).sum())
+        for s in self.sizes:
+            for j in range(nc - s + 1):
+                cos = F.cosine_similarity(ins[j], ins[j + s], dim=-1).clamp(-1.0, 1.0)
+                self.ang[s][j] += float((torch.arccos(cos) / math.pi).sum())
+        self.rows += int(ins[0].shape[0])
+
+    def result(self, orig: dict[int, int], seconds: float, empty: str) -> BlockInfluence:
+        if self.rows == 0:
+            raise ImportanceError(empty)
+        n = self.rows
+        return BlockInfluence(layer={orig[j]: self.bi[j] / n for j in range(self.nc)},
+                              angular={s: {orig[j]: v / n for j, v in enumerate(vals)} for s, vals in self.ang.items()},
+                              n_tokens=n, seconds=seconds)
+
+
 @torch.inference_mode()
 def block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence[int] = (),
                     block_sizes: Sequence[int] = (), *, interrupt: Interrupt = None) -> BlockInfluence:
@@ -212,47 +275,16 @@ def block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence[int] 
     bb = L.backbone(model)
     t0 = time.perf_counter()
     with L.without_layers(model, rem):
-        layers = surgery.decoder_layers(model)
-        nc = len(layers)
-        sizes = [s for s in dict.fromkeys(int(b) for b in block_sizes) if 1 <= s <= nc]
-        bi = [0.0] * nc
-        ang = {s: [0.0] * (nc - s + 1) for s in sizes}
-        n_tok = 0
+        acc = _Influence(surgery.decoder_layers(model), block_sizes)
         for batch in dev.batches:
             if interrupt is not None:
                 interrupt()
             if batch.embeds is None:
                 raise ImportanceError("the dev set was prepared without the teacher-forced view")
             m = batch.labels[:, 1:] != IGNORE
-            ins: list[torch.Tensor | None] = [None] * (nc + 1)   # ins[nc] = output of the last layer
-
-            def pre_for(j: int):
-                def pre(mod, args, kwargs):
-                    ins[j] = L.first_arg(args, kwargs)[:, :-1][m].float()
-                return pre
-
-            def post(mod, args, out):
-                ins[nc] = L.first_out(out)[:, :-1][m].float()
-
-            hooks = [layers[j].register_forward_pre_hook(pre_for(j), with_kwargs=True) for j in range(nc)]
-            hooks.append(layers[nc - 1].register_forward_hook(post))
-            try:
-                bb(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, use_cache=False)
-            finally:
-                for hk in hooks:
-                    hk.remove()
-            for j in range(nc):
-                bi[j] += float((1 - F.cosine_similarity(ins[j], ins[j + 1], dim=-1)).sum())
-            for s in sizes:
-                for j in range(nc - s + 1):
-                    cos = F.cosine_similarity(ins[j], ins[j + s], dim=-1).clamp(-1.0, 1.0)
-                    ang[s][j] += float((torch.arccos(cos) / math.pi).sum())
-            n_tok += int(m.sum())
-    if n_tok == 0:
-        raise ImportanceError("the dev set has no label tokens to score")
-    return BlockInfluence(layer={orig[j]: bi[j] / n_tok for j in range(nc)},
-                          angular={s: {orig[j]: v / n_tok for j, v in enumerate(vals)} for s, vals in ang.items()},
-                          n_tokens=n_tok, seconds=time.perf_counter() - t0)
+            acc.add(lambda: bb(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask, use_cache=False),
+                    lambda h: h[:, :-1][m])
+    return acc.result(orig, time.perf_counter() - t0, "the dev set has no label tokens to score")
 
 
 def block_influence_scores(model: torch.nn.Module, dev: DevSet, candidates: Sequence[int | None],
@@ -364,3 +396,79 @@ def task_scores(model: torch.nn.Module, tokenizer: Any, dev: DevSet, candidates:
             hyps = translate(model, tokenizer, dev, gen_cfg, interrupt=interrupt)
         mets = corpus_metrics(hyps, refs, dev.tgt_langs)
         yield c, Score(metric, mets[metric], mets, dev.n_samples, 0, time.perf_counter() - t0, hyps)
+
+
+# ---------------------------------------------------------------------------------------------- audio encoder
+
+def audio_dev(model: torch.nn.Module, dev: DevSet, drop: Sequence[int], *, interrupt: Interrupt = None) -> DevSet:
+    """The dev set as the model without the audio layers at positions ``drop`` hands it to its decoder
+    (``dev`` itself when nothing is dropped: its cached decoder inputs are the unpruned model's)."""
+    if not drop:
+        return dev
+    with L.without_audio_layers(model, drop):
+        return D.reembed(model, dev, interrupt=interrupt)
+
+
+def iter_audio_scores(model: torch.nn.Module, tokenizer: Any, dev: DevSet, candidates: Sequence[int | None],
+                      removed: Sequence[int] = (), *, scorer: str, metric: str, gen_cfg: Any = None,
+                      interrupt: Interrupt = None) -> Iterator[tuple[int | None, Score]]:
+    """Yields (candidate, Score) for audio-encoder candidates (module docstring), each as it finishes, in
+    the order given; ``None`` scores the model with just ``removed`` taken out. ``scorer``: ``nll``,
+    ``task`` (``metric`` and ``gen_cfg`` as for :func:`task_scores`) or ``block_influence``."""
+    n = L.num_audio_layers(model)
+    rem, pos = _positions(n, removed)
+    cands = list(dict.fromkeys(candidates))
+    _check_candidates(cands, pos, n, "audio layer")
+    if scorer == "block_influence":
+        if any(c is None for c in cands):
+            raise ImportanceError("block_influence scores layers, not a whole model: it has no baseline")
+        res = audio_block_influence(model, dev, rem, interrupt=interrupt)
+        share = res.seconds / max(1, len(cands))
+        for c in cands:
+            yield c, Score("block_influence", res.layer[c], {"block_influence": res.layer[c]}, dev.n_samples,
+                           res.n_tokens, share)
+        return
+    if scorer not in ("nll", "task"):
+        raise ImportanceError(f"unknown scorer {scorer!r}; one of {', '.join(SCORERS)}")
+    for c in cands:
+        t0 = time.perf_counter()
+        d = audio_dev(model, dev, rem + ([c] if c is not None else []), interrupt=interrupt)
+        if scorer == "nll":
+            ((_, sc),) = iter_nll_scores(model, d, [None], interrupt=interrupt)
+        else:
+            ((_, sc),) = task_scores(model, tokenizer, d, [None], metric=metric, gen_cfg=gen_cfg, interrupt=interrupt)
+        del d
+        sc.seconds = time.perf_counter() - t0
+        yield c, sc
+
+
+@torch.inference_mode()
+def audio_block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence[int] = (),
+                          block_sizes: Sequence[int] = (), *, interrupt: Interrupt = None) -> BlockInfluence:
+    """:func:`block_influence` of the audio-encoder layers (those left after ``removed``, keyed by their
+    positions in the model as loaded): mean 1 - cos(input, output) per layer, and the angular
+    distance of n-layer blocks, over the encoder frames that hold audio (frame t of a row is valid
+    when t < its feature length after the encoder's stride-2 convolution; padding is left out).
+    ``n_tokens`` counts those frames. The forward stops before the decoder."""
+    n = L.num_audio_layers(model)
+    rem, pos = _positions(n, removed)
+    orig = {j: o for o, j in pos.items()}
+    t0 = time.perf_counter()
+    with L.without_audio_layers(model, rem):
+        layers = L.audio_layer_list(model)
+        tower = next(m for m in model.modules() if any(c is layers for c in m.children()))
+        acc = _Influence(layers, block_sizes)
+        for batch in dev.batches:
+            if interrupt is not None:
+                interrupt()
+            fb = batch.features
+            if fb is None or "input_features" not in fb:
+                raise ImportanceError("the dev set was prepared without its audio features (keep_features=True)")
+            lens, _ = tower._get_feat_extract_output_lengths(fb["feature_attention_mask"].sum(-1))
+
+            def valid(h: torch.Tensor) -> torch.Tensor:
+                t = torch.arange(h.shape[1], device=h.device)[None, :]
+                return h[t < lens.to(h.device)[:, None]]
+
+            acc.add(lambda: D.decoder_inputs(model, fb), valid)
+    return acc.result(orig, time.perf_counter() - t0, "the dev set has no audio frames to score")

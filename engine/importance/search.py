@@ -10,6 +10,10 @@ and the three search methods.
 * ``oneshot``: score every candidate once against the unpruned model, drop the best N together.
 * ``middle_block``: a contiguous block of N layers centred in the decoder (the baseline the paper beat).
 
+The layers are those of one component, ``Plan.component`` (``importance.component``): the decoder's, or
+the audio encoder's; the search itself does not depend on which (a unit names positions in that
+component's layer list), only the scorers and the messages do.
+
 Every decision is a pure function of the unit records, which every rank holds identically (rank 0
 reads the journal and broadcasts it; each iteration's new records are all-gathered), so every rank
 decides the same. Ties (also scores equal up to float noise: 9 significant digits) go to the lower
@@ -37,6 +41,9 @@ from .scorers import METRICS, check_metric
 
 # ---------------------------------------------------------------------------------------------- plan
 
+COMPONENT_LAYERS = {"decoder": "decoder layers", "audio": "audio-encoder layers"}
+
+
 @dataclass(frozen=True)
 class Plan:
     num_layers: int
@@ -47,6 +54,7 @@ class Plan:
     metric: str
     stop_below: float
     shortlist: int = 0            # iterative: after the first iteration re-score only this many (0: all)
+    component: str = "decoder"    # whose layers: "decoder" or "audio" (the audio encoder's)
 
     @property
     def higher_is_better(self) -> bool:
@@ -60,6 +68,11 @@ class Plan:
     def has_baseline(self) -> bool:
         return self.metric != "block_influence"
 
+    @property
+    def layer_word(self) -> str:
+        """How messages name the candidates: "decoder layers" or "audio-encoder layers"."""
+        return COMPONENT_LAYERS[self.component]
+
     def middle_block(self) -> list[int]:
         start = (self.num_layers - self.n_remove) // 2
         return list(range(start, start + self.n_remove))
@@ -69,6 +82,10 @@ def make_plan(icfg: ImportanceConfig, num_layers: int, metric: str) -> Plan:
     """Validate the targets against the model's depth; every problem is an :class:`ImportanceError`."""
     check_metric(metric)
     n = num_layers
+    component = getattr(icfg, "component", "decoder")
+    if component not in COMPONENT_LAYERS:
+        raise ImportanceError(f"importance.component={component!r}: one of {', '.join(COMPONENT_LAYERS)}")
+    word = COMPONENT_LAYERS[component]
     try:
         protected = tuple(sorted(surgery.normalise_indices(icfg.protect, n)))
     except surgery.SurgeryError as e:
@@ -83,7 +100,7 @@ def make_plan(icfg: ImportanceConfig, num_layers: int, metric: str) -> Plan:
                               f"{list(icfg.protect)} -> {list(protected)}); unprotect them or do not force them out")
     if icfg.target_layers > 0:
         if icfg.target_layers >= n:
-            raise ImportanceError(f"importance.target_layers={icfg.target_layers} keeps all {n} decoder layers or "
+            raise ImportanceError(f"importance.target_layers={icfg.target_layers} keeps all {n} {word} or "
                                   f"more; it must be below {n}")
         count = n - icfg.target_layers
     elif icfg.remove >= 1:
@@ -104,10 +121,10 @@ def make_plan(icfg: ImportanceConfig, num_layers: int, metric: str) -> Plan:
                               "importance.target_layers or importance.force_remove")
     prunable = n - len(protected)
     if count > prunable:
-        raise ImportanceError(f"the target removes {count} of {n} decoder layers but only {prunable} are prunable "
+        raise ImportanceError(f"the target removes {count} of {n} {word} but only {prunable} are prunable "
                               f"(protected: {list(protected)}); lower importance.remove/target_layers or protect less")
     if count >= n:
-        raise ImportanceError(f"removing {count} of {n} decoder layers leaves no model")
+        raise ImportanceError(f"removing {count} of {n} {word} leaves no model")
     if not 0.0 <= icfg.stop_below <= 1.0:
         raise ImportanceError(f"importance.stop_below={icfg.stop_below}: a fraction of the unpruned score, 0..1 "
                               f"(0: no floor)")
@@ -116,7 +133,8 @@ def make_plan(icfg: ImportanceConfig, num_layers: int, metric: str) -> Plan:
                               "(use scorer=nll or task, or stop_below=0)")
     if icfg.shortlist < 0:
         raise ImportanceError(f"importance.shortlist={icfg.shortlist}: a count of candidates (0: re-score all)")
-    plan = Plan(n, protected, forced, count, icfg.method, metric, float(icfg.stop_below), int(icfg.shortlist))
+    plan = Plan(n, protected, forced, count, icfg.method, metric, float(icfg.stop_below), int(icfg.shortlist),
+                component)
     if icfg.method == "middle_block":
         if forced:
             raise ImportanceError("importance.force_remove cannot be combined with method=middle_block")

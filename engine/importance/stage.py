@@ -7,9 +7,18 @@ once), run the search, then rank 0 writes ``ranking.json``, ``ranking.md``, ``im
 keeps every scored model's translations: ``hypotheses/<unit>.jsonl``, one line per dev sample (key,
 target language, reference, hypothesis), named in the unit's journal record and in ``ranking.json``.
 
-One ranking per ``importance.out``: a scan with another method, scorer or metric than the ranking
-already there is refused (its ``ranking.json`` would silently replace the other, and ``stc prune
---from`` the directory would then remove other layers); give it its own ``importance.out``.
+``importance.component=audio`` scans the audio encoder's layers instead (audio-language models only;
+a text-only model is refused before any weight is read): ``remove``/``protect``/``force_remove``/
+``target_layers`` count audio layers, each scored model's decoder inputs are recomputed through the
+encoder without its layers (:func:`engine.importance.scorers.iter_audio_scores`), dev samples without
+audio are skipped (they cannot tell audio layers apart), and the journal header and records,
+``ranking.json`` and ``meta.json`` carry ``component: audio``, with ``removed_original`` /
+``kept_original`` in the original audio-layer numbering (``stc_original_audio_layers``).
+
+One ranking per ``importance.out``: a scan of another component, or with another method, scorer or
+metric than the ranking already there, is refused (its ``ranking.json`` would silently replace the
+other, and ``stc prune --from`` the directory would then remove other layers); give it its own
+``importance.out``.
 
 Stopping: SIGTERM/SIGUSR1 during a scan set a flag; the scan stops at the next dev batch or unit,
 the ranks agree, and the stage raises :class:`engine.errors.Resumable` (exit 75; finished units stay
@@ -21,6 +30,11 @@ journaled its n-th unit of the run, as a scheduler would.
 ``stc prune`` (rank 0): remove the layers of a ranking (or ``--layers``) with
 :func:`engine.models.surgery.drop_layers` and save a model that plain ``transformers`` reloads, with
 ``meta.json`` (kind ``model``) recording kept/removed original layers and parameter/storage counts.
+A ranking of the audio encoder (``component: audio``) removes audio-encoder layers (the first
+``prune.count`` of its removal order, or all) and no decoder layer; ``meta.json`` then records them
+under ``pruned.audio_removed`` (indices of the source model) and ``audio_removed_original`` /
+``audio_kept_original`` (original numbering), and the saved ``audio_config.encoder_layers`` counts
+the kept ones.
 The weights are saved in ``prune.dtype``; ``auto`` keeps the source checkpoint's dtype (its
 safetensors, else ``config.json``), whatever ``model.dtype`` an importance scan used, so a bf16
 checkpoint stays bf16 and the pruned model is smaller than its source.
@@ -50,9 +64,11 @@ from ..meta import (MetaError, build_meta, fingerprint_feature_extractor, finger
                     fingerprint_prompt, fingerprint_tokenizer, read_meta, write_meta)
 from ..models import surgery
 from ..models.counts import param_counts, storage_bytes
+from ..models import families
 from ..models.load import ModelLoadError, check_model_dir, detect_kind, load_model, load_processor
 from . import devset as D
 from . import journal as J
+from . import layers as L
 from . import report, scorers, search
 from .devset import ImportanceError
 
@@ -70,6 +86,27 @@ def _model_info(model_dir: Path) -> tuple[int, list[int]]:
         raise ImportanceError(f"{model_dir}/config.json has no decoder layer count (num_hidden_layers)")
     orig = t.get(surgery.ORIGINAL_KEY) or list(range(n))
     return n, list(orig)
+
+
+def _audio_info(model_dir: Path, key: str = "importance.component=audio") -> tuple[int, list[int]]:
+    """(audio-encoder layers, original index of each) from config.json, without loading weights; a
+    model without an audio encoder is refused naming ``key`` (what asked for audio layers)."""
+    with open(model_dir / "config.json", encoding="utf-8") as f:
+        c = json.load(f)
+    fam = families.detect(c, str(model_dir))
+    n = fam.audio_layer_count_of(c)
+    if n is None:
+        fix = "importance.component=decoder" if key.startswith("importance.") else "decoder layers only"
+        raise ImportanceError(f"{key} needs audio-encoder layers, but {model_dir} ({fam.title}) has no audio encoder "
+                              f"(config.json has no {fam.audio_config or 'audio_config'}."
+                              f"{fam.audio_layer_count or 'encoder_layers'}): use an audio-language model, or {fix}")
+    orig = c[fam.audio_config].get(surgery.ORIGINAL_AUDIO_KEY) or list(range(n))
+    return n, list(orig)
+
+
+def component_info(model_dir: Path, component: str) -> tuple[int, list[int]]:
+    """(layers, original index of each) of the component a scan ranks, from config.json."""
+    return _audio_info(model_dir) if component == "audio" else _model_info(model_dir)
 
 
 def _check_model_dir(path: str) -> tuple[Path, str]:
@@ -97,6 +134,8 @@ def scorer_config(recipe: cfg.Recipe, metric: str) -> dict:
     ic, mc = recipe.importance, recipe.model
     doc = {"scorer": ic.scorer, "metric": metric, "batch_size": ic.decode_batch_size, "dtype": mc.dtype,
            "quant": mc.quant, "attn_implementation": mc.attn_implementation, "max_audio_s": recipe.data.max_audio_s}
+    if ic.component != "decoder":   # decoder journals written before the key existed stay valid
+        doc["component"] = ic.component
     if ic.scorer == "task":
         doc["max_new_tokens"] = ic.max_new_tokens
     return doc
@@ -108,14 +147,18 @@ def _agree(error: str | None) -> None:
 
 
 def _compute_fn(scorer: str, model: Any, tokenizer: Any, dev: D.DevSet, metric: str, gen_cfg: Any,
-                interrupt: scorers.Interrupt = None):
+                interrupt: scorers.Interrupt = None, component: str = "decoder"):
     def compute(units):
         groups: dict[tuple[int, ...], list] = {}
         for u in units:
             groups.setdefault(tuple(u.removed), []).append(u)
         for removed, us in groups.items():
             by_c = {u.candidate: u for u in us}
-            if scorer == "nll":
+            if component == "audio":
+                for c, sc in scorers.iter_audio_scores(model, tokenizer, dev, list(by_c), removed, scorer=scorer,
+                                                       metric=metric, gen_cfg=gen_cfg, interrupt=interrupt):
+                    yield by_c[c], sc
+            elif scorer == "nll":
                 for c, sc in scorers.iter_nll_scores(model, dev, list(by_c), removed, interrupt=interrupt):
                     yield by_c[c], sc
             elif scorer == "block_influence":
@@ -128,9 +171,9 @@ def _compute_fn(scorer: str, model: Any, tokenizer: Any, dev: D.DevSet, metric: 
     return compute
 
 
-def _cost_fn(scorer: str, num_layers: int):
+def _cost_fn(scorer: str, num_layers: int, component: str = "decoder"):
     def cost(u: search.Unit) -> float:
-        if scorer != "nll":
+        if scorer != "nll" or component == "audio":   # audio: every unit runs the encoder and the whole decoder
             return 1.0
         if u.candidate is None:
             return 0.5  # cheap: it continues from the prefix the rank's candidates reached
@@ -143,15 +186,16 @@ def _cost_fn(scorer: str, num_layers: int):
 HYPOTHESES = "hypotheses"
 
 
-def hypotheses_name(u: search.Unit) -> str:
+def hypotheses_name(u: search.Unit, component: str = "decoder") -> str:
     """``hypotheses/it2-layer7-without-3.13.jsonl``: iteration 2, layer 7 removed from the model without
-    layers 3 and 13; ``it0-model.jsonl``: the unpruned model (one file per unit key)."""
-    what = "model" if u.candidate is None else f"layer{u.candidate}"
+    layers 3 and 13; ``it0-model.jsonl``: the unpruned model (one file per unit key). An audio scan's
+    candidates are ``audiolayer<i>``."""
+    what = "model" if u.candidate is None else f"{'audio' if component == 'audio' else ''}layer{u.candidate}"
     rest = "-without-" + ".".join(str(r) for r in sorted(u.removed)) if u.removed else ""
     return f"{HYPOTHESES}/it{u.iteration}-{what}{rest}.jsonl"
 
 
-def _hypotheses_writer(out: Path, dev: D.DevSet):
+def _hypotheses_writer(out: Path, dev: D.DevSet, component: str = "decoder"):
     """``Runner.annotate`` for the task scorer: write the unit's translations (before its journal record,
     so a journaled unit always has its file) and name the file in the record."""
     refs = [r for b in dev.batches for r in b.refs]
@@ -160,12 +204,21 @@ def _hypotheses_writer(out: Path, dev: D.DevSet):
         hyps = getattr(score, "hypotheses", None)
         if hyps is None:
             return {}
-        name = hypotheses_name(u)
+        name = hypotheses_name(u, component)
         atomic_write_text(out / name, "".join(
             json.dumps({"key": k, "tgt_lang": t, "ref": r, "hyp": h}, ensure_ascii=False) + "\n"
             for k, t, r, h in zip(dev.keys, dev.tgt_langs, refs, hyps)))
         return {"hypotheses": name}
     return annotate
+
+
+def _annotate(out: Path, dev: D.DevSet, scorer: str, component: str):
+    """``Runner.annotate``: the task scorer's translations file, and an audio scan's ``component`` (a
+    record without it is a decoder unit)."""
+    hyps = _hypotheses_writer(out, dev, component) if scorer == "task" else (lambda u, sc: {})
+    if component == "decoder":
+        return hyps
+    return lambda u, sc: {"component": component, **hyps(u, sc)}
 
 
 # ------------------------------------------------------------------------------------------------ stopping
@@ -232,8 +285,9 @@ def _signal_hook(rank: int) -> int | None:
 
 # ------------------------------------------------------------------------------------------------ one ranking per out
 
-def _check_same_ranking(out: Path, method: str, scorer: str, metric: str) -> None:
-    """Refuse a scan whose ``ranking.json`` would replace a ranking of another method/scorer/metric."""
+def _check_same_ranking(out: Path, method: str, scorer: str, metric: str, component: str = "decoder") -> None:
+    """Refuse a scan whose ``ranking.json`` would replace a ranking of another component, method, scorer or
+    metric (a ranking without ``component`` predates the key and ranks decoder layers)."""
     p = out / report.RANKING
     if not p.is_file():
         return
@@ -243,6 +297,15 @@ def _check_same_ranking(out: Path, method: str, scorer: str, metric: str) -> Non
         return  # not a readable ranking: nothing a later prune could take from it
     if not isinstance(doc, dict) or doc.get("kind") != "importance_ranking":
         return
+    theirs_c = doc.get("component", "decoder")
+    if theirs_c != component:
+        other = out.with_name(f"{out.name}-{component}")
+        raise ImportanceError(
+            f"{out} already holds a ranking of the {search.COMPONENT_LAYERS.get(theirs_c, theirs_c)} ({p.name}: "
+            f"component={theirs_c}); this scan ranks the {search.COMPONENT_LAYERS[component]} "
+            f"(importance.component={component}) and would replace it, and `stc prune --from {out}` would then "
+            f"remove layers of another component. Give this scan its own directory (importance.out={other}), or "
+            f"delete {p} to replace that ranking")
     theirs = (doc.get("method"), doc.get("scorer"), doc.get("metric"))
     if theirs == (method, scorer, metric):
         return
@@ -275,12 +338,21 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
     if recipe.model.kind not in ("auto", kind):   # refused now, not after the dev set is read
         raise ImportanceError(f"{model_dir} holds a {kind} model but model.kind is {recipe.model.kind!r}; set "
                               f"model.kind={kind} or auto")
-    n_layers, original = _model_info(model_dir)
-    is_audio = kind == "qwen2audio"
+    component = ic.component
+    is_audio = families.get(kind).audio
+    if component == "audio" and not is_audio:
+        raise ImportanceError(f"importance.component=audio scores audio-encoder layers, but {model_dir} holds a "
+                              f"{families.get(kind).title} model without an audio encoder: use an audio-language "
+                              f"model, or importance.component=decoder")
+    n_layers, original = component_info(model_dir, component)
 
     # Cheap checks first: dev data, metric, plan, dev/test separation.
     infos = D.dev_shards(data.shards, data.dev_split)
     samples, skipped = D.read_dev(data.shards, data, ic.max_dev_samples, is_audio)
+    if component == "audio":   # a row without audio scores the same without any audio layer: no signal
+        skipped += [(s.key, "no audio (importance.component=audio scores the audio encoder)")
+                    for s in samples if s.audio is None]
+        samples = [s for s in samples if s.audio is not None]
     if not samples:
         why = "; ".join(f"{k}: {r}" for k, r in skipped[:5]) or "the split is empty"
         raise ImportanceError(f"the dev split {data.dev_split!r} of {data.shards} has no usable samples "
@@ -298,10 +370,10 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
         if env.is_main:
             lg.warning(f"dev sample {k} skipped: {r}")
     if dry_run:
-        _check_same_ranking(out, plan.method, ic.scorer, metric)
+        _check_same_ranking(out, plan.method, ic.scorer, metric, component)
         if env.is_main:
             print(f"importance (dry run): {plan.method} search by {metric} ({ic.scorer}) over {n_layers} "
-                  f"decoder layers; remove {plan.n_remove} (forced {list(plan.forced)}), protected "
+                  f"{plan.layer_word}; remove {plan.n_remove} (forced {list(plan.forced)}), protected "
                   f"{list(plan.protected)}, candidates {plan.prunable}; {len(samples)} dev samples; out {out}")
         return None
 
@@ -317,7 +389,8 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
         fps["features"] = fx
     head = J.header(fps, {"model": str(model_dir), "dev": {"shards": str(data.shards), "split": data.dev_split,
                                                            "max_samples": ic.max_dev_samples},
-                          "scorer_config": scorer_config(recipe, metric), "num_layers": n_layers})
+                          "scorer_config": scorer_config(recipe, metric), "num_layers": n_layers,
+                          "component": component})
 
     out.mkdir(parents=True, exist_ok=True)
     # one scan per output: `stc importance` holds the lock of importance.out (engine.lock)
@@ -326,8 +399,9 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
     state, err = None, None
     if env.is_main:
         try:
-            state = J.read(out, fps, metric)  # another scorer or metric: refused here, naming what differs
-            _check_same_ranking(out, plan.method, ic.scorer, metric)
+            # another component, scorer or metric: refused here, naming what differs
+            state = J.read(out, fps, metric, component=component)
+            _check_same_ranking(out, plan.method, ic.scorer, metric, component)
         except ImportanceError as e:
             err = str(e)
     _agree(err)
@@ -345,8 +419,14 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
     model = load_model(recipe.model, device=device if device.type == "cuda" else None)
     stop.agree("while the model was loading")
     t0 = time.perf_counter()
+    if component == "audio":
+        try:
+            L.audio_layer_list(model)
+        except surgery.SurgeryError as e:
+            raise ImportanceError(f"importance.component=audio: {e}") from None
     dev = D.prepare(model, processor, samples, data, batch_size=ic.decode_batch_size,
-                    teacher_forced=ic.scorer != "task", prompt_only=ic.scorer == "task")
+                    teacher_forced=ic.scorer != "task", prompt_only=ic.scorer == "task",
+                    keep_features=component == "audio")
     if dev.n_samples == 0:
         why = "; ".join(f"{k}: {r}" for k, r in dev.skipped[:5])
         raise ImportanceError(f"the dev split {data.dev_split!r} has no usable samples after building prompts ({why})")
@@ -370,10 +450,11 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
             if signal_after is not None and runner.computed == signal_after:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        runner = search.Runner(compute=_compute_fn(ic.scorer, model, tokenizer, dev, metric, gen_cfg, stop.check),
-                               writer=writer, done=dict(state.units), cost=_cost_fn(ic.scorer, n_layers),
+        runner = search.Runner(compute=_compute_fn(ic.scorer, model, tokenizer, dev, metric, gen_cfg, stop.check,
+                                                   component),
+                               writer=writer, done=dict(state.units), cost=_cost_fn(ic.scorer, n_layers, component),
                                on_unit=on_unit, on_start=on_start, stop=stop,
-                               annotate=_hypotheses_writer(out, dev) if ic.scorer == "task" else lambda u, sc: {})
+                               annotate=_annotate(out, dev, ic.scorer, component))
         dist.barrier()
         t_scan = time.perf_counter()
         result = search.run_search(plan, runner, lg if env.is_main else None)
@@ -385,7 +466,8 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
                                        "skipped": runner.skipped, **dist.provenance()})
     angular = None
     if ic.scorer == "block_influence" and env.is_main:
-        bi = scorers.block_influence(model, dev, (), [plan.n_remove])
+        bi = (scorers.audio_block_influence if component == "audio" else scorers.block_influence)(
+            model, dev, (), [plan.n_remove])
         angular = {str(k): {str(c): v for c, v in vals.items()} for k, vals in bi.angular.items()}
     doc = None
     if env.is_main:
@@ -395,7 +477,8 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
         write_meta(out, build_meta("journal", fingerprints=fps, config=recipe, ranking=report.RANKING,
                                    journal_files=sorted(p.name for p in out.glob(J.JOURNAL_GLOB)),
                                    journal_problems=state.problems, units=doc["scan"], method=plan.method,
-                                   metric=metric, removed=result.removed))
+                                   metric=metric, removed=result.removed, component=component,
+                                   removed_original=doc["removed_original"]))
         cfg.save_resolved(recipe, out)
         _print_summary(doc, out)
     dist.barrier()
@@ -407,7 +490,8 @@ def ranking_doc(result: search.Result, plan: search.Plan, recipe: cfg.Recipe, *,
                 angular: dict | None, skipped: list) -> dict:
     kept = [i for i in range(plan.num_layers) if i not in result.removed]
     return {
-        "schema": 1, "kind": "importance_ranking", "method": plan.method, "scorer": recipe.importance.scorer,
+        "schema": 1, "kind": "importance_ranking", "component": plan.component, "method": plan.method,
+        "scorer": recipe.importance.scorer,
         "metric": plan.metric, "higher_is_better": plan.higher_is_better, "model": str(model_dir),
         "num_layers": plan.num_layers, "protected": list(plan.protected), "forced": list(plan.forced),
         "target_remove": plan.n_remove, "stop_below": plan.stop_below, "shortlist": plan.shortlist,
@@ -453,9 +537,10 @@ def _print_summary(doc: dict, out: Path, console: Any = None) -> None:
     from rich.table import Table
 
     con = console if console is not None else log.console
-    title = f"{doc['method']} importance by {doc['metric']}: removal order"
+    audio = doc.get("component") == "audio"
+    title = f"{doc['method']} {'audio-encoder layer ' if audio else ''}importance by {doc['metric']}: removal order"
     if doc.get("block"):
-        title = f"middle block of {len(doc['block'])} layers by {doc['metric']}"
+        title = f"middle block of {len(doc['block'])} {'audio-encoder ' if audio else ''}layers by {doc['metric']}"
     rows = summary_rows(doc)
     heads = ("step", "layer", "original", doc["metric"], "of unpruned")
     t = Table(title=title, title_justify="left")
@@ -489,6 +574,9 @@ def _ranking_layers(path: str, model_fp: dict, count: int) -> tuple[list[int], d
         raise ImportanceError(f"{p} is not valid JSON ({e.msg}); rerun `stc importance`") from None
     if doc.get("kind") != "importance_ranking" or not isinstance(doc.get("removed"), list):
         raise ImportanceError(f"{p} is not a ranking written by `stc importance`")
+    if doc.get("component", "decoder") not in search.COMPONENT_LAYERS:
+        raise ImportanceError(f"{p} ranks layers of an unknown component {doc.get('component')!r} (one of "
+                              f"{', '.join(search.COMPONENT_LAYERS)}); rerun `stc importance`")
     theirs = doc.get("fingerprints") or {}
     diff = [k for k in ("model", "weights") if theirs.get(k) != model_fp[k]]
     if diff:
@@ -498,7 +586,8 @@ def _ranking_layers(path: str, model_fp: dict, count: int) -> tuple[list[int], d
     layers = list(doc["removed"])
     if count:
         if count > len(layers):
-            raise ImportanceError(f"prune.count={count} but the ranking removes only {len(layers)} layers")
+            raise ImportanceError(f"prune.count={count} but the ranking removes only {len(layers)} "
+                                  f"{search.COMPONENT_LAYERS[doc.get('component', 'decoder')]}")
         layers = layers[:count]
     return layers, doc
 
@@ -570,8 +659,15 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
     if pc.ranking and pc.layers:
         raise ImportanceError("give a ranking (--from / prune.ranking) or layers (--layers / prune.layers), not both")
     ranking_doc_ = None
+    audio_remove = list(pc.prune_audio_layers)
     if pc.ranking:
         layers, ranking_doc_ = _ranking_layers(pc.ranking, src_fp, pc.count)
+        if ranking_doc_.get("component") == "audio":
+            if audio_remove:
+                raise ImportanceError(f"{pc.ranking} ranks audio-encoder layers (component=audio), and "
+                                      f"prune.prune_audio_layers={audio_remove} names audio layers too: give one of "
+                                      f"them, not both")
+            layers, audio_remove = [], layers
     elif pc.layers:
         layers = list(pc.layers)
     else:
@@ -590,12 +686,29 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
         layers = surgery.normalise_indices(layers, n_layers)
     except surgery.SurgeryError as e:
         raise ImportanceError(f"prune layers: {e}") from None
+    audio_original: list[int] | None = None
+    if audio_remove:   # checked against config.json before any weight is read
+        where = f"prune.ranking={pc.ranking} (component=audio)" if ranking_doc_ is not None and \
+            not pc.prune_audio_layers else "prune.prune_audio_layers"
+        n_audio, audio_original = _audio_info(model_dir, where)
+        try:
+            audio_remove = surgery.normalise_indices(audio_remove, n_audio, "audio layer")
+        except surgery.SurgeryError as e:
+            raise ImportanceError(f"{where}: {e}") from None
+        if len(audio_remove) >= n_audio:
+            raise ImportanceError(f"{where}: removing all {n_audio} audio-encoder layers leaves no encoder")
+    else:
+        with contextlib.suppress(ImportanceError):   # a text-only model has none: no audio fields
+            _, audio_original = _audio_info(model_dir)
     dtype, dtype_why = prune_dtype(pc, recipe.model, model_dir)
     if dry_run:
-        print(f"prune (dry run): remove decoder layer(s) {[original[i] for i in layers]} (original "
-                          f"numbering; indices {layers} of {n_layers}) from {model_dir}"
-                          + (f" and audio layer(s) {list(pc.prune_audio_layers)}" if pc.prune_audio_layers else "")
-                          + f"; write {out} in {dtype} ({dtype_why})")
+        what = (f"decoder layer(s) {[original[i] for i in layers]} (original numbering; indices {layers} of "
+                f"{n_layers})") if layers or not audio_remove else ""
+        if audio_remove:
+            what += (" and " if what else "") + (
+                f"audio-encoder layer(s) {[audio_original[i] for i in audio_remove]} (original numbering; indices "
+                f"{audio_remove} of {len(audio_original)})")
+        print(f"prune (dry run): remove {what} from {model_dir}; write {out} in {dtype} ({dtype_why})")
         return None
     t_start = time.monotonic()      # meta.json "seconds" (x "world_size" 1): the device time stc report shows
     # loaded in the dtype it is saved in: nothing is computed, and a bf16 source never takes fp32 memory
@@ -603,7 +716,7 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
     before = param_counts(model)
     bytes_before = storage_bytes(model_dir)
     try:
-        kept_original = surgery.drop_layers(model, layers, audio_remove=pc.prune_audio_layers)
+        kept_original = surgery.drop_layers(model, layers, audio_remove=audio_remove)
     except surgery.SurgeryError as e:
         raise ImportanceError(str(e)) from None
     after = param_counts(model)
@@ -613,7 +726,12 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
     surgery.save_pruned(model, tmp, processor)
     removed_original = [original[i] for i in layers]
     pruned = {"removed": layers, "removed_original": removed_original, "kept_original": kept_original,
-              "audio_removed": list(pc.prune_audio_layers), "source": str(model_dir),
+              "audio_removed": audio_remove,
+              "audio_removed_original": None if audio_original is None else [audio_original[i] for i in audio_remove],
+              "audio_kept_original": None if audio_original is None else
+              [a for i, a in enumerate(audio_original) if i not in audio_remove],
+              "ranking_component": ranking_doc_.get("component", "decoder") if ranking_doc_ else None,
+              "source": str(model_dir),
               "ranking": str(pc.ranking) if pc.ranking else None,
               "ranking_metric": ranking_doc_.get("metric") if ranking_doc_ else None,
               "ranking_method": ranking_doc_.get("method") if ranking_doc_ else None,
@@ -636,7 +754,11 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     b, a = counts["before"], counts["after"]
-    lg.info(f"pruned {len(layers)} decoder layer(s) {removed_original} (original numbering) from {model_dir}: "
+    what = f"{len(layers)} decoder layer(s) {removed_original}"
+    if audio_remove:
+        what = (what + " and " if layers else "") + \
+            f"{len(audio_remove)} audio-encoder layer(s) {pruned['audio_removed_original']}"
+    lg.info(f"pruned {what} (original numbering) from {model_dir}: "
             f"params {b['total']:,} -> {a['total']:,} ({100 * a['total'] / b['total']:.1f}%), storage "
             f"{b['storage_bytes']:,} -> {a['storage_bytes']:,} bytes ({dtype}, {dtype_why}); wrote {out}")
     return {"out": str(out), **pruned, "params": counts}
