@@ -63,6 +63,7 @@ from .importance.devset import ImportanceError
 from .io import atomic_open, atomic_write_json
 from .meta import (build_meta, fingerprint_feature_extractor, fingerprint_model, fingerprint_obj,
                    fingerprint_tokenizer, write_meta)
+from .models import families
 from .models.counts import param_counts, storage_bytes
 from .models.load import ModelLoadError, check_model_dir, detect_kind, is_quantized, load_model, load_processor
 
@@ -402,7 +403,7 @@ def _run(recipe: cfg.Recipe, env: dist.DistEnv) -> dict[str, dict]:
     data = replace(recipe.data, dev_split=split)
     samples_by_audio: dict[bool, tuple[list, list]] = {}
     try:
-        for audio in sorted({k == "qwen2audio" for k in kinds.values()}):
+        for audio in sorted({families.get(k).audio for k in kinds.values()}):
             samples_by_audio[audio] = D.read_dev(recipe.data.shards, data, ec.max_samples, audio)
     except D.ImportanceError as e:
         raise EvalError(str(e)) from None
@@ -416,7 +417,7 @@ def _run(recipe: cfg.Recipe, env: dist.DistEnv) -> dict[str, dict]:
             lg.warning(n)
     results: dict[str, dict] = {}
     for s in syss:
-        samples, skipped = samples_by_audio[kinds[s.name] == "qwen2audio"]
+        samples, skipped = samples_by_audio[families.get(kinds[s.name]).audio]
         doc = _evaluate_system(recipe, env, s, split, infos, list(samples), list(skipped), notes, lg)
         if doc is not None:
             results[s.name] = doc
@@ -540,6 +541,10 @@ def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: st
         warnings.append(comet_err)
     for d in directions:
         directions[d]["comet"] = comet[d]
+    trim_warn = trimmed_vocab_warning(s.path, split)
+    if trim_warn:
+        lg.warning(f"{s.name}: {trim_warn}")
+        warnings.append(trim_warn)
     counts = param_counts(model)
     n_tok = sum(n for _, n in rows_by_idx.values())
     wall = max(g["seconds"] for g in gathered)
@@ -573,6 +578,31 @@ def _evaluate_system(recipe: cfg.Recipe, env: dist.DistEnv, s: System, split: st
     lg.info(f"{s.name}: {len(rows)} sentences in {wall:.2f}s on {env.world_size} rank(s); wrote {sdir}")
     dist.barrier()
     return doc
+
+
+def trimmed_vocab_warning(model_dir: str | Path, split: str) -> str | None:
+    """A warning when ``model_dir`` holds a vocabulary-trimmed export (``vocab_map.json``) under which
+    texts of ``split`` no longer encode as before trimming (the export's check of that split); None
+    otherwise. Such a system is not scored on the untrimmed model's inputs: a dropped token falls back
+    to smaller pieces."""
+    p = Path(model_dir) / "vocab_map.json"
+    if not p.is_file():
+        return None
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return f"{p} is not readable JSON: cannot tell whether the trimmed vocabulary encodes the {split!r} split"
+    v = (doc.get("verify") or {}).get(split)
+    if not isinstance(v, dict):
+        return (f"vocabulary trimmed to {doc.get('new_vocab_size')} tokens, but the export did not check the "
+                f"{split!r} split: some of its texts may encode differently than before trimming")
+    if not v.get("differ"):
+        return None
+    return (f"vocabulary trimmed from {doc.get('old_vocab_size'):,} to {doc.get('new_vocab_size'):,} tokens: "
+            f"{v['differ']} of {v['sentences']} texts of the {split!r} split (prompts, sources, references) encode "
+            f"differently than before trimming ({v.get('tokens_old'):,} -> {v.get('tokens_new'):,} tokens; a "
+            f"dropped token falls back to smaller pieces), so this system does not see the untrimmed model's "
+            f"inputs; trim with a corpus that covers the languages, not only the train split")
 
 
 def batch1_latency(model: Any, processor: Any, tok: Any, samples: Sequence[Any], data: cfg.DataConfig,

@@ -113,6 +113,20 @@ def test_bleu_tokenizer_choice():
     assert E.bleu_tokenizer("zh", "char") == ("char", None)
 
 
+def test_trimmed_vocabulary_warning_from_the_exports_check(tmp_path):
+    """A trimmed export whose check found test texts encoding differently is scored with a warning naming
+    the counts; an untrimmed model, or a trimmed one that encodes the split unchanged, has none."""
+    assert E.trimmed_vocab_warning(tmp_path, "test") is None
+    vm = {"old_vocab_size": 151936, "new_vocab_size": 6019,
+          "verify": {"test": {"differ": 918, "sentences": 1200, "tokens_old": 23488, "tokens_new": 26474},
+                     "dev": {"differ": 0, "sentences": 600, "tokens_old": 10, "tokens_new": 10}}}
+    (tmp_path / "vocab_map.json").write_text(json.dumps(vm))
+    w = E.trimmed_vocab_warning(tmp_path, "test")
+    assert "918 of 1200" in w and "'test'" in w and "151,936 to 6,019" in w
+    assert E.trimmed_vocab_warning(tmp_path, "dev") is None
+    assert "did not check the 'valid' split" in E.trimmed_vocab_warning(tmp_path, "valid")
+
+
 def test_derangement_and_batches_cover_every_sample_once():
     for n in (2, 3, 7, 20):
         p = E.derangement(n, seed=0)

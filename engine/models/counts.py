@@ -115,14 +115,13 @@ def meta_model(config: Any, kind: str, trust_remote_code: bool = False) -> Any:
     """The model class for ``kind`` built from ``config`` on the meta device: shapes, no memory."""
     import torch
 
+    from . import families
+
+    cls = families.get(kind).model_cls()
     with torch.device("meta"):
-        if kind == "qwen2audio":
-            from transformers import Qwen2AudioForConditionalGeneration
-
-            return Qwen2AudioForConditionalGeneration._from_config(config)
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        if hasattr(cls, "from_config"):   # Auto classes
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls._from_config(config)
 
 
 def meta_param_counts(mc: Any, mode: str, lora: Any) -> tuple[int, int, Any]:

@@ -36,12 +36,11 @@ from typing import Any, Iterable
 from .. import compat
 from ..config import LoraConfig, ModelConfig
 from ..errors import StcError
+from . import families
 
 log = logging.getLogger("stc")
 
-KINDS = ("qwen2audio", "causal_lm")
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-_AUDIO_TOWER = "audio_tower"
 _KNOWN_ATTN = ("eager", "sdpa", "flash_attention", "flex_attention", "paged")
 
 
@@ -91,36 +90,32 @@ def _read_config(p: Path) -> dict:
         raise ModelLoadError(f"{p / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def detect_kind(path: str | os.PathLike) -> str:
-    """``"qwen2audio"`` or ``"causal_lm"`` from ``config.json``'s ``model_type`` / ``architectures``."""
+def detect_family(path: str | os.PathLike) -> families.Family:
+    """The model family (:mod:`engine.models.families`) of the checkpoint at ``path``, from its
+    ``config.json``'s ``model_type`` / ``architectures``; an unsupported one names the supported ones."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"model directory {p} does not exist; {_fetch_hint(p)}")
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"{p} has no config.json; cannot tell what model it holds")
-    cfg = _read_config(p)
-    archs = cfg.get("architectures") or []
-    mtype = cfg.get("model_type", "")
-    if mtype == "qwen2_audio" or "Qwen2AudioForConditionalGeneration" in archs:
-        return "qwen2audio"
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        return "causal_lm"
-    if not archs and mtype:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    try:
+        return families.detect(_read_config(p), str(p))
+    except families.UnsupportedModel as e:
+        raise ModelLoadError(str(e)) from None
 
-        if mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            return "causal_lm"
-    raise ModelLoadError(f"{p}: model_type {mtype!r} / architectures {archs} is neither Qwen2-Audio nor a "
-                         "causal LM; stc-engine handles Qwen2AudioForConditionalGeneration and *ForCausalLM")
+
+def detect_kind(path: str | os.PathLike) -> str:
+    """The family's ``model.kind`` (``"qwen2audio"``, ``"causal_lm"``, ...) of the checkpoint at ``path``."""
+    return detect_family(path).kind
 
 
 def load_processor(path: str | os.PathLike) -> Any:
     """``AutoProcessor`` (feature extractor + tokenizer + chat template) for audio models, the tokenizer
-    for causal LMs. Local files only."""
+    for text LMs. Local files only."""
     p = Path(path).expanduser()
-    kind = detect_kind(p)
+    fam = detect_family(p)
     try:
-        if kind == "qwen2audio":
+        if fam.audio:
             from transformers import AutoProcessor
 
             return AutoProcessor.from_pretrained(p, local_files_only=True)
@@ -128,9 +123,9 @@ def load_processor(path: str | os.PathLike) -> Any:
 
         return AutoTokenizer.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{p}: cannot load the {'processor' if kind == 'qwen2audio' else 'tokenizer'} "
+        raise ModelLoadError(f"{p}: cannot load the {'processor' if fam.audio else 'tokenizer'} "
                              f"({e}); the directory needs tokenizer.json/tokenizer_config.json"
-                             f"{' and preprocessor_config.json' if kind == 'qwen2audio' else ''}") from e
+                             f"{' and preprocessor_config.json' if fam.audio else ''}") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,10 +257,10 @@ def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = Fal
     """
     compat.check_versions()
     p = check_model_dir(cfg.path)
-    kind = detect_kind(p)
-    if cfg.kind != "auto" and cfg.kind != kind:
-        raise ModelLoadError(f"{p} holds a {kind} model but model.kind is {cfg.kind!r}; "
-                             f"set model.kind={kind} or auto")
+    fam = detect_family(p)
+    if cfg.kind != "auto" and cfg.kind != fam.kind:
+        raise ModelLoadError(f"{p} holds a {fam.title} model (model.kind={fam.kind}) but model.kind is {cfg.kind!r}; "
+                             f"set model.kind={fam.kind} or auto")
     dtype = torch_dtype(cfg.dtype)
     quantized = cfg.quant == "nf4" or quantization is not None
     if cfg.quant not in ("none", "nf4"):
@@ -273,10 +268,7 @@ def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = Fal
     if device is None:
         device = _default_device(quantized)
 
-    if kind == "qwen2audio":
-        from transformers import Qwen2AudioForConditionalGeneration as cls
-    else:
-        from transformers import AutoModelForCausalLM as cls
+    cls = fam.model_cls()
     kwargs: dict[str, Any] = dict(compat.dtype_kwargs(dtype), local_files_only=True,
                                   trust_remote_code=cfg.trust_remote_code)
     if quantization is not None:
@@ -409,13 +401,14 @@ def lora_targets(model: Any, lora: LoraConfig) -> list[str]:
     import torch
 
     skip = _output_module_names(model)
+    tower = set(families.encoder_modules())
     wanted = None if lora.target.strip().lower() == "all-linear" else \
         {t.strip() for t in lora.target.split(",") if t.strip()}
     names, leaves = [], set()
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or name in skip:
             continue
-        if not lora.include_audio_tower and _AUDIO_TOWER in name.split("."):
+        if not lora.include_audio_tower and tower & set(name.split(".")):
             continue
         leaves.add(name.rsplit(".", 1)[-1])
         if wanted is None or name.rsplit(".", 1)[-1] in wanted:

@@ -50,13 +50,21 @@ from typing import Any, Iterable, Sequence
 from ..config import EXPORT_QUANTIZABLE as QUANTIZABLE
 from ..config import EXPORT_SCHEMES as SCHEMES
 from ..config import export_choice_problem
+from . import families
 
 COMPONENTS = ("encoder", "projector", "embeddings", "decoder", "lm_head", "norms")
 
-# name fragment -> component, first match wins (audio layers are "layers" too: the tower comes first)
+
+
+def _part(names: Iterable[str]) -> re.Pattern:
+    return re.compile(r"(^|\.)(" + "|".join(re.escape(n) for n in names) + r")(\.|$)")
+
+
+# name fragment -> component, first match wins (audio layers are "layers" too: the encoder comes first);
+# the encoder and projector module names come from the model families (engine.models.families)
 _COMPONENT_PATTERNS = (
-    (re.compile(r"(^|\.)audio_tower(\.|$)"), "encoder"),
-    (re.compile(r"(^|\.)multi_modal_projector(\.|$)"), "projector"),
+    (_part(families.encoder_modules()), "encoder"),
+    (_part(families.projector_modules()), "projector"),
     (re.compile(r"(^|\.)embed_tokens(\.|$)"), "embeddings"),
     (re.compile(r"(^|\.)lm_head(\.|$)"), "lm_head"),
     (re.compile(r"(^|\.)layers\.\d+(\.|$)"), "decoder"),

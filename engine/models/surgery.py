@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import StcError
+from . import families
 
 ORIGINAL_KEY = "stc_original_layers"
 ORIGINAL_AUDIO_KEY = "stc_original_audio_layers"
@@ -68,17 +69,37 @@ def _layer_list(model: nn.Module, paths: tuple[str, ...]) -> nn.ModuleList | Non
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's layer list for Qwen2-Audio-class models and HF decoder-only LMs."""
-    found = _layer_list(model, ("model.language_model.layers", "language_model.model.layers", "model.layers",
-                                "transformer.h", "model.decoder.layers"))
+    """The decoder's layer list: ``model.get_decoder().layers`` when the model exposes it (peft wrappers
+    pass it through), else the first of the registered families' paths (:mod:`engine.models.families`)."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        dec = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        dec = None
+    found = getattr(dec, "layers", None) if dec is not None else None
+    if isinstance(found, nn.ModuleList) and len(found) > 0:
+        return found
+    found = _layer_list(model, families.decoder_paths())
     if found is None:
-        raise SurgeryError(f"cannot find the decoder layers of {type(model).__name__}; supported: Qwen2-Audio-class "
-                           "models and Hugging Face decoder-only LMs (model.layers)")
+        raise SurgeryError(f"cannot find the decoder layers of {type(model).__name__}; supported: "
+                           f"{families.supported()}")
     return found
 
 
 def audio_layers(model: nn.Module) -> nn.ModuleList | None:
-    return _layer_list(model, ("model.audio_tower.layers", "audio_tower.layers"))
+    """The audio encoder's layer list (None for a model without one)."""
+    fam = families.of_model(model)
+    paths = fam.audio_layer_paths if fam is not None and fam.audio_layer_paths else families.audio_layer_paths()
+    return _layer_list(model, paths)
+
+
+def audio_config(model: nn.Module) -> tuple[Any, str]:
+    """(config object, field) that counts the audio encoder's layers of a loaded model."""
+    fam = families.of_model(model)
+    if fam is None or not fam.audio_config:
+        raise SurgeryError(f"{type(model).__name__} has no audio encoder config; audio families: "
+                           f"{', '.join(f.title for f in families.registry().values() if f.audio)}")
+    return getattr(model.config, fam.audio_config), fam.audio_layer_count
 
 
 def normalise_indices(indices: Iterable[int], n: int, what: str = "layer") -> list[int]:
@@ -150,7 +171,8 @@ def drop_layers(model: nn.Module, remove: Iterable[int], audio_remove: Iterable[
         kept_a = [alayers[i] for i in akeep]
         _renumber(kept_a)
         _replace_list(model, alayers, nn.ModuleList(kept_a))
-        _trim_config(model.config.audio_config, akeep, "encoder_layers", ORIGINAL_AUDIO_KEY)
+        acfg, count_key = audio_config(model)
+        _trim_config(acfg, akeep, count_key, ORIGINAL_AUDIO_KEY)
     return list(getattr(tcfg, ORIGINAL_KEY))
 
 

@@ -1,0 +1,97 @@
+"""The model-family registry: detection from config.json, refusal of unknown families naming the supported
+ones, model.kind validation, and the layer lists every stage finds through it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import config as cfg
+from engine.models import families
+from engine.models.load import ModelLoadError, detect_family, detect_kind
+
+
+def _write(tmp_path, doc):
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    return tmp_path
+
+
+@pytest.mark.parametrize("doc,kind", [
+    ({"model_type": "qwen2_audio", "architectures": ["Qwen2AudioForConditionalGeneration"]}, "qwen2audio"),
+    ({"model_type": "qwen2_audio"}, "qwen2audio"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "causal_lm"),
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "causal_lm"),
+    ({"model_type": "mistral"}, "causal_lm"),                  # no architectures: the causal-LM auto mapping
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "causal_lm"),
+])
+def test_detect_recognises_each_registered_family(tmp_path, doc, kind):
+    assert detect_kind(_write(tmp_path, doc)) == kind
+    assert families.detect(doc).kind == kind
+
+
+def test_an_unsupported_family_is_refused_naming_the_supported_ones(tmp_path):
+    doc = {"model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"]}
+    with pytest.raises(ModelLoadError) as e:
+        detect_family(_write(tmp_path, doc))
+    msg = str(e.value)
+    assert "whisper" in msg and str(tmp_path) in msg
+    for fam in families.registry().values():
+        assert fam.title in msg and fam.model_class in msg
+
+
+@pytest.mark.parametrize("doc", [
+    {"model_type": "phi4_multimodal", "architectures": ["Phi4MultimodalForCausalLM"]},   # not a text LM
+    {"model_type": "gemma3n", "architectures": ["Gemma3nForConditionalGeneration"]},
+    {"model_type": "qwen3_omni_moe"},
+])
+def test_known_but_unsupported_families_are_refused_with_the_reason(doc):
+    with pytest.raises(families.UnsupportedModel) as e:
+        families.detect(doc)
+    assert families.REFUSED[doc["model_type"]] in str(e.value) and "Qwen2-Audio" in str(e.value)
+
+
+def test_model_kind_is_checked_against_the_registry():
+    assert cfg.resolve({}, ["model.kind=qwen2audio"]).model.kind == "qwen2audio"
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.resolve({}, ["model.kind=voxtral"])
+    assert "model.kind" in str(e.value) and "qwen2audio" in str(e.value) and "causal_lm" in str(e.value)
+
+
+def test_registry_is_consistent():
+    reg = families.registry()
+    assert list(reg) == list(families.kinds()) and reg["causal_lm"] is list(reg.values())[-1]   # catch-all last
+    for fam in reg.values():
+        assert fam.model_cls() is not None                          # the class exists in this transformers
+        if fam.audio:
+            assert fam.audio_layer_paths and fam.audio_config and fam.audio_layer_count and fam.audio_inputs
+            assert fam.encoder_modules and fam.projector_modules
+    assert families.get("qwen2audio").audio_layer_count_of(
+        {"audio_config": {"encoder_layers": 32}}) == 32
+    assert families.get("causal_lm").audio_layer_count_of({"num_hidden_layers": 4}) is None
+    with pytest.raises(families.UnsupportedModel, match="one of auto, qwen2audio"):
+        families.get("nope")
+
+
+def test_loaded_models_resolve_their_family_and_layers(tmp_path):
+    """The tiny models of both families: family by class (also through a peft wrapper), decoder layers
+    through get_decoder(), audio layers and the config field that counts them."""
+    from peft import LoraConfig, get_peft_model
+
+    from engine.models import surgery
+    from engine.models.storage import component_of
+    from engine.models.tiny import make_tiny_causal_lm, make_tiny_qwen2audio
+
+    audio, _ = make_tiny_qwen2audio(num_layers=3, audio_layers=2)
+    text, _ = make_tiny_causal_lm(num_layers=3)
+    assert families.of_model(audio).kind == "qwen2audio" and families.of_model(text).kind == "causal_lm"
+    assert surgery.decoder_layers(audio) is audio.get_decoder().layers and len(surgery.decoder_layers(audio)) == 3
+    assert surgery.decoder_layers(text) is text.get_decoder().layers
+    assert len(surgery.audio_layers(audio)) == 2 and surgery.audio_layers(text) is None
+    acfg, key = surgery.audio_config(audio)
+    assert getattr(acfg, key) == 2
+    with pytest.raises(surgery.SurgeryError, match="no audio encoder"):
+        surgery.audio_config(text)
+    wrapped = get_peft_model(audio, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert families.of_model(wrapped).kind == "qwen2audio"
+    names = {component_of(n) for n, _ in audio.named_parameters()}
+    assert {"encoder", "projector", "decoder", "embeddings"} <= names
