@@ -290,12 +290,13 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
 
     def evaluate(system: str, model: Path, model_in: Input, *, label: str, removal: float, healing: str,
                  quant: str, removed_from: str | list[str] = "", shuffle: bool = False, removed: int = 0,
-                 storage: str = "") -> Step:
+                 storage: str = "", storage_of: str = "") -> Step:
         ovs = [*common, f"evaluate.out={eval_out}", f"evaluate.models={_list([f'{system}={model}'])}",
                f"evaluate.shuffle_audio={'true' if shuffle else 'false'}"]
         return make(f"eval-{system}", "evaluate", ovs, (model_in, ext_data),
                     system={"name": system, "label": label, "removal": removal, "healing": healing, "quant": quant,
-                            "removed_from": removed_from, "model": str(model), "storage": storage},
+                            "removed_from": removed_from, "model": str(model), "storage": storage,
+                            **({"storage_of": storage_of} if storage_of else {})},
                     removed=removed)
 
     steps.append(evaluate("teacher", teacher, t_in, label="teacher", removal=0.0, healing="none",
@@ -405,7 +406,7 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
                                       Input(sexp / "meta.json", sstep.name, "the exported student"),
                                       label=f"{p}% removed, {kd_label}, {tag.replace('-', ' + ')}", removal=r,
                                       healing=kd_healing, quant=squant, removed_from=f"prune-{p}", removed=k,
-                                      storage=tag)]
+                                      storage=tag, storage_of=f"kd-{p}")]
         for v in (pc.variants if i == 0 else ()):
             if v not in variants:
                 continue

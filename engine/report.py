@@ -160,7 +160,8 @@ def plan_systems(recipe: cfg.Recipe) -> dict[str, dict]:
         sysd = s.get("system")
         if not isinstance(sysd, dict) or not sysd.get("name"):
             continue
-        info = {k: sysd.get(k) for k in ("name", "label", "removal", "healing", "quant", "model", "storage")}
+        info = {k: sysd.get(k) for k in ("name", "label", "removal", "healing", "quant", "model", "storage",
+                                         "storage_of")}
         info["step"] = s["step"]
         removed: list = []
         froms = sysd.get("removed_from") or []      # a prune step, or the chain of them of a pruned-in-steps student
@@ -973,6 +974,7 @@ def markdown(doc: Mapping[str, Any], configs: Mapping[str, Any]) -> str:
               "![primary metric per system](" + PLOT_PRIMARY + ")", ""]
 
     L += frontier_markdown(doc.get("frontier") or {})
+    L += storage_agreement_markdown(doc.get("storage_agreement") or [])
     if doc["plots"] and doc.get("frontier"):
         L += ["![quality against bytes on disk](" + PLOT_FRONTIER + ")", ""]
     L += ["## Quality bars", ""]
@@ -1191,6 +1193,53 @@ def frontier(directions: list[str], rows: list[dict], sig: list[dict], reference
     return out
 
 
+def storage_agreement(systems: list[dict], directions: list[str]) -> list[dict]:
+    """For every system that is another export of a system in the report (``storage_of``: the same trained
+    weights stored with other levers), per direction: how many test sentences get the same greedy
+    translation from both (a lossless lever, such as a vocabulary trim that encodes every input as before,
+    gives all of them), with up to three that differ."""
+    by_name = {s["name"]: s for s in systems}
+    out = []
+    for s in systems:
+        base = by_name.get(s["info"].get("storage_of") or "")
+        if base is None:
+            continue
+        pa, pb = base["dir"] / HYPOTHESES, s["dir"] / HYPOTHESES
+        if not (pa.is_file() and pb.is_file()):
+            continue
+        ha, hb = read_hypotheses(pa), read_hypotheses(pb)
+        for d in directions:
+            a, b = ha.get(d) or {}, hb.get(d) or {}
+            keys = sorted(set(a) & set(b))
+            if not keys:
+                continue
+            differ = [k for k in keys if a[k][1] != b[k][1]]
+            out.append({"system": s["name"], "of": base["name"], "direction": d, "n": len(keys),
+                        "same": len(keys) - len(differ),
+                        "examples": [{"key": k, base["name"]: a[k][1], s["name"]: b[k][1]} for k in differ[:3]]})
+    return out
+
+
+def storage_agreement_markdown(agree: list[dict]) -> list[str]:
+    if not agree:
+        return []
+    L = ["### The same weights, stored otherwise: identical greedy translations", "",
+         "| system | export of | direction | identical | of |", "|---|---|---|---:|---:|"]
+    for a in agree:
+        L.append(f"| {a['system']} | {a['of']} | {a['direction']} | {a['same']} | {a['n']} |")
+    ex = [(a, e) for a in agree for e in a["examples"][:1]]
+    if ex:
+        L += ["", "First difference per row:", ""]
+        for a, e in ex:
+            L.append(f"- {a['system']} {a['direction']} `{e['key']}`: {a['of']}: {_clip(e[a['of']])!r}; "
+                     f"{a['system']}: {_clip(e[a['system']])!r}")
+    return L + [""]
+
+
+def _clip(t: str, n: int = 80) -> str:
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
 def plot_frontier(front: Mapping[str, list[dict]], reference: str) -> bytes:
     """Quality against bytes on disk (log axis), one panel per direction: each system a numbered point with
     the 95% interval of its difference to the reference drawn around the score, the Pareto front as a
@@ -1346,7 +1395,8 @@ def build(recipe: cfg.Recipe) -> tuple[dict, dict]:
            "importance": importance_section(rank), "importance_plot": False, "plots": bool(rc.plots),
            "signatures": sigs, "warnings": warnings, "metric_warnings": metric_warnings,
            "bootstrap": rc.bootstrap, "seed": recipe.run.seed, "significance": sig, "rankings": rankings,
-           "frontier": frontier(directions, rows, sig, rc.reference)}
+           "frontier": frontier(directions, rows, sig, rc.reference),
+           "storage_agreement": storage_agreement(systems, directions)}
     return doc, config_diffs(runs, edir, rank, pipeline_config(recipe))
 
 

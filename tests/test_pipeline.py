@@ -175,6 +175,7 @@ def test_plan_storage_levers_export_each_kd_student_again(tiny):
         assert "export.quant=int8" in by[f"export-kd-{p}-int8"].overrides
         ev = by[f"eval-kd-{p}-trim"]
         assert ev.deps == (f"export-kd-{p}-trim",) and ev.system["storage"] == "trim"
+        assert ev.system["storage_of"] == f"kd-{p}" and "storage_of" not in by[f"eval-kd-{p}"].system
         assert ev.system["healing"] == by[f"eval-kd-{p}"].system["healing"]
         assert by[f"eval-kd-{p}-int8"].system["quant"] == "int8" and by[f"eval-kd-{p}-trim"].system["quant"] == "nf4"
         for s in (t, tl, ev):

@@ -175,6 +175,9 @@ def test_ci_twin_runs_the_whole_benchmark_and_reruns_nothing(tmp_path):
             < rows[f"kd-{p}"]["storage_bytes"]
     assert {p["system"] for p in rep["frontier"]["en-de"]} >= systems
     assert (out / "report" / "frontier.png").exists()
+    # each trimmed export is compared sentence by sentence with the untrimmed student it was exported from
+    agree = {(a["system"], a["of"]) for a in rep["storage_agreement"]}
+    assert {("kd-25-trim", "kd-25"), ("kd-40-trim-lm_head", "kd-40")} <= agree
     pairs = {(s["system"], s["baseline"]) for s in rep["significance"]}
     assert {(s, "teacher") for s in systems - {"teacher"}} <= pairs
     assert {("kd-25", "ce-25"), ("kdword-25", "ce-25"), ("seqkd-25", "ce-25")} <= pairs

@@ -301,3 +301,27 @@ def test_parse_bars_forms():
         ("c", None, "tokens_per_s", ">", 10.0)]
     with pytest.raises(cfg.ConfigError, match="per-system field"):
         report.parse_bars(["c@en-de:tokens_per_s>10"])
+
+
+def test_storage_agreement_counts_identical_greedy_translations(tmp_path):
+    """Another export of the same weights (storage_of) is compared sentence by sentence with its source
+    system: identical hypotheses counted per direction, the first differences shown."""
+    from engine import report as R
+
+    def system(name, hyps, **info):
+        d = tmp_path / name
+        d.mkdir()
+        (d / R.HYPOTHESES).write_text("".join(
+            json.dumps({"key": f"k{i}", "src_lang": "en", "tgt_lang": t, "ref": "r", "hyp": h}) + "\n"
+            for i, (t, h) in enumerate(hyps)))
+        return {"name": name, "dir": d, "info": info}
+
+    base = system("kd-25", [("de", "a"), ("de", "b"), ("zh", "c")])
+    trim = system("kd-25-trim", [("de", "a"), ("de", "x"), ("zh", "c")], storage_of="kd-25")
+    other = system("ce-25", [("de", "q"), ("de", "q"), ("zh", "q")])
+    agree = R.storage_agreement([base, trim, other], ["en-de", "en-zh"])
+    assert [(a["system"], a["of"], a["direction"], a["same"], a["n"]) for a in agree] == \
+        [("kd-25-trim", "kd-25", "en-de", 1, 2), ("kd-25-trim", "kd-25", "en-zh", 1, 1)]
+    assert agree[0]["examples"] == [{"key": "k1", "kd-25": "b", "kd-25-trim": "x"}]
+    md = "\n".join(R.storage_agreement_markdown(agree))
+    assert "| kd-25-trim | kd-25 | en-de | 1 | 2 |" in md and "'x'" in md
