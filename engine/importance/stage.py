@@ -342,8 +342,8 @@ def _run_importance(recipe: cfg.Recipe, env: dist.DistEnv, dry_run: bool, stop: 
     is_audio = families.get(kind).audio
     if component == "audio" and not is_audio:
         raise ImportanceError(f"importance.component=audio scores audio-encoder layers, but {model_dir} holds a "
-                              f"{families.get(kind).title} model without an audio encoder: use an audio-language "
-                              f"model, or importance.component=decoder")
+                              f"{kind} model without an audio encoder ({families.get(kind).title}): use an "
+                              f"audio-language model, or importance.component=decoder")
     n_layers, original = component_info(model_dir, component)
 
     # Cheap checks first: dev data, metric, plan, dev/test separation.
