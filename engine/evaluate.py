@@ -356,7 +356,7 @@ def _model_config(recipe: cfg.Recipe, path: Path) -> tuple[cfg.ModelConfig, str]
 
 def decoder_layers(path: Path) -> int:
     c = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    t = c.get("text_config") or c
+    t = families.text_config_dict(c)
     return int(t.get("num_hidden_layers") or 0)
 
 

@@ -86,6 +86,7 @@ from . import dist, lock, log, preflight, stages
 from .errors import EXIT_FAIL, EXIT_OK, EXIT_RESUMABLE, EXIT_USAGE, ProblemsError, UsageError
 from .io import atomic_write_json
 from .meta import MetaError, fingerprint_model
+from .models import families
 
 PIPELINE_DIR = "pipeline"
 STATUS_NAME = "pipeline.json"
@@ -203,7 +204,7 @@ def decoder_layers(model_dir: str | os.PathLike) -> int | None:
     c = read_config_json(model_dir)
     if c is None:
         return None
-    n = (c.get("text_config") or c).get("num_hidden_layers")
+    n = families.text_config_dict(c).get("num_hidden_layers")
     return n if isinstance(n, int) and n > 0 else None
 
 

@@ -40,18 +40,20 @@ def build_env(root: Path, *, kind: str = "audio", layers: int = 6, n_dev: int = 
     import soundfile as sf
 
     from engine.data import shards
-    from engine.models.tiny import build_tiny_causal_lm, build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny, build_tiny_causal_lm, build_tiny_qwen2audio
 
     root.mkdir(parents=True, exist_ok=True)
     model = root / "model"
     if kind == "audio":
         build_tiny_qwen2audio(model, num_layers=layers, dtype="fp32", seed=seed, **tiny)
-    else:
+    elif kind == "text":
         build_tiny_causal_lm(model, num_layers=layers, dtype="fp32", seed=seed)
+    else:                                   # another registered family (engine.models.families), with audio
+        build_tiny(kind, model, num_layers=layers, dtype="fp32", seed=seed, **tiny)
     rows = []
     for i in range(n_dev + n_test):
         audio = ""
-        if kind == "audio":
+        if kind != "text":
             sr, dur = 16000, 0.3 + 0.05 * (i % 5)
             t = np.arange(int(dur * sr)) / sr
             sf.write(root / f"a{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 25 * i) * t)).astype("float32"), sr)
@@ -100,10 +102,9 @@ def audio_loaded(audio_env):
 # Each reference prunes with surgery, saves, reloads with plain transformers and runs a fresh model.
 
 def reference_model(env: dict, drop: list[int], tmp: Path):
-    from transformers import AutoModelForCausalLM, Qwen2AudioForConditionalGeneration
+    from engine.models import families
 
-    cls = AutoModelForCausalLM if (env["model"] / "config.json").read_text().find("qwen2_audio") < 0 \
-        else Qwen2AudioForConditionalGeneration
+    cls = families.detect(json.loads((env["model"] / "config.json").read_text())).model_cls()
     m = cls.from_pretrained(env["model"], dtype=torch.float32)
     if drop:
         surgery.drop_layers(m, drop)

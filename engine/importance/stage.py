@@ -80,7 +80,7 @@ def _model_info(model_dir: Path) -> tuple[int, list[int]]:
     """(decoder layers, original index of each) from config.json, without loading weights."""
     with open(model_dir / "config.json", encoding="utf-8") as f:
         c = json.load(f)
-    t = c.get("text_config") or c
+    t = families.text_config_dict(c)
     n = t.get("num_hidden_layers")
     if not isinstance(n, int) or n < 1:
         raise ImportanceError(f"{model_dir}/config.json has no decoder layer count (num_hidden_layers)")
@@ -100,7 +100,7 @@ def _audio_info(model_dir: Path, key: str = "importance.component=audio") -> tup
         raise ImportanceError(f"{key} needs audio-encoder layers, but {model_dir} ({fam.title}) has no audio encoder "
                               f"(config.json has no {fam.audio_config or 'audio_config'}."
                               f"{fam.audio_layer_count or 'encoder_layers'}): use an audio-language model, or {fix}")
-    orig = c[fam.audio_config].get(surgery.ORIGINAL_AUDIO_KEY) or list(range(n))
+    orig = fam.own_config(c)[fam.audio_config].get(surgery.ORIGINAL_AUDIO_KEY) or list(range(n))
     return n, list(orig)
 
 
@@ -627,7 +627,7 @@ def source_dtype(model_dir: Path) -> tuple[str | None, str]:
         c = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, ""
-    for d in (c, c.get("text_config") or {}):
+    for d in (c, families.model_config_dict(c), families.text_config_dict(c)):
         for key in ("torch_dtype", "dtype"):
             v = d.get(key) if isinstance(d, dict) else None
             if isinstance(v, str) and v.replace("torch.", "") in _CONFIG_DTYPES:

@@ -117,7 +117,9 @@ def meta_model(config: Any, kind: str, trust_remote_code: bool = False) -> Any:
 
     from . import families
 
-    cls = families.get(kind).model_cls()
+    fam = families.get(kind)
+    cls = fam.model_cls()
+    config = fam.own_config(config)
     with torch.device("meta"):
         if hasattr(cls, "from_config"):   # Auto classes
             return cls.from_config(config, trust_remote_code=trust_remote_code)
@@ -133,8 +135,12 @@ def meta_param_counts(mc: Any, mode: str, lora: Any) -> tuple[int, int, Any]:
 
     from .load import apply_lora, detect_kind
 
-    config = AutoConfig.from_pretrained(mc.path, local_files_only=True, trust_remote_code=mc.trust_remote_code)
-    model = meta_model(config, detect_kind(mc.path), mc.trust_remote_code)
+    from . import families
+
+    kind = detect_kind(mc.path)
+    config = families.get(kind).own_config(
+        AutoConfig.from_pretrained(mc.path, local_files_only=True, trust_remote_code=mc.trust_remote_code))
+    model = meta_model(config, kind, mc.trust_remote_code)
     if mode in ("lora", "qlora"):
         model = apply_lora(model, lora)
     n_all = sum(p.numel() for p in model.parameters())

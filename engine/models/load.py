@@ -115,6 +115,8 @@ def load_processor(path: str | os.PathLike) -> Any:
     p = Path(path).expanduser()
     fam = detect_family(p)
     try:
+        if fam.processor is not None:
+            return fam.processor(p)
         if fam.audio:
             from transformers import AutoProcessor
 

@@ -261,7 +261,9 @@ def predict(model_path: str, *, removed: int = 0, dtype: str = "bf16", quant: st
     from .counts import meta_model
     from .load import detect_kind
 
-    config = AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code)
+    kind = detect_kind(model_path)
+    config = families.get(kind).own_config(
+        AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = int(text.num_hidden_layers)
     if removed:
@@ -277,7 +279,7 @@ def predict(model_path: str, *, removed: int = 0, dtype: str = "bf16", quant: st
         pad = getattr(text, "pad_token_id", None)
         if isinstance(pad, int) and pad >= vocab_rows:    # ids are remapped by trimming; shapes are all we need
             text.pad_token_id = None
-    model = meta_model(config, detect_kind(model_path), trust_remote_code)
+    model = meta_model(config, kind, trust_remote_code)
     return predict_model(model, dtype=dtype, quant=quant, quantize=quantize, double_quant=double_quant)
 
 

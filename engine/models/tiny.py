@@ -360,3 +360,40 @@ def build_tiny_causal_lm(out_dir: str | os.PathLike, *, tokenizer: TokenizerArg 
                 num_heads=num_heads, num_kv_heads=num_kv_heads, vocab_size=vocab_size, dtype=dtype, seed=seed)
     model, tok = make_tiny_causal_lm(tokenizer=tokenizer, **args)
     return _save(model, tok, out_dir, dict(args, kind="causal_lm", tokenizer=_tok_name(tokenizer)))
+
+
+def make_tiny(kind: str, *, tokenizer: TokenizerArg = "bpe", num_layers: int = 4, hidden_size: int = 64,
+              intermediate_size: int = 128, num_heads: int = 4, num_kv_heads: int = 2, vocab_size: int | None = None,
+              dtype: str = "bf16", seed: int = 0, **audio: Any) -> tuple[Any, Any]:
+    """In-memory ``(model, processor or tokenizer)`` of any registered family (:mod:`engine.models.families`)
+    with the same text shape as the builders above: the family's own classes, random init. ``audio`` takes
+    the audio-tower shape keywords of :func:`make_tiny_qwen2audio` (each family uses those it has)."""
+    import torch
+
+    from . import families
+
+    if kind == "qwen2audio":
+        return make_tiny_qwen2audio(tokenizer=tokenizer, num_layers=num_layers, hidden_size=hidden_size,
+                                    intermediate_size=intermediate_size, num_heads=num_heads,
+                                    num_kv_heads=num_kv_heads, vocab_size=vocab_size, dtype=dtype, seed=seed, **audio)
+    if kind == "causal_lm":
+        return make_tiny_causal_lm(tokenizer=tokenizer, num_layers=num_layers, hidden_size=hidden_size,
+                                   intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                   vocab_size=vocab_size, dtype=dtype, seed=seed)
+    fam = families.get(kind)
+    if fam.make_tiny is None:
+        raise ValueError(f"the {fam.title} family has no tiny-model builder")
+    tok = resolve_tokenizer(tokenizer)
+    tc = _text_config(tok, vocab_size=vocab_size, num_layers=num_layers, hidden_size=hidden_size,
+                      intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    torch.manual_seed(seed)
+    model, proc = fam.make_tiny(tok, tc, **audio)
+    model = _cast_params(model, _torch_dtype(dtype)).eval()
+    model.generation_config = _generation_config(tok)
+    return model, proc
+
+
+def build_tiny(kind: str, out_dir: str | os.PathLike, *, tokenizer: TokenizerArg = "bpe", **shape: Any) -> Path:
+    """Build and save a tiny model of any registered family (see :func:`make_tiny`); returns ``out_dir``."""
+    model, proc = make_tiny(kind, tokenizer=tokenizer, **shape)
+    return _save(model, proc, out_dir, dict(shape, kind=kind, tokenizer=_tok_name(tokenizer)))

@@ -42,6 +42,15 @@ class Family:
     encoder_modules: tuple[str, ...] = ()    # module-name components that are the audio encoder
     projector_modules: tuple[str, ...] = ()  # ... the audio -> text projector
     audio_inputs: tuple[str, ...] = ()       # processor outputs that forward() takes as audio inputs
+    # config.json key that holds this model's own config when the checkpoint wraps it in a larger one
+    # (the full Qwen2.5-Omni checkpoint: "thinker_config"; its talker is not loaded)
+    wrapped_in: str = ""
+    # local dir -> processor, for families whose transformers processor needs more than audio work does
+    # (None: AutoProcessor for audio families, AutoTokenizer for text LMs)
+    processor: Callable[[Any], Any] | None = field(default=None, compare=False)
+    # (tokenizer, dtype, seed, **shape) -> (model, processor): a tiny random model of the family's own
+    # classes, for tests and demos (engine.models.tiny.build_tiny)
+    make_tiny: Callable[..., tuple[Any, Any]] | None = field(default=None, compare=False)
     # config.json dict -> True for checkpoints of this family that model_types/architectures miss
     claims: Callable[[dict], bool] | None = field(default=None, compare=False)
 
@@ -56,8 +65,17 @@ class Family:
 
         return getattr(transformers, self.model_class)
 
+    def own_config(self, cfg: Any) -> Any:
+        """The config the family's model class takes: ``cfg`` itself, or its ``wrapped_in`` part (a
+        ``config.json`` dict or a transformers config object)."""
+        if not self.wrapped_in:
+            return cfg
+        inner = cfg.get(self.wrapped_in) if isinstance(cfg, dict) else getattr(cfg, self.wrapped_in, None)
+        return cfg if inner is None else inner
+
     def audio_layer_count_of(self, cfg: dict) -> int | None:
         """The audio encoder's layer count from a ``config.json`` dict (None: no audio encoder)."""
+        cfg = self.own_config(cfg)
         a = cfg.get(self.audio_config) if self.audio_config else None
         n = a.get(self.audio_layer_count) if isinstance(a, dict) else None
         return n if isinstance(n, int) and n > 0 else None
@@ -65,7 +83,7 @@ class Family:
 
 # Order matters: the first family whose matches() is true wins (specific families before the
 # catch-all causal LM).
-_MODULES = ("qwen2_audio", "causal_lm")
+_MODULES = ("qwen2_audio", "qwen2_5_omni", "causal_lm")
 _REGISTRY: dict[str, Family] | None = None
 
 
@@ -99,8 +117,6 @@ REFUSED = {
     "phi4_multimodal": "Phi-4-multimodal has no adapter yet (its speech LoRA must be merged before pruning)",
     "granite_speech": "Granite Speech has no adapter yet (its audio LoRA must be merged before pruning)",
     "voxtral": "Voxtral has no adapter yet",
-    "qwen2_5_omni": "the Qwen2.5-Omni thinker has no adapter yet (the talker is out of scope)",
-    "qwen2_5_omni_thinker": "the Qwen2.5-Omni thinker has no adapter yet",
     "gemma3n": "Gemma 3n keeps per-layer embeddings and shares KV caches between layers: removing a layer "
                "needs surgery on both, which the engine does not do",
     "qwen3_omni_moe": "Qwen3-Omni is a mixture of experts with per-layer expert maps (mlp_only_layers, "
@@ -157,3 +173,19 @@ def decoder_paths() -> tuple[str, ...]:
 
 def audio_layer_paths() -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for f in registry().values() for p in f.audio_layer_paths))
+
+
+def model_config_dict(cfg: dict) -> dict:
+    """The part of a ``config.json`` dict the loaded model is built from (a wrapped checkpoint's inner config,
+    e.g. the full Qwen2.5-Omni's ``thinker_config``), else the dict itself."""
+    for fam in registry().values():
+        if fam.wrapped_in and isinstance(cfg.get(fam.wrapped_in), dict):
+            return cfg[fam.wrapped_in]
+    return cfg
+
+
+def text_config_dict(cfg: dict) -> dict:
+    """The decoder's config of a ``config.json`` dict: ``text_config`` of the model's config, else that config
+    (flat text LMs)."""
+    inner = model_config_dict(cfg)
+    return inner.get("text_config") or inner

@@ -1,0 +1,130 @@
+"""Qwen2.5-Omni, its thinker (``Qwen2_5OmniThinkerForConditionalGeneration``): the part that reads audio
+(and images, video) and writes text. The talker and the token2wav vocoder (speech output) are out of
+scope: a speech-translation student writes text, so a pruned or exported model is a thinker-only
+checkpoint (``model_type`` ``qwen2_5_omni_thinker``) without them.
+
+Checkpoints: the hub's full Omni directory (``model_type`` ``qwen2_5_omni``, the thinker's config under
+``thinker_config``, weights under ``thinker.*``; the thinker class loads its part and skips the rest) or a
+thinker-only directory. Layout at run time (transformers 5): decoder ``model.language_model.layers``
+(``get_decoder()``), ``text_config.num_hidden_layers`` with ``layer_types`` / ``max_window_layers``;
+audio encoder ``model.audio_tower.layers`` (``audio_config.encoder_layers``), whose projection to the
+decoder width (``ln_post``, ``proj``) lives inside the tower; a vision tower ``model.visual`` that audio
+work never runs (it is stored, and counted with the encoders; LoRA leaves it out with the audio tower).
+
+Audio: Whisper features, 128 mel bins at 16 kHz padded to the extractor's window, renamed
+``feature_attention_mask``; each ``<|AUDIO|>`` becomes ``((L - 1) // 2 + 1 - 2) // 2 + 1`` tokens for L
+valid frames (25 per second), the count the model's encoder returns. Positions are 3-D (mrope), but for
+text and audio alone all three are the running token index, so decoder positions equal a text LM's.
+The transformers processor also builds an image and a video processor (torchvision), so audio work
+uses :class:`~.speech_processor.SpeechProcessor` with the checkpoint's own feature extractor,
+tokenizer and chat template (its outputs equal the transformers processor's audio path, tested).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import Family
+
+AUDIO_TOKEN = "<|AUDIO|>"
+
+# Qwen2.5-Omni's chat template for what speech translation sends: ChatML turns, an audio part rendered as
+# <|audio_bos|><|AUDIO|><|audio_eos|>, a default system turn when there is none.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'audio' or 'audio' in part or 'audio_url' in part %}"
+    "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif 'text' in part %}{{ part['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def audio_token_count(feature_lengths: Any) -> Any:
+    """Tokens per clip for its number of valid mel frames (the encoder's two stride-2 reductions)."""
+    after_conv = (feature_lengths - 1) // 2 + 1
+    return (after_conv - 2) // 2 + 1
+
+
+def load_processor(path: Any) -> Any:
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+    from .speech_processor import SpeechProcessor, read_chat_template
+
+    p = Path(path)
+    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    fe = WhisperFeatureExtractor.from_pretrained(p, local_files_only=True)
+    return SpeechProcessor(fe, tok, audio_token=getattr(tok, "audio_token", None) or AUDIO_TOKEN,
+                           token_count=audio_token_count, chat_template=read_chat_template(p, tok),
+                           feature_kwargs={"padding": "max_length"},
+                           rename={"attention_mask": "feature_attention_mask"}, source=p)
+
+
+def make_tiny(tok: Any, text_config: dict, *, audio_layers: int = 2, audio_d_model: int = 32, audio_heads: int = 2,
+              audio_ffn_dim: int | None = None, audio_seconds: int = 30, audio_hop: int = 160,
+              **_: Any) -> tuple[Any, Any]:
+    """A random Qwen2.5-Omni thinker of the given text shape with a small audio and vision tower, and its
+    :class:`SpeechProcessor`. ``text_config`` is a Qwen2 text config dict (engine.models.tiny)."""
+    from transformers import (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
+                              WhisperFeatureExtractor)
+
+    from .speech_processor import SpeechProcessor
+
+    tc = dict(text_config, model_type="qwen2_5_omni_text")
+    head_dim = tc["hidden_size"] // tc["num_attention_heads"]
+    half = head_dim // 2   # mrope splits the rotary half over (time, height, width)
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    tc["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+    ids = tok.convert_tokens_to_ids
+    unused = len(tok) + 1     # image/video/vision ids that no prompt of ours contains
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=tc,
+        audio_config=dict(num_mel_bins=128, encoder_layers=audio_layers, encoder_attention_heads=audio_heads,
+                          encoder_ffn_dim=audio_ffn_dim or 2 * audio_d_model, d_model=audio_d_model,
+                          max_source_positions=audio_seconds * 16000 // audio_hop // 2,
+                          n_window=50, output_dim=tc["hidden_size"]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                           out_hidden_size=tc["hidden_size"], fullatt_block_indexes=[0]),
+        audio_token_index=ids(AUDIO_TOKEN), audio_start_token_id=ids("<|audio_bos|>"),
+        audio_end_token_id=ids("<|audio_eos|>"), user_token_id=ids("<|im_start|>"),
+        image_token_index=unused, video_token_index=unused + 1,
+        # read by the rope index code but not a declared thinker field in transformers 5
+        vision_start_token_id=unused + 2)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    fe = WhisperFeatureExtractor(feature_size=128, chunk_length=audio_seconds, hop_length=audio_hop)
+    tok.chat_template = CHAT_TEMPLATE
+    proc = SpeechProcessor(fe, tok, audio_token=AUDIO_TOKEN, token_count=audio_token_count,
+                           chat_template=CHAT_TEMPLATE, feature_kwargs={"padding": "max_length"},
+                           rename={"attention_mask": "feature_attention_mask"})
+    return model, proc
+
+
+FAMILY = Family(
+    kind="qwen2_5_omni",
+    title="Qwen2.5-Omni thinker",
+    model_class="Qwen2_5OmniThinkerForConditionalGeneration",
+    audio=True,
+    model_types=("qwen2_5_omni_thinker", "qwen2_5_omni"),
+    architectures=("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniForConditionalGeneration"),
+    decoder_paths=("model.language_model.layers", "model.layers"),
+    audio_layer_paths=("model.audio_tower.layers", "audio_tower.layers"),
+    audio_config="audio_config",
+    audio_layer_count="encoder_layers",
+    encoder_modules=("audio_tower", "visual"),
+    projector_modules=(),
+    audio_inputs=("input_features", "feature_attention_mask"),
+    wrapped_in="thinker_config",
+    processor=load_processor,
+    make_tiny=make_tiny,
+)
