@@ -21,3 +21,28 @@ def write_config_only_7b(d: Path, text_layers: int = 32) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     c.save_pretrained(d)
     return d
+
+
+def write_config_only_omni_7b(d: Path) -> Path:
+    """The hub's full Qwen2.5-Omni-7B config layout (thinker, talker, token2wav; model_type qwen2_5_omni)
+    with the thinker's public shapes: 28 decoder layers, a 32-layer Whisper-large-shaped audio encoder, a
+    32-block vision tower."""
+    from transformers import Qwen2_5OmniConfig
+
+    thinker = dict(
+        model_type="qwen2_5_omni_thinker",
+        text_config=dict(model_type="qwen2_5_omni_text", vocab_size=152064, hidden_size=3584,
+                         intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                         tie_word_embeddings=False),
+        audio_config=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                          num_mel_bins=128, max_source_positions=1500, n_window=100, output_dim=3584),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           fullatt_block_indexes=[7, 15, 23, 31]),
+        tie_word_embeddings=False)
+    c = Qwen2_5OmniConfig(thinker_config=thinker)
+    c.architectures = ["Qwen2_5OmniForConditionalGeneration"]
+    d.mkdir(parents=True, exist_ok=True)
+    c.save_pretrained(d)
+    return d

@@ -23,6 +23,9 @@ def _write(tmp_path, doc):
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "causal_lm"),
     ({"model_type": "mistral"}, "causal_lm"),                  # no architectures: the causal-LM auto mapping
     ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "causal_lm"),
+    ({"model_type": "qwen2_5_omni_thinker", "architectures": ["Qwen2_5OmniThinkerForConditionalGeneration"]},
+     "qwen2_5_omni"),
+    ({"model_type": "qwen2_5_omni", "architectures": ["Qwen2_5OmniForConditionalGeneration"]}, "qwen2_5_omni"),
 ])
 def test_detect_recognises_each_registered_family(tmp_path, doc, kind):
     assert detect_kind(_write(tmp_path, doc)) == kind
@@ -64,7 +67,8 @@ def test_registry_is_consistent():
         assert fam.model_cls() is not None                          # the class exists in this transformers
         if fam.audio:
             assert fam.audio_layer_paths and fam.audio_config and fam.audio_layer_count and fam.audio_inputs
-            assert fam.encoder_modules and fam.projector_modules
+            # a projector inside the encoder (the Omni thinker's audio_tower.proj) counts with the encoder
+            assert fam.encoder_modules
     assert families.get("qwen2audio").audio_layer_count_of(
         {"audio_config": {"encoder_layers": 32}}) == 32
     assert families.get("causal_lm").audio_layer_count_of({"num_hidden_layers": 4}) is None

@@ -449,7 +449,9 @@ def audio_block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence
     positions in the model as loaded): mean 1 - cos(input, output) per layer, and the angular
     distance of n-layer blocks, over the encoder frames that hold audio (frame t of a row is valid
     when t < its feature length after the encoder's stride-2 convolution; padding is left out).
-    ``n_tokens`` counts those frames. The forward stops before the decoder."""
+    ``n_tokens`` counts those frames. An encoder that packs the valid frames of all rows into one
+    (frames, width) sequence before its layers has no padding to leave out. The forward stops before the
+    decoder."""
     n = L.num_audio_layers(model)
     rem, pos = _positions(n, removed)
     orig = {j: o for o, j in pos.items()}
@@ -467,6 +469,8 @@ def audio_block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence
             lens, _ = tower._get_feat_extract_output_lengths(fb["feature_attention_mask"].sum(-1))
 
             def valid(h: torch.Tensor) -> torch.Tensor:
+                if h.dim() == 2:   # a packing encoder (the Omni thinker's) hands its layers valid frames only
+                    return h
                 t = torch.arange(h.shape[1], device=h.device)[None, :]
                 return h[t < lens.to(h.device)[:, None]]
 

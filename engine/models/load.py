@@ -397,20 +397,23 @@ def lora_targets(model: Any, lora: LoraConfig) -> list[str]:
     one) except the output embedding (``lm_head``). For Qwen2-Audio that includes the audio tower's
     q/k/v/out_proj and fc1/fc2 and the projector, which is how the paper counts 2.41% trainable
     (r=64; 167M of 6.78B+167M for the 24-layer student). ``include_audio_tower=False`` drops the
-    tower's linears (the projector stays: it is the bridge, not part of the tower).
+    tower's linears (the projector stays: it is the bridge, not part of the tower). Modules a family marks
+    unused for speech (an omni model's vision tower) never get adapters.
     A comma-separated list (``"q_proj,v_proj"``) matches the last name component.
     """
     import torch
 
     skip = _output_module_names(model)
     tower = set(families.encoder_modules())
+    unused = set(families.unused_modules())
     wanted = None if lora.target.strip().lower() == "all-linear" else \
         {t.strip() for t in lora.target.split(",") if t.strip()}
     names, leaves = [], set()
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or name in skip:
             continue
-        if not lora.include_audio_tower and tower & set(name.split(".")):
+        parts = set(name.split("."))
+        if unused & parts or not lora.include_audio_tower and tower & parts:
             continue
         leaves.add(name.rsplit(".", 1)[-1])
         if wanted is None or name.rsplit(".", 1)[-1] in wanted:

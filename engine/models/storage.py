@@ -7,7 +7,8 @@ with its dtype and shape as stored; :func:`measure` reads the same from the head
 directory's ``*.safetensors`` files. Both sum into a :class:`Breakdown` over the components
 
 =============  ============================================================================
-``encoder``    the audio tower (convolutions, positions, its transformer layers)
+``encoder``    the audio tower (convolutions, positions, its layers; a projector built into it, and an
+               omni model's vision tower, count here too)
 ``projector``  audio -> text projection
 ``embeddings`` the decoder's input embedding table (with tied weights, also the output layer)
 ``decoder``    the decoder layers (attention, MLP, their norms)

@@ -42,6 +42,8 @@ class Family:
     encoder_modules: tuple[str, ...] = ()    # module-name components that are the audio encoder
     projector_modules: tuple[str, ...] = ()  # ... the audio -> text projector
     audio_inputs: tuple[str, ...] = ()       # processor outputs that forward() takes as audio inputs
+    # module-name components speech translation never runs (an omni model's vision tower): LoRA leaves them out
+    unused_modules: tuple[str, ...] = ()
     # config.json key that holds this model's own config when the checkpoint wraps it in a larger one
     # (the full Qwen2.5-Omni checkpoint: "thinker_config"; its talker is not loaded)
     wrapped_in: str = ""
@@ -161,6 +163,10 @@ def of_model(model: Any) -> Family | None:
 
 def encoder_modules() -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for f in registry().values() for m in f.encoder_modules))
+
+
+def unused_modules() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for f in registry().values() for m in f.unused_modules))
 
 
 def projector_modules() -> tuple[str, ...]:

@@ -123,6 +123,7 @@ FAMILY = Family(
     audio_layer_count="encoder_layers",
     encoder_modules=("audio_tower", "visual"),
     projector_modules=(),
+    unused_modules=("visual",),
     audio_inputs=("input_features", "feature_attention_mask"),
     wrapped_in="thinker_config",
     processor=load_processor,
