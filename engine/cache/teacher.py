@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .. import dist, zero
 from ..config import ModelConfig
 from ..data.prompt import PromptError
+from ..models import families
 from ..models.load import load_model
 from . import codec
 from .format import IGNORE, CacheError, Target, encode_record
@@ -52,7 +53,7 @@ def _backbone_and_head(model: Any) -> tuple[Any, Any]:
     return base, head
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask")
+MODEL_INPUTS = ("input_ids", "attention_mask") + families.audio_input_keys()
 
 
 def model_inputs(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from ..config import DataConfig
 from ..errors import StcError
 
 IGNORE = -100
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class PromptError(StcError, ValueError):
@@ -169,9 +170,9 @@ class Featurizer:
 
     Output (B samples, T tokens, A = samples with audio, right padding):
       ``input_ids`` [B, T] long, ``attention_mask`` [B, T] long, ``labels`` [B, T] long (-100 on
-      prompts, padding and pad samples), ``input_features`` [A, 128, 3000] float32 and
-      ``feature_attention_mask`` [A, 3000] long (audio models, rows in batch order of the samples
-      with audio), and the non-tensor ``keys``, ``shards``, ``indices``, ``pad`` (bools),
+      prompts, padding and pad samples), the processor's audio inputs (audio models, rows in batch
+      order of the samples with audio; Qwen2-Audio: ``input_features`` [A, 128, 3000] float32 and
+      ``feature_attention_mask`` [A, 3000] long; integer tensors as long), and the non-tensor ``keys``, ``shards``, ``indices``, ``pad`` (bools),
       ``n_audio_tokens`` (per sample).
     """
 
@@ -186,8 +187,13 @@ class Featurizer:
         ids = out["input_ids"]
         mask = out["attention_mask"].bool()
         prompt_ids = [ids[i][mask[i]].tolist() for i in range(ids.shape[0])]
-        return prompt_ids, {"input_features": out["input_features"],
-                            "feature_attention_mask": out["feature_attention_mask"].long()}
+        # everything else the processor returns is the family's audio input (features, masks, sizes)
+        feats = {}
+        for k, v in out.items():
+            if k in TEXT_KEYS or not torch.is_tensor(v):
+                continue
+            feats[k] = v.long() if not v.is_floating_point() and v.dtype != torch.bool else v
+        return prompt_ids, feats
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         b = self.builder

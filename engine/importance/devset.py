@@ -46,6 +46,7 @@ from ..data import tario
 from ..data.prompt import IGNORE, Featurizer, PromptBuilder, PromptError
 from ..data.stream import ShardInfo, ShardReader, StreamError, shards_fingerprint, shards_from_meta
 from ..meta import fingerprint_obj
+from ..models import families
 from . import layers as L
 
 
@@ -230,7 +231,8 @@ def decoder_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
     """
     dev = next(model.parameters()).device
     ids = batch["input_ids"].to(dev)
-    if "input_features" not in batch:
+    audio = {k: batch[k].to(dev) for k in families.audio_input_keys() if k in batch}
+    if not audio:
         return model.get_input_embeddings()(ids)
     box: dict[str, torch.Tensor] = {}
 
@@ -240,9 +242,7 @@ def decoder_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
 
     h = L.backbone(model).register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev),
-              input_features=batch["input_features"].to(dev),
-              feature_attention_mask=batch["feature_attention_mask"].to(dev), use_cache=False)
+        model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **audio, use_cache=False)
     except _Captured:
         pass
     finally:

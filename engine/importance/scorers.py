@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from .. import compat, langs
 from ..data.prompt import IGNORE
-from ..models import surgery
+from ..models import families, surgery
 from . import layers as L
 from . import devset as D
 from .devset import DevSet, ImportanceError
@@ -464,13 +464,17 @@ def audio_block_influence(model: torch.nn.Module, dev: DevSet, removed: Sequence
             if interrupt is not None:
                 interrupt()
             fb = batch.features
-            if fb is None or "input_features" not in fb:
+            if fb is None or not any(k in fb for k in families.audio_input_keys()):
                 raise ImportanceError("the dev set was prepared without its audio features (keep_features=True)")
-            lens, _ = tower._get_feat_extract_output_lengths(fb["feature_attention_mask"].sum(-1))
+            lens = None
+            if "feature_attention_mask" in fb and hasattr(tower, "_get_feat_extract_output_lengths"):
+                lens, _ = tower._get_feat_extract_output_lengths(fb["feature_attention_mask"].sum(-1))
 
-            def valid(h: torch.Tensor) -> torch.Tensor:
+            def valid(h: torch.Tensor, lens: Any = lens) -> torch.Tensor:
                 if h.dim() == 2:   # a packing encoder (the Omni thinker's) hands its layers valid frames only
                     return h
+                if lens is None:   # no per-row feature lengths: every frame counts
+                    return h.reshape(-1, h.shape[-1])
                 t = torch.arange(h.shape[1], device=h.device)[None, :]
                 return h[t < lens.to(h.device)[:, None]]
 

@@ -84,12 +84,14 @@ from ..meta import MetaError, build_meta, fingerprint_model, fingerprint_tokeniz
 from ..cache.format import CacheJoinError, check_compatible, read_cache_meta
 from ..cache.join import joiner
 from ..models.counts import meta_param_counts  # noqa: F401  (re-exported: tests count on the meta device)
+from ..models import families
 from ..models.load import apply_lora, check_model_dir, load_model, load_processor
 from ..zero import TrainConfigError
 from . import checkpoint, losses
 
 IGNORE = -100
-MODEL_KEYS = ("input_ids", "attention_mask", "input_features", "feature_attention_mask")
+MODEL_KEYS = ("input_ids", "attention_mask") + families.audio_input_keys()
+AUDIO_KEYS = families.audio_input_keys()
 KD_KEYS = ("kd_ids", "kd_logprobs", "kd_tail", "kd_mask")
 
 
@@ -591,7 +593,7 @@ class Trainer:
         for k, v in batch.items():
             if torch.is_tensor(v):
                 v = v.to(self.device)
-                if k == "input_features":
+                if k in AUDIO_KEYS and v.is_floating_point():   # audio features run in the model's dtype
                     v = v.to(dtype)
             out[k] = v
         return out

@@ -165,6 +165,11 @@ def encoder_modules() -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for f in registry().values() for m in f.encoder_modules))
 
 
+def audio_input_keys() -> tuple[str, ...]:
+    """Every registered family's audio inputs of ``forward`` (a batch passes those it has to the model)."""
+    return tuple(dict.fromkeys(k for f in registry().values() for k in f.audio_inputs))
+
+
 def unused_modules() -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for f in registry().values() for m in f.unused_modules))
 
