@@ -124,7 +124,9 @@ def reference_batches(env: dict, proc, audio: bool = True):
 
 
 def model_inputs(fb: dict) -> dict:
-    return {k: fb[k] for k in ("input_ids", "attention_mask", "input_features", "feature_attention_mask") if k in fb}
+    from engine.models import families
+
+    return {k: fb[k] for k in ("input_ids", "attention_mask", *families.audio_input_keys()) if k in fb}
 
 
 @torch.no_grad()

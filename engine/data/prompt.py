@@ -2,7 +2,8 @@
 
 Prompt (the paper's): system = ``DataConfig.system_prompt``; user = the audio, then
 ``DataConfig.instruction`` with the language names from :mod:`engine.langs` (any language of the
-table); assistant = the translation, closed by the end-of-turn token (``<|im_end|>`` for Qwen).
+table); assistant = the translation, closed by the end-of-turn token (the first special token the chat
+template writes after an answer: ``<|im_end|>`` for Qwen, ``<|end|>`` for Phi; else the eos token).
 Rows without audio (text MT, or a decoder-only LM) get ``DataConfig.text_instruction``, a newline
 and the source text as the user turn.
 
@@ -81,15 +82,35 @@ class PromptBuilder:
         if not getattr(self.template_owner, "chat_template", None):
             raise PromptError("the processor/tokenizer has no chat template; the prompt needs one "
                               "(Qwen-style: <|im_start|>role ... <|im_end|>)")
-        vocab = self.tokenizer.get_vocab()
-        self.end_token = "<|im_end|>" if "<|im_end|>" in vocab else self.tokenizer.eos_token
+        self.end_token = self._turn_end()
         if self.end_token is None:
-            raise PromptError("the tokenizer has neither <|im_end|> nor an eos token to close a turn")
+            raise PromptError("the chat template closes the assistant turn with no special token and the tokenizer "
+                              "has no eos token: the end of a translation cannot be labelled")
         self.end_id = self.tokenizer.convert_tokens_to_ids(self.end_token)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.end_id)
         self.audio_token = getattr(processor, "audio_token", "<|AUDIO|>") if self.is_audio else None
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token) if self.is_audio else None
+
+    def _turn_end(self) -> str | None:
+        """The token the chat template closes an assistant turn with: the first special token it writes after
+        the answer (``<|im_end|>`` for ChatML, ``<|end|>`` for Phi, ``<|eot_id|>`` for Llama 3), else the
+        tokenizer's eos token."""
+        sentinel = "stc-answer-sentinel"
+        try:
+            text = self.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                {"role": "assistant", "content": sentinel}], add_generation_prompt=False)
+        except Exception:   # a template that refuses this conversation: fall back to eos
+            text = ""
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        special |= {int(i) for i in (getattr(self.tokenizer, "added_tokens_decoder", None) or {})}
+        if sentinel in text:
+            after = text.split(sentinel, 1)[1]
+            ids = self.tokenize(after) if after else []
+            for i in ids[:3]:
+                if i in special:
+                    return self.tokenizer.convert_ids_to_tokens(i)
+        return self.tokenizer.eos_token
 
     # ------------------------------------------------------------------ text
     def user_text(self, src_lang: str, tgt_lang: str, *, audio: bool, src_text: str = "") -> str:

@@ -240,7 +240,19 @@ def decoder_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
         box["e"] = kwargs.get("inputs_embeds")
         raise _Captured
 
-    h = L.backbone(model).register_forward_pre_hook(grab, with_kwargs=True)
+    def grab_output(mod: torch.nn.Module, args: tuple, out: Any) -> None:
+        box["e"] = out
+        raise _Captured
+
+    fam = families.of_model(model)
+    if fam is not None and fam.embeds_module:   # the backbone merges the audio into its embeddings itself
+        mod = next((m for n, m in model.named_modules() if n == fam.embeds_module
+                    or n.endswith("." + fam.embeds_module)), None)
+        if mod is None:
+            raise ImportanceError(f"{type(model).__name__} has no {fam.embeds_module}: the {fam.title} layout changed")
+        h = mod.register_forward_hook(grab_output)
+    else:
+        h = L.backbone(model).register_forward_pre_hook(grab, with_kwargs=True)
     try:
         model(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), **audio, use_cache=False)
     except _Captured:

@@ -299,6 +299,8 @@ def load_model(cfg: ModelConfig, *, device: Any = None, for_training: bool = Fal
         log.warning("attention implementation %r refused for %s (%s); falling back to %s", attn, p, e, fallback)
         model = _from_pretrained(cls, p, fallback, kwargs)
 
+    if fam.prepare is not None:
+        model = fam.prepare(model, p)
     # Also for a directory saved already quantized (its config.json carries the quantization); it
     # touches CPU layers only, so a model on CUDA keeps bitsandbytes' CUDA path untouched.
     if is_quantized(model):

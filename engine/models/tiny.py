@@ -387,10 +387,8 @@ def make_tiny(kind: str, *, tokenizer: TokenizerArg = "bpe", num_layers: int = 4
     tc = _text_config(tok, vocab_size=vocab_size, num_layers=num_layers, hidden_size=hidden_size,
                       intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads)
     torch.manual_seed(seed)
-    model, proc = fam.make_tiny(tok, tc, **audio)
-    model = _cast_params(model, _torch_dtype(dtype)).eval()
-    model.generation_config = _generation_config(tok)
-    return model, proc
+    model, proc = fam.make_tiny(tok, tc, generation_config=_generation_config(tok), **audio)
+    return _cast_params(model, _torch_dtype(dtype)).eval(), proc
 
 
 def build_tiny(kind: str, out_dir: str | os.PathLike, *, tokenizer: TokenizerArg = "bpe", **shape: Any) -> Path:

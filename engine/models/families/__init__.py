@@ -42,6 +42,10 @@ class Family:
     encoder_modules: tuple[str, ...] = ()    # module-name components that are the audio encoder
     projector_modules: tuple[str, ...] = ()  # ... the audio -> text projector
     audio_inputs: tuple[str, ...] = ()       # processor outputs that forward() takes as audio inputs
+    # dotted path of the module whose output is the decoder's input embeddings, for a family whose backbone
+    # merges audio into the embeddings itself (Phi-4-multimodal: model.embed_tokens_extend); "" when the
+    # backbone is called with inputs_embeds
+    embeds_module: str = ""
     # module-name components speech translation never runs (an omni model's vision tower): LoRA leaves them out
     unused_modules: tuple[str, ...] = ()
     # config.json key that holds this model's own config when the checkpoint wraps it in a larger one
@@ -50,9 +54,12 @@ class Family:
     # local dir -> processor, for families whose transformers processor needs more than audio work does
     # (None: AutoProcessor for audio families, AutoTokenizer for text LMs)
     processor: Callable[[Any], Any] | None = field(default=None, compare=False)
-    # (tokenizer, dtype, seed, **shape) -> (model, processor): a tiny random model of the family's own
-    # classes, for tests and demos (engine.models.tiny.build_tiny)
+    # (tokenizer, text config dict, generation_config=, **audio shape) -> (model, processor): a tiny random
+    # model of the family's own classes, for tests and demos (engine.models.tiny.build_tiny)
     make_tiny: Callable[..., tuple[Any, Any]] | None = field(default=None, compare=False)
+    # (model, local dir) -> model, run by load_model right after from_pretrained: what must happen before the
+    # engine may use or prune it (merging an audio LoRA the checkpoint ships beside its weights)
+    prepare: Callable[[Any, Any], Any] | None = field(default=None, compare=False)
     # config.json dict -> True for checkpoints of this family that model_types/architectures miss
     claims: Callable[[dict], bool] | None = field(default=None, compare=False)
 
@@ -85,7 +92,7 @@ class Family:
 
 # Order matters: the first family whose matches() is true wins (specific families before the
 # catch-all causal LM).
-_MODULES = ("qwen2_audio", "qwen2_5_omni", "causal_lm")
+_MODULES = ("qwen2_audio", "qwen2_5_omni", "phi4_multimodal", "causal_lm")
 _REGISTRY: dict[str, Family] | None = None
 
 
@@ -116,7 +123,6 @@ def supported() -> str:
 # Families recognised but refused, with the reason (checked before the registry: Phi-4-multimodal's
 # architecture ends in ForCausalLM, and the catch-all would load it as a text LM without its audio).
 REFUSED = {
-    "phi4_multimodal": "Phi-4-multimodal has no adapter yet (its speech LoRA must be merged before pruning)",
     "granite_speech": "Granite Speech has no adapter yet (its audio LoRA must be merged before pruning)",
     "voxtral": "Voxtral has no adapter yet",
     "gemma3n": "Gemma 3n keeps per-layer embeddings and shares KV caches between layers: removing a layer "

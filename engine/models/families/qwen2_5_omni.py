@@ -57,6 +57,10 @@ def audio_token_count(feature_lengths: Any) -> Any:
     return (after_conv - 2) // 2 + 1
 
 
+def _counts(features: dict) -> Any:
+    return audio_token_count(features["feature_attention_mask"].sum(-1))
+
+
 def load_processor(path: Any) -> Any:
     from transformers import AutoTokenizer, WhisperFeatureExtractor
 
@@ -66,12 +70,12 @@ def load_processor(path: Any) -> Any:
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
     fe = WhisperFeatureExtractor.from_pretrained(p, local_files_only=True)
     return SpeechProcessor(fe, tok, audio_token=getattr(tok, "audio_token", None) or AUDIO_TOKEN,
-                           token_count=audio_token_count, chat_template=read_chat_template(p, tok),
+                           token_count=_counts, chat_template=read_chat_template(p, tok),
                            feature_kwargs={"padding": "max_length"},
                            rename={"attention_mask": "feature_attention_mask"}, source=p)
 
 
-def make_tiny(tok: Any, text_config: dict, *, audio_layers: int = 2, audio_d_model: int = 32, audio_heads: int = 2,
+def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, audio_layers: int = 2, audio_d_model: int = 32, audio_heads: int = 2,
               audio_ffn_dim: int | None = None, audio_seconds: int = 30, audio_hop: int = 160,
               **_: Any) -> tuple[Any, Any]:
     """A random Qwen2.5-Omni thinker of the given text shape with a small audio and vision tower, and its
@@ -102,9 +106,11 @@ def make_tiny(tok: Any, text_config: dict, *, audio_layers: int = 2, audio_d_mod
         # read by the rope index code but not a declared thinker field in transformers 5
         vision_start_token_id=unused + 2)
     model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    if generation_config is not None:
+        model.generation_config = generation_config
     fe = WhisperFeatureExtractor(feature_size=128, chunk_length=audio_seconds, hop_length=audio_hop)
     tok.chat_template = CHAT_TEMPLATE
-    proc = SpeechProcessor(fe, tok, audio_token=AUDIO_TOKEN, token_count=audio_token_count,
+    proc = SpeechProcessor(fe, tok, audio_token=AUDIO_TOKEN, token_count=_counts,
                            chat_template=CHAT_TEMPLATE, feature_kwargs={"padding": "max_length"},
                            rename={"attention_mask": "feature_attention_mask"})
     return model, proc

@@ -8,7 +8,7 @@ checkpoint's own feature extractor and tokenizer:
 1. features: ``feature_extractor(audio, sampling_rate, padding=..., return_attention_mask=True)``,
    with the outputs renamed to the names the model's ``forward`` takes (``rename``);
 2. placeholder expansion: each audio placeholder in the text (``audio_token``) becomes
-   ``token_count(feature lengths)[i]`` copies, the number of encoder frames the model scatters there;
+   ``token_count(features)[i]`` copies, the number of encoder frames the model scatters there;
 3. tokenization of the expanded text.
 
 It answers the calls the engine makes (``__call__(text=..., audio=..., sampling_rate=...)``,
@@ -46,7 +46,7 @@ def read_chat_template(path: Path, tokenizer: Any) -> str | None:
 
 class SpeechProcessor:
     def __init__(self, feature_extractor: Any, tokenizer: Any, *, audio_token: str,
-                 token_count: Callable[[Any], Any], chat_template: str | None = None,
+                 token_count: Callable[[dict], Any], chat_template: str | None = None,
                  feature_kwargs: Mapping[str, Any] | None = None, rename: Mapping[str, str] | None = None,
                  source: str | Path | None = None):
         self.feature_extractor = feature_extractor
@@ -75,8 +75,7 @@ class SpeechProcessor:
         if audio is not None:
             waves = list(audio) if isinstance(audio, (list, tuple)) else [audio]
             feats = self.features(waves, int(sampling_rate or self.feature_extractor.sampling_rate))
-            lengths = feats[self.rename.get("attention_mask", "attention_mask")].sum(-1)
-            counts = [int(n) for n in self.token_count(lengths)]
+            counts = [int(n) for n in self.token_count(feats)]
             placeholders = sum(t.count(self.audio_token) for t in texts)
             if placeholders != len(counts):
                 raise ValueError(f"{placeholders} {self.audio_token} placeholders in the text but {len(counts)} "

@@ -1,7 +1,8 @@
-"""The Qwen2.5-Omni thinker through the engine: its processor against transformers' own audio path, the
-importance scorers against surgery references, pruning with a reload in plain transformers, and the whole
-plan (importance, prune, teacher cache, QLoRA + KD, nf4 export, evaluate, report) on a tiny random thinker
-built from the family's own config class."""
+"""The audio-LM families beyond Qwen2-Audio through the engine, each on a tiny random model built from the
+family's own config class: the processor against transformers' own audio path, the importance scorers
+(decoder and audio encoder) against surgery references, LoRA targets, pruning with a reload in plain
+transformers, and the whole plan (importance, prune, teacher cache, QLoRA + KD, nf4 export, evaluate,
+report) with two ranks per step; the 7B recipes validate on config-only directories with public shapes."""
 from __future__ import annotations
 
 import json
@@ -14,55 +15,78 @@ from engine.config import DataConfig
 from engine.importance import scorers as S
 from engine.models import families, surgery
 
-from test_importance import (build_env, dev_of, load, reference_batches, reference_model, reference_nll,
-                             reference_translations)
+from test_importance import (build_env, dev_of, load, model_inputs, reference_batches, reference_model,
+                             reference_nll, reference_translations)
 
-KIND = "qwen2_5_omni"
+KINDS = ["qwen2_5_omni", "phi4_multimodal"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return build_env(tmp_path_factory.mktemp("omni"), kind=KIND, layers=4, n_dev=4, n_test=3, audio_seconds=3)
+def env(tmp_path_factory, kind):
+    return build_env(tmp_path_factory.mktemp(kind), kind=kind, layers=4, n_dev=4, n_test=3, audio_seconds=3)
+
+
+# Phi-4-multimodal's Conformer sees the padding of a batch: the audio embeddings of a padded row move by ~1e-3
+# against the same clip alone (its own code, the transformers processor batches the same way). The references
+# run one sample at a time, so for it the engine's dev set is compared at batch 1; the Omni thinker's
+# encoder is padding-free and is compared batched (left-padded generation included).
+BATCH = {"qwen2_5_omni": 4, "phi4_multimodal": 1}
 
 
 @pytest.fixture(scope="module")
-def loaded(env):
+def loaded(env, kind):
     model, proc = load(env)
-    return model, proc, dev_of(env, model, proc)
+    return model, proc, dev_of(env, model, proc, batch_size=BATCH[kind])
 
 
-def test_family_detection_and_layers(env, loaded):
+def test_family_detection_and_layers(env, loaded, kind):
     model, _, _ = loaded
     doc = json.loads((env["model"] / "config.json").read_text())
-    assert families.detect(doc).kind == KIND and type(model).__name__ == families.get(KIND).model_class
+    assert families.detect(doc).kind == kind and type(model).__name__ == families.get(kind).model_class
     assert len(surgery.decoder_layers(model)) == 4 and len(surgery.audio_layers(model)) == 2
+    assert families.get(kind).audio_layer_count_of(doc) == 2 and families.text_config_dict(doc)["num_hidden_layers"] == 4
+    if kind != "qwen2_5_omni":
+        return
     # the hub's full Omni config wraps the thinker's: detected by model_type, the thinker's part read
     wrapped = {"model_type": "qwen2_5_omni", "architectures": ["Qwen2_5OmniForConditionalGeneration"],
                "thinker_config": doc}
-    assert families.detect(wrapped).kind == KIND
+    assert families.detect(wrapped).kind == kind
     assert families.text_config_dict(wrapped)["num_hidden_layers"] == 4
-    assert families.get(KIND).audio_layer_count_of(wrapped) == 2
+    assert families.get(kind).audio_layer_count_of(wrapped) == 2
 
 
-def test_processor_equals_transformers_audio_path(env, loaded):
-    """Features, feature mask and the placeholder expansion equal Qwen2_5OmniProcessor's own audio code
-    (its constructor needs torchvision for the video processor, so the audio method is called directly)."""
-    from transformers import Qwen2_5OmniProcessor
-
+def test_processor_equals_transformers_audio_path(env, loaded, kind):
+    """Audio inputs and the placeholder expansion equal the family's transformers processor's own audio code
+    (its constructor needs torchvision for the image or video processor, so its audio methods are called
+    on an instance built without it)."""
     from engine.importance import devset as D
 
     _, proc, _ = loaded
     samples, _ = D.read_dev(env["shards"], DataConfig(), 0, True)
     waves = [s.audio for s in samples]
-    real = Qwen2_5OmniProcessor.__new__(Qwen2_5OmniProcessor)
+    if kind == "qwen2_5_omni":
+        from transformers import Qwen2_5OmniProcessor as Real
+    else:
+        from transformers import Phi4MultimodalProcessor as Real
+    real = Real.__new__(Real)
     real.feature_extractor, real.tokenizer, real.audio_token = proc.feature_extractor, proc.tokenizer, proc.audio_token
-    feats, repl = real._process_audio(waves, sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
-    text = "<|audio_bos|><|AUDIO|><|audio_eos|>x"
+    if kind == "qwen2_5_omni":
+        feats, repl = real._process_audio(waves, sampling_rate=16000, return_attention_mask=True,
+                                          return_tensors="pt")
+    else:
+        feats = proc.feature_extractor(waves, sampling_rate=16000, return_tensors="pt")
+        repl = [real.replace_audio_token(feats, audio_idx=i) for i in range(len(waves))]
+    text = f"a{proc.audio_token}x"
     ours = proc([text] * len(waves), audio=waves, sampling_rate=16000)
-    assert torch.equal(ours["input_features"], feats["input_features"])
-    assert torch.equal(ours["feature_attention_mask"], feats["feature_attention_mask"])
+    for k in families.get(kind).audio_inputs:
+        assert torch.equal(ours[k], feats[k]), k
     for i, r in enumerate(repl):
-        want = proc.tokenizer("<|audio_bos|>" + r + "<|audio_eos|>x", add_special_tokens=False)["input_ids"]
+        want = proc.tokenizer("a" + r + "x", add_special_tokens=False)["input_ids"]
         got = ours["input_ids"][i][ours["attention_mask"][i].bool()].tolist()
         assert got == want
 
@@ -76,7 +100,7 @@ def test_nll_and_task_match_surgery_reference(env, loaded, tmp_path):
         ref = reference_nll(reference_model(env, drop, tmp_path), env, proc)
         assert got[c].score == pytest.approx(ref, rel=1e-5), c
     tok = proc.tokenizer
-    gen = S.generation_config(model, tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id, 8)
+    gen = S.generation_config(model, _end_id(proc), tok.pad_token_id, 8)
     task = dict(S.task_scores(model, tok, dev, [None, 2], metric="chrf++", gen_cfg=gen))
     for c, drop in [(None, []), (2, [2])]:
         ref = reference_translations(reference_model(env, drop, tmp_path), env, proc, gen)
@@ -98,7 +122,7 @@ def _stc(*argv, timeout=1800):
 
 
 @pytest.fixture(scope="module")
-def plan_run(tmp_path_factory):
+def plan_run(tmp_path_factory, kind):
     """`stc pipeline` on a tiny thinker, two ranks per step: importance (task), prune to half the decoder,
     the teacher cache, QLoRA + KD healing, nf4 export, evaluation of teacher, pruned and healed student,
     the report (the ablations are the plan's own tests' business)."""
@@ -107,8 +131,8 @@ def plan_run(tmp_path_factory):
     from engine.models.tiny import build_tiny
     from sine_data import write_sine_manifest
 
-    root = tmp_path_factory.mktemp("omni_plan")
-    build_tiny(KIND, root / "model", num_layers=4, dtype="fp32", seed=0, audio_seconds=3)
+    root = tmp_path_factory.mktemp(f"{kind}_plan")
+    build_tiny(kind, root / "model", num_layers=4, dtype="fp32", seed=0, audio_seconds=3)
     m = write_sine_manifest(root, 14, 8, period=5)
     rows = [json.loads(x) for x in m.read_text().splitlines()]
     for i, r in enumerate(rows):
@@ -135,10 +159,10 @@ def plan_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_whole_plan_on_the_thinker(plan_run):
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
+def test_whole_plan(plan_run, kind):
     from engine.models.load import load_processor
+
+    cls = families.get(kind).model_cls()
 
     run = plan_run / "run"
     assert (run / "cache/meta.json").exists()
@@ -146,10 +170,9 @@ def test_whole_plan_on_the_thinker(plan_run):
     pruned = json.loads((run / "students/r50/pruned/meta.json").read_text())["pruned"]
     assert pruned["removed"] == ranking["removed"][:2]
     # the pruned student reloads in plain transformers and equals surgery on the teacher in memory
-    teacher = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(plan_run / "model", dtype=torch.float32).eval()
+    teacher = cls.from_pretrained(plan_run / "model", dtype=torch.float32).eval()
     surgery.drop_layers(teacher, pruned["removed"])
-    student = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(run / "students/r50/pruned",
-                                                                         dtype=torch.float32).eval()
+    student = cls.from_pretrained(run / "students/r50/pruned", dtype=torch.float32).eval()
     assert len(surgery.decoder_layers(student)) == 2
     proc = load_processor(run / "students/r50/pruned")
     wave = torch.sin(torch.arange(8000) / 7.0).numpy().astype("float32") * 0.3
@@ -164,7 +187,7 @@ def test_whole_plan_on_the_thinker(plan_run):
     # the healed nf4 export loads with plain transformers (+ bitsandbytes) and generates
     exp = run / "students/r50/kd/export"
     assert json.loads((exp / "meta.json").read_text())["exported"]["quant"] == "nf4"
-    healed = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(exp).eval()
+    healed = cls.from_pretrained(exp).eval()
     from engine.models.load import bnb_cpu_workaround
 
     bnb_cpu_workaround(healed)
@@ -199,7 +222,13 @@ def test_dry_run_of_the_omni_7b_recipe_on_8_gpus(tmp_path, stc_inproc):
     assert not (tmp_path / "runs").exists()
 
 
-def test_audio_encoder_scan_matches_surgery(env, loaded):
+def _end_id(proc) -> int:
+    from engine.data.prompt import PromptBuilder
+
+    return PromptBuilder(proc).end_id
+
+
+def test_audio_encoder_scan_matches_surgery(env, loaded, kind):
     """importance.component=audio on the thinker: an audio candidate's nll equals the thinker with that
     encoder layer dropped by surgery; block influence runs over the packed frames its encoder layers see."""
     import copy
@@ -208,50 +237,97 @@ def test_audio_encoder_scan_matches_surgery(env, loaded):
 
     model, proc, _ = loaded
     samples, _ = D.read_dev(env["shards"], DataConfig(), 0, True)
-    dev = D.prepare(model, proc, samples, DataConfig(), batch_size=3, teacher_forced=True, prompt_only=False,
-                    keep_features=True)
+    dev = D.prepare(model, proc, samples, DataConfig(), batch_size=min(3, BATCH[kind]), teacher_forced=True,
+                    prompt_only=False, keep_features=True)
     got = dict(S.iter_audio_scores(model, None, dev, [None, 0, 1], scorer="nll", metric="nll"))
     for c in got:
         m = copy.deepcopy(model)
         if c is not None:
             surgery.drop_layers(m, [], audio_remove=[c])
-            assert m.config.audio_config.encoder_layers == 1
+            acfg, field = surgery.audio_config(m)
+            assert getattr(acfg, field) == 1
         assert got[c].score == pytest.approx(reference_nll(m.eval(), env, proc), rel=1e-6), c
     assert len({round(s.score, 7) for s in got.values()}) == 3
     bi = S.audio_block_influence(model, dev)
-    frames = 0
-    for b in dev.batches:
-        after_conv, _ = model.model.audio_tower._get_feat_extract_output_lengths(
-            b.features["feature_attention_mask"].sum(-1))
-        frames += int(after_conv.sum())
     assert sorted(bi.layer) == [0, 1] and all(v > 0 for v in bi.layer.values())
-    assert bi.n_tokens == frames                                         # every valid frame, no padding
+    if hasattr(model.model, "audio_tower"):                              # the Omni thinker packs valid frames
+        frames = 0
+        for b in dev.batches:
+            after_conv, _ = model.model.audio_tower._get_feat_extract_output_lengths(
+                b.features["feature_attention_mask"].sum(-1))
+            frames += int(after_conv.sum())
+        assert bi.n_tokens == frames                                     # every valid frame, no padding
 
 
-def test_lora_on_the_thinker_trains_adapters_outside_the_vision_tower(env, loaded):
-    """all-linear LoRA wraps the decoder and the audio tower but never the vision tower (speech never runs it);
-    one backward of the label loss reaches every adapter on the audio path."""
+def test_lora_trains_adapters_outside_the_vision_tower(env, loaded, kind):
+    """all-linear LoRA wraps the decoder and the audio encoder but never the vision tower (speech never runs
+    it); one backward of the label loss reaches every adapter on the audio path."""
     import copy
 
     from engine.config import LoraConfig
     from engine.data.prompt import IGNORE
     from engine.models.load import apply_lora, lora_targets
 
-    model, proc, dev = loaded
+    fam = families.get(kind)
+    model, proc, _ = loaded
     m = copy.deepcopy(model)
+
+    def parts(n):
+        return set(n.split("."))
+
     names = lora_targets(m, LoraConfig(r=4))
-    assert names and not any(".visual." in f".{n}." for n in names)
-    assert any("audio_tower" in n for n in names) and any("language_model" in n for n in names)
-    assert not any("audio_tower" in n for n in lora_targets(m, LoraConfig(r=4, include_audio_tower=False)))
+    assert names and not any(parts(n) & set(fam.unused_modules) for n in names)
+    assert any(parts(n) & set(fam.encoder_modules) for n in names)
+    assert any(not parts(n) & set(fam.encoder_modules) for n in names)          # the decoder's
+    assert not any(parts(n) & set(fam.encoder_modules) for n in lora_targets(m, LoraConfig(r=4, include_audio_tower=False)))
     peft = apply_lora(m, LoraConfig(r=4))
     peft.train()
     _, fb = next(reference_batches(env, proc))
-    logits = peft(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"], input_features=fb["input_features"],
-                  feature_attention_mask=fb["feature_attention_mask"]).logits
+    logits = peft(**model_inputs(fb)).logits
     y = fb["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1][y != IGNORE].float(), y[y != IGNORE])
     loss.backward()
     grads = {n: p.grad for n, p in peft.named_parameters() if p.requires_grad}
-    assert grads and all(".visual." not in n for n in grads)
+    assert grads and not any(parts(n) & set(fam.unused_modules) for n in grads)
     lora_b = [g for n, g in grads.items() if "lora_B" in n]
     assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
+
+def test_phi4_speech_lora_is_merged_on_load_and_pruning_keeps_it(tmp_path):
+    """A Phi-4-multimodal directory with its speech LoRA in speech-lora/: the engine's model equals the base with
+    the adapter switched on (peft), carries no LoRA layers (so surgery accepts it), and a pruned save holds the
+    merged weights without the adapter folder."""
+    from peft import LoraConfig as PeftLora
+    from peft import PeftModel, get_peft_model
+
+    from engine.config import ModelConfig
+    from engine.models.load import load_model, load_processor
+    from engine.models.tiny import build_tiny
+
+    d = build_tiny("phi4_multimodal", tmp_path / "phi", num_layers=3, dtype="fp32", seed=1)
+    cls = families.get("phi4_multimodal").model_cls()
+    base = cls.from_pretrained(d, dtype=torch.float32)
+    torch.manual_seed(0)
+    lora = get_peft_model(base, PeftLora(r=4, lora_alpha=8, init_lora_weights=False,
+                                         target_modules=r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"))
+    lora.save_pretrained(d / "speech-lora")
+    proc = load_processor(d)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio_url": "a"},
+                                                                  {"type": "text", "text": "Translate."}]}],
+                                    tokenize=False, add_generation_prompt=True)
+    inp = proc([text], audio=[torch.sin(torch.arange(6000) / 5.0).numpy().astype("float32")], sampling_rate=16000)
+    on = PeftModel.from_pretrained(cls.from_pretrained(d, dtype=torch.float32), d / "speech-lora").eval()
+    plain = cls.from_pretrained(d, dtype=torch.float32).eval()
+    m = load_model(ModelConfig(path=str(d), dtype="fp32"))
+    assert not any("lora_" in n for n, _ in m.named_modules())
+    with torch.no_grad():
+        want, got, without = on(**inp).logits, m(**inp).logits, plain(**inp).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - without).abs().max() > 1e-3                            # the adapter changes the model
+    surgery.drop_layers(m, [1])
+    out = surgery.save_pruned(m, tmp_path / "pruned", proc)
+    assert not (out / "speech-lora").exists()
+    re = cls.from_pretrained(out, dtype=torch.float32).eval()
+    ref = PeftModel.from_pretrained(cls.from_pretrained(d, dtype=torch.float32), d / "speech-lora").merge_and_unload()
+    surgery.drop_layers(ref, [1])
+    with torch.no_grad():
+        torch.testing.assert_close(re(**inp).logits, ref.eval()(**inp).logits, rtol=1e-5, atol=1e-5)
