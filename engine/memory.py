@@ -145,7 +145,9 @@ class Dims:
 
 
 def dims_of(config: Any) -> Dims:
-    """:class:`Dims` of a transformers config (Qwen2-Audio, or a causal LM)."""
+    """:class:`Dims` of a transformers config (an audio-LM, or a causal LM). The activation estimates model
+    the audio encoder as Whisper-shaped (layers over ``audio_positions`` frames); for another encoder they
+    are an estimate of the same order, not a measurement."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     h = int(text.hidden_size)
     heads = int(text.num_attention_heads)
@@ -153,9 +155,20 @@ def dims_of(config: Any) -> Dims:
     audio = getattr(config, "audio_config", None)
     extra = {}
     if audio is not None:
-        extra = dict(audio_d=int(audio.d_model), audio_ffn=int(audio.encoder_ffn_dim),
-                     audio_layers=int(audio.encoder_layers), audio_heads=int(audio.encoder_attention_heads),
-                     audio_positions=int(audio.max_source_positions), mel_bins=int(audio.num_mel_bins))
+        def first(*names: str, default: int = 0) -> int:
+            for n in names:
+                v = getattr(audio, n, None)
+                if isinstance(v, int) and v > 0:
+                    return v
+            return default
+
+        # Whisper-style names (Qwen2-Audio, the Omni thinker), else Conformer-style ones (Phi-4-multimodal,
+        # whose 30 s of 100 mel frames per second shrink by its time reduction)
+        positions = first("max_source_positions") or 3000 // first("time_reduction", default=2)
+        extra = dict(audio_d=first("d_model", "hidden_size"), audio_ffn=first("encoder_ffn_dim", "intermediate_size"),
+                     audio_layers=first("encoder_layers", "num_blocks", "num_hidden_layers", "num_layers"),
+                     audio_heads=first("encoder_attention_heads", "num_attention_heads", "num_heads"),
+                     audio_positions=positions, mel_bins=first("num_mel_bins", "input_size", default=128))
     return Dims(hidden=h, intermediate=int(text.intermediate_size), layers=int(text.num_hidden_layers),
                 heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=head_dim,
                 vocab=int(text.vocab_size), **extra)
