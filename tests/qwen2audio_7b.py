@@ -46,3 +46,21 @@ def write_config_only_omni_7b(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     c.save_pretrained(d)
     return d
+
+
+def write_config_only_phi4_multimodal(d: Path) -> Path:
+    """A config-only Phi-4-multimodal-instruct directory (transformers-native layout) with its public shapes:
+    a Phi-4-mini decoder (32 layers, 3072 wide, 200,064-token vocabulary, tied embeddings), a 24-block
+    Conformer audio encoder and a SigLIP-shaped image encoder."""
+    from transformers import Phi4MultimodalConfig
+
+    c = Phi4MultimodalConfig(
+        vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24,
+        num_key_value_heads=8, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        audio_config=dict(hidden_size=1024, intermediate_size=1536, num_blocks=24, num_attention_heads=16),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16))
+    c.architectures = ["Phi4MultimodalForCausalLM"]
+    d.mkdir(parents=True, exist_ok=True)
+    c.save_pretrained(d)
+    return d

@@ -201,24 +201,29 @@ def test_whole_plan(plan_run, kind):
         assert json.loads((run / "eval" / name / "scores.json").read_text())["n"] == 3
 
 
-def test_dry_run_of_the_omni_7b_recipe_on_8_gpus(tmp_path, stc_inproc):
-    """configs/qwen25-omni-7b-en-de.yaml validates on a config-only Qwen2.5-Omni-7B directory (the hub's full
-    layout, public shapes): the thinker's 28 decoder layers, 8.93B parameters with its audio and vision towers."""
+@pytest.mark.parametrize("recipe,writer,params,removed", [
+    ("qwen25-omni-7b-en-de", "write_config_only_omni_7b", "8.93B", (7, 14)),          # 28 -> 21 and 28 -> 14
+    ("phi4-multimodal-en-de", "write_config_only_phi4_multimodal", "4.74B", (8, 16)),  # 32 -> 24 and 32 -> 16
+])
+def test_dry_run_of_the_family_recipes_on_8_gpus(tmp_path, stc_inproc, recipe, writer, params, removed):
+    """The shipped recipe of each family validates on a config-only directory with the public shapes (the
+    Omni hub layout wraps the thinker; Phi-4-multimodal without its two LoRA adapters, which the public
+    5.6B counts): parameters from the meta device, students from the decoder's layer count."""
     import re
 
-    from qwen2audio_7b import write_config_only_omni_7b
+    import qwen2audio_7b
     from sine_data import build_split_shards
 
-    model = write_config_only_omni_7b(tmp_path / "model")
+    model = getattr(qwen2audio_7b, writer)(tmp_path / "model")
     shards = build_split_shards(tmp_path)
     root = Path(__file__).resolve().parents[1]
-    r = stc_inproc("pipeline", "--config", root / "configs" / "qwen25-omni-7b-en-de.yaml", "--dry-run", "--nproc", "8",
+    r = stc_inproc("pipeline", "--config", root / "configs" / f"{recipe}.yaml", "--dry-run", "--nproc", "8",
                    f"model.path={model}", f"data.shards={shards}", f"run.out_dir={tmp_path / 'runs'}")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "the plan validates: every step would start" in r.stdout
     out = re.sub(r"\s+", " ", r.stdout)
-    assert "est: 8.93B params, 8.93B trainable" in out
-    assert "prune.count=7" in out and "prune.count=14" in out            # 28 -> 21 and 28 -> 14
+    assert f"est: {params} params, {params} trainable" in out
+    assert all(f"prune.count={n}" in out for n in removed)
     assert not (tmp_path / "runs").exists()
 
 

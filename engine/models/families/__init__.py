@@ -123,8 +123,10 @@ def supported() -> str:
 # Families recognised but refused, with the reason (checked before the registry: Phi-4-multimodal's
 # architecture ends in ForCausalLM, and the catch-all would load it as a text LM without its audio).
 REFUSED = {
-    "granite_speech": "Granite Speech has no adapter yet (its audio LoRA must be merged before pruning)",
-    "voxtral": "Voxtral has no adapter yet",
+    "granite_speech": "Granite Speech has no adapter yet: its feature extractor needs torchaudio and its audio LoRA "
+                      "(loaded from beside the weights) must be merged before pruning",
+    "voxtral": "Voxtral has no adapter yet: its tokenizer and chat format come from mistral-common (tekken.json), "
+               "which the engine cannot yet render into its prompt and label mask",
     "gemma3n": "Gemma 3n keeps per-layer embeddings and shares KV caches between layers: removing a layer "
                "needs surgery on both, which the engine does not do",
     "qwen3_omni_moe": "Qwen3-Omni is a mixture of experts with per-layer expert maps (mlp_only_layers, "
