@@ -54,3 +54,18 @@ def build_split_shards(root: Path, *, train: int = 8, dev: int = 3, test: int = 
     shards.build(cfg.load(None, [f"shards.manifest={m}", f"shards.out={root / 'sh'}",
                                  f"shards.samples_per_shard={samples_per_shard}"]), workers=1)
     return root / "sh"
+
+
+def audio_prompt_batch(model_dir: Path, processor=None) -> dict:
+    """One processor batch for the model at ``model_dir``: a user turn with 1 s of a 300 Hz sine and
+    "Translate:", rendered by its chat template with the generation prompt (``processor``: the model's, by
+    default its ``AutoProcessor``)."""
+    if processor is None:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(model_dir)
+    t = np.arange(16000) / 16000
+    msgs = [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": "Translate:"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return dict(processor(text=[text], audio=[(0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)],
+                          sampling_rate=16000, return_tensors="pt"))

@@ -15,6 +15,7 @@ from engine.config import DataConfig
 from engine.importance import scorers as S
 from engine.models import families, surgery
 
+from sine_data import audio_prompt_batch
 from test_importance import (build_env, dev_of, load, model_inputs, reference_batches, reference_model,
                              reference_nll, reference_translations)
 
@@ -174,12 +175,7 @@ def test_whole_plan(plan_run, kind):
     surgery.drop_layers(teacher, pruned["removed"])
     student = cls.from_pretrained(run / "students/r50/pruned", dtype=torch.float32).eval()
     assert len(surgery.decoder_layers(student)) == 2
-    proc = load_processor(run / "students/r50/pruned")
-    wave = torch.sin(torch.arange(8000) / 7.0).numpy().astype("float32") * 0.3
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio_url": "a"},
-                                                                  {"type": "text", "text": "Translate."}]}],
-                                    tokenize=False, add_generation_prompt=True)
-    inp = proc([text], audio=[wave], sampling_rate=16000)
+    inp = audio_prompt_batch(run / "students/r50/pruned", load_processor(run / "students/r50/pruned"))
     with torch.no_grad():
         assert torch.equal(teacher(**inp).logits, student(**inp).logits)
         assert torch.equal(teacher.generate(**inp, max_new_tokens=5, do_sample=False),
@@ -316,10 +312,7 @@ def test_phi4_speech_lora_is_merged_on_load_and_pruning_keeps_it(tmp_path):
                                          target_modules=r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"))
     lora.save_pretrained(d / "speech-lora")
     proc = load_processor(d)
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio_url": "a"},
-                                                                  {"type": "text", "text": "Translate."}]}],
-                                    tokenize=False, add_generation_prompt=True)
-    inp = proc([text], audio=[torch.sin(torch.arange(6000) / 5.0).numpy().astype("float32")], sampling_rate=16000)
+    inp = audio_prompt_batch(d, proc)
     on = PeftModel.from_pretrained(cls.from_pretrained(d, dtype=torch.float32), d / "speech-lora").eval()
     plain = cls.from_pretrained(d, dtype=torch.float32).eval()
     m = load_model(ModelConfig(path=str(d), dtype="fp32"))

@@ -351,7 +351,8 @@ def cli_scan(aenv, tmp_path_factory, cli_env) -> Path:
 
 @pytest.mark.slow
 def test_cli_audio_scan_then_prune_reloads_in_plain_transformers(aenv, cli_scan, cli_env, tmp_path):
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    from sine_data import audio_prompt_batch
+    from transformers import Qwen2AudioForConditionalGeneration
 
     from engine.models import storage
 
@@ -387,12 +388,7 @@ def test_cli_audio_scan_then_prune_reloads_in_plain_transformers(aenv, cli_scan,
     ref = Qwen2AudioForConditionalGeneration.from_pretrained(aenv["model"], dtype=torch.float32).eval()
     full = copy.deepcopy(ref)
     surgery.drop_layers(ref, [], audio_remove=doc["removed"])
-    proc = AutoProcessor.from_pretrained(aenv["model"])
-    t = np.arange(16000) / 16000
-    msgs = [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": "Translate:"}]}]
-    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    batch = dict(proc(text=[text], audio=[(0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)],
-                      sampling_rate=16000, return_tensors="pt"))
+    batch = audio_prompt_batch(aenv["model"])
     torch.save(batch, tmp_path / "b.pt")
     (tmp_path / "reload.py").write_text(RELOAD)
     plain = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}

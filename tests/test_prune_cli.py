@@ -89,16 +89,12 @@ def test_importance_then_prune_end_to_end(env, ranking, tmp_path, stc_cmd, stc_e
     assert (out / "config.yaml").exists() and meta["fingerprints"]["model"].startswith("sha256:")
 
     # plain transformers (no engine on the path) reloads it and equals the in-memory pruned model
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    from sine_data import audio_prompt_batch
+    from transformers import Qwen2AudioForConditionalGeneration
 
     ref = Qwen2AudioForConditionalGeneration.from_pretrained(env["model"], dtype=torch.float32).eval()
     surgery.drop_layers(ref, doc["removed"])
-    proc = AutoProcessor.from_pretrained(env["model"])
-    t = np.arange(16000) / 16000
-    msgs = [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": "Translate:"}]}]
-    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    batch = dict(proc(text=[text], audio=[(0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)],
-                      sampling_rate=16000, return_tensors="pt"))
+    batch = audio_prompt_batch(env["model"])
     torch.save(batch, tmp_path / "b.pt")
     (tmp_path / "reload.py").write_text(RELOAD)
     plain = {k: v for k, v in stc_env.items() if k != "PYTHONPATH"}
