@@ -205,6 +205,7 @@ class ExportConfig:
     quantize: tuple[str, ...] = ("encoder", "projector", "decoder")  # components whose linears take export.quant (also: lm_head); the rest stay in model.dtype
     trim_vocab: bool = False         # keep only the vocabulary rows the trim splits use (+ specials, bytes, merge closure), before quantizing
     trim_splits: tuple[str, ...] = ("train",)  # shard splits whose prompts and translations define the kept vocabulary (dev/test are only checked and counted)
+    trim_languages: tuple[str, ...] = ()  # with trim_vocab, also keep every token written only in these languages' scripts (ISO codes, e.g. [en, de]): any text in them then encodes exactly as untrimmed
     max_gb: float = 0.0              # size target: plan validation refuses a student whose predicted safetensors bytes exceed it (decimal GB; 0: none)
     merge_lora: bool = True          # fold adapters into the weights (false: ship the adapter and name its base)
 
@@ -288,7 +289,7 @@ class PipelineConfig:
     ablations: bool = True           # for the first fraction: no healing, CE-only healing, contiguous middle block
     variants: tuple[str, ...] = ()   # more healings of the first fraction, each its own student: "word" (CE + word-level KD from the cache), "seq" (CE + sequence-level KD on the teacher's translations)
     progressive: bool = False        # also prune -> heal -> prune: loop-R of every later fraction starts from the previous fraction's healed student (merged, re-scanned by importance), beside kd-R pruned from the teacher at once
-    storage: tuple[str, ...] = ()    # more exports of every kd-R student, each its own system kd-R-<levers>: "+"-joined levers of trim (export.trim_vocab), lm_head (lm_head quantised too), int8 (export.quant=int8), bf16 (export.quant=none), e.g. [trim, trim+lm_head]
+    storage: tuple[str, ...] = ()    # more exports of every kd-R student, each its own system kd-R-<levers>: "+"-joined levers of trim (export.trim_vocab: the train split's tokens), scripts (trim_vocab keeping every token of export.trim_languages' scripts), lm_head (lm_head quantised too), int8 (export.quant=int8), bf16 (export.quant=none), e.g. [trim, trim+lm_head]
     scorers: tuple[str, ...] = ()    # cheap importance scorers (nll, block_influence) also run once (oneshot) on the dev split; the report compares their layer rankings with the main one (Spearman)
     shuffle_check: bool = True       # also score the teacher on shuffled audio (it must drop: the model listens)
     nproc: int = 1                   # local ranks per multi-rank stage (`stc run --nproc`); --nproc wins
@@ -506,6 +507,13 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
     problem = export_choice_problem(recipe.export.quant, recipe.export.quantize)
     if problem:
         problems.append(problem)
+    from . import langs
+
+    for code in recipe.export.trim_languages:
+        try:
+            langs.get(code)
+        except langs.UnknownLanguage as e:
+            problems.append(f"export.trim_languages: {e}")
     positive("evaluate.batch_size", recipe.evaluate.batch_size)
     positive("evaluate.max_new_tokens", recipe.evaluate.max_new_tokens)
     positive("evaluate.num_beams", recipe.evaluate.num_beams)

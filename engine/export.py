@@ -14,7 +14,9 @@ trainer already consolidated ZeRO-3 shards into one state dict on rank 0) or a L
    translation, and translation and source alone), the special tokens, the 256 byte symbols and the
    merges that build them; the tokenizer is re-indexed and must encode every trimming sentence to the
    same (mapped) tokens, else the export stops naming the sentence. Dev and test sentences that now
-   fall back to smaller pieces are counted (``meta.json`` ``exported.vocab``).
+   fall back to smaller pieces are counted (``meta.json`` ``exported.vocab``). With ``trim_languages``
+   every token written in those languages' scripts is kept too, and then any text in them (dev, test,
+   anything a user sends) encodes exactly as before: fewer rows go, nothing changes.
 3. **Quantize** (``quant: nf4`` or ``int8``): reload the merged model with bitsandbytes, converting the
    linears of the components in ``export.quantize`` (default: audio encoder, projector and decoder;
    ``lm_head`` stays in the compute dtype, as in training, unless listed) and save that; the other
@@ -108,7 +110,7 @@ def run(recipe: Recipe, *, dry_run: bool = False) -> Path:
         del model
         texts, verify = trim_corpus(recipe, processor)
         stage_out = tmp / "trimmed" if quant != "none" else tmp / "final"
-        trimmed = vocab.trim_model_dir(merged, stage_out, texts, verify=verify)
+        trimmed = vocab.trim_model_dir(merged, stage_out, texts, verify=verify, scripts=trim_scripts(recipe))
         shutil.rmtree(merged)
         if quant == "none":       # the trimmed directory is the export
             for f in stage_out.iterdir():
@@ -184,6 +186,13 @@ def split_texts(recipe: Recipe, split: str, builder: Any) -> list[str]:
             out.append(builder.full_text(m, tgt, audio=audio, key=f"{info.name}:{entry.key}"))
             out += [t for t in (tgt, m.get("src_text", "")) if t]
     return out
+
+
+def trim_scripts(recipe: Recipe) -> tuple[str, ...]:
+    """The Unicode scripts of ``export.trim_languages`` (each language's, see :mod:`engine.langs`)."""
+    from . import langs
+
+    return tuple(dict.fromkeys(s for code in recipe.export.trim_languages for s in langs.get(code).scripts))
 
 
 def trim_corpus(recipe: Recipe, processor: Any) -> tuple[list[str], dict[str, list[str]]]:

@@ -14,29 +14,34 @@ class Language:
     # Scripts written without spaces between words: chrF (not chrF++) and BLEU tokenize "zh"/"ja-mecab".
     spaceless: bool = False
     bleu_tokenize: str = "13a"
+    # Unicode scripts its text is written in (first word of a character's Unicode name), for vocabulary trimming
+    scripts: tuple[str, ...] = ("LATIN",)
 
 
 _TABLE: dict[str, Language] = {}
 
 
-def register(code: str, name: str, spaceless: bool = False, bleu_tokenize: str = "13a") -> Language:
-    lang = Language(code, name, spaceless, bleu_tokenize)
+def register(code: str, name: str, spaceless: bool = False, bleu_tokenize: str = "13a",
+             scripts: tuple[str, ...] = ("LATIN",)) -> Language:
+    lang = Language(code, name, spaceless, bleu_tokenize, tuple(scripts))
     _TABLE[code] = lang
     return lang
 
 
 for _c, _n in [
     ("en", "English"), ("de", "German"), ("fr", "French"), ("es", "Spanish"), ("it", "Italian"),
-    ("pt", "Portuguese"), ("nl", "Dutch"), ("ru", "Russian"), ("ar", "Arabic"), ("fa", "Persian"),
-    ("tr", "Turkish"), ("pl", "Polish"), ("cs", "Czech"), ("ro", "Romanian"), ("sv", "Swedish"),
-    ("uk", "Ukrainian"), ("vi", "Vietnamese"), ("id", "Indonesian"), ("hi", "Hindi"), ("et", "Estonian"),
-    ("ca", "Catalan"), ("cy", "Welsh"), ("lv", "Latvian"), ("sl", "Slovenian"), ("ta", "Tamil"),
-    ("mn", "Mongolian"),
+    ("pt", "Portuguese"), ("nl", "Dutch"), ("tr", "Turkish"), ("pl", "Polish"), ("cs", "Czech"),
+    ("ro", "Romanian"), ("sv", "Swedish"), ("vi", "Vietnamese"), ("id", "Indonesian"), ("et", "Estonian"),
+    ("ca", "Catalan"), ("cy", "Welsh"), ("lv", "Latvian"), ("sl", "Slovenian"),
 ]:
     register(_c, _n)
-register("zh", "Chinese", spaceless=True, bleu_tokenize="zh")
-register("ja", "Japanese", spaceless=True, bleu_tokenize="ja-mecab")
-register("ko", "Korean", spaceless=False, bleu_tokenize="ko-mecab")
+for _c, _n, _s in [("ru", "Russian", "CYRILLIC"), ("uk", "Ukrainian", "CYRILLIC"), ("mn", "Mongolian", "CYRILLIC"),
+                   ("ar", "Arabic", "ARABIC"), ("fa", "Persian", "ARABIC"), ("hi", "Hindi", "DEVANAGARI"),
+                   ("ta", "Tamil", "TAMIL")]:
+    register(_c, _n, scripts=(_s,))
+register("zh", "Chinese", spaceless=True, bleu_tokenize="zh", scripts=("CJK",))
+register("ja", "Japanese", spaceless=True, bleu_tokenize="ja-mecab", scripts=("CJK", "HIRAGANA", "KATAKANA"))
+register("ko", "Korean", spaceless=False, bleu_tokenize="ko-mecab", scripts=("HANGUL", "CJK"))
 
 
 class UnknownLanguage(ValueError):

@@ -318,7 +318,9 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     for v in pc.variants:
         if v not in variants:
             problems.append(f"pipeline.variants: unknown healing {v!r}; choose from {sorted(variants)}")
-    levers = {"trim": ("export.trim_vocab=true",), "int8": ("export.quant=int8",), "bf16": ("export.quant=none",),
+    levers = {"trim": ("export.trim_vocab=true", "export.trim_languages=[]"),
+              "scripts": ("export.trim_vocab=true", f"export.trim_languages={_list(recipe.export.trim_languages)}"),
+              "int8": ("export.quant=int8",), "bf16": ("export.quant=none",),
               "lm_head": (f"export.quantize={_list(dict.fromkeys((*recipe.export.quantize, 'lm_head')))}",)}
     storage_ovs: dict[str, tuple[str, ...]] = {}
     for spec in pc.storage:
@@ -330,6 +332,14 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
             continue
         if "int8" in parts and "bf16" in parts:
             problems.append(f"pipeline.storage: {spec!r} asks for int8 and bf16 storage at once")
+            continue
+        if "trim" in parts and "scripts" in parts:
+            problems.append(f"pipeline.storage: {spec!r} asks for two vocabulary trims; trim keeps the train split's "
+                            "tokens, scripts also every token of export.trim_languages' scripts: choose one")
+            continue
+        if "scripts" in parts and not recipe.export.trim_languages:
+            problems.append(f"pipeline.storage: {spec!r} trims to the scripts of export.trim_languages, which is "
+                            "empty; set it to the run's languages (e.g. export.trim_languages=[en, de])")
             continue
         tag = "-".join(parts)
         if tag in storage_ovs:

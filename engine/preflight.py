@@ -345,7 +345,7 @@ def _trimmed_rows(model_path: str, key: str) -> int | None:
     import json as _json
 
     from .config import resolve
-    from .export import trim_corpus
+    from .export import trim_corpus, trim_scripts
     from .models import vocab
     from .models.load import load_processor
 
@@ -354,7 +354,9 @@ def _trimmed_rows(model_path: str, key: str) -> int | None:
         processor = load_processor(model_path)
         texts, _ = trim_corpus(recipe, processor)
         tok = getattr(processor, "tokenizer", processor)
-        return len(vocab.keep_ids(tok, texts + vocab.template_texts(tok)).ids)
+        scripts = trim_scripts(recipe)
+        extra = vocab.script_ids(tok, scripts) if scripts else ()
+        return len(vocab.keep_ids(tok, texts + vocab.template_texts(tok), extra_ids=extra).ids)
     except Exception:      # no tokenizer (a config-only directory) or shards not built yet: not known now
         return None
 

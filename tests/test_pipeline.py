@@ -188,9 +188,22 @@ def test_plan_storage_levers_export_each_kd_student_again(tiny):
     from engine.report import comparison_pairs
 
     assert [p for p in comparison_pairs(rows, "teacher") if p[0] == "healing"] == [("healing", "ce-25", "kd-25")]
-    bad = plan_for(tiny, "pipeline.storage=[trim+fp8, int8+bf16, trim, trim]")
+    bad = plan_for(tiny, "pipeline.storage=[trim+fp8, int8+bf16, trim, trim, scripts]")
     text = "\n".join(P.check(bad))
     assert "unknown levers ['fp8']" in text and "int8 and bf16" in text and "'trim' is listed twice" in text
+    assert "export.trim_languages, which is empty" in text                 # scripts needs the languages
+    assert "two vocabulary trims" in "\n".join(P.check(plan_for(tiny, "pipeline.storage=[trim+scripts]",
+                                                               "export.trim_languages=[en, de]")))
+    both = plan_for(tiny, "pipeline.storage=[trim, scripts]", "export.trim_languages=[en, de]")
+    by = {s.name: s for s in both.steps}
+    assert P.check(both) == []
+    assert {"export.trim_vocab=true", 'export.trim_languages=["en","de"]'} <= set(by["export-kd-25-scripts"].overrides)
+    assert "export.trim_languages=[]" in by["export-kd-25-trim"].overrides  # the train split's tokens only
+    for name in ("export-kd-25-scripts", "export-kd-25-trim"):
+        r = cfg.resolve(both.tree, list(by[name].overrides))
+        assert r.export.trim_vocab and r.export.trim_languages == (("en", "de") if "scripts" in name else ())
+    with pytest.raises(cfg.ConfigError, match="export.trim_languages"):
+        cfg.resolve({}, ["export.trim_languages=[en, xx]"])
 
 
 def test_plan_refuses_an_audio_encoder_ranking(tiny):

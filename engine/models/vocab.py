@@ -9,6 +9,8 @@ API::
 
     keep_ids(tokenizer, texts, *, extra_ids=()) -> KeepSet
         The old ids to keep (see "What is kept"), in ascending order = the new order.
+    script_ids(tokenizer, scripts) -> set[int]
+        Every token written in the given Unicode scripts (see "Trimming by script").
     trim_tokenizer_json(tokenizer_json: dict, keep: KeepSet) -> dict
         tokenizer.json with only the kept tokens, re-indexed 0..n-1 in their old order.
     template_texts(tokenizer) -> list[str]
@@ -47,6 +49,13 @@ the old vocabulary is not in the new one either. This is what makes the closure 
 of all rules would drag in many unused tokens, keeping the first rule's halves could miss the one
 used. The argument is checked anyway: :func:`trim_model_dir` re-encodes every corpus sentence with
 both tokenizers and raises, naming the sentences, if one differs.
+
+Trimming by script (``scripts``, from ``export.trim_languages``): the corpus rule is exact for the corpus
+only. Keeping, in addition, every token whose bytes are text in the languages' scripts (plus the common
+characters: ASCII, digits, punctuation, spaces, combining marks) or a piece of a multi-byte character makes
+it exact for *any* text in those scripts (:func:`script_ids` has the argument). It keeps far more rows (for
+the Qwen2 vocabulary, Latin 102,514 of 151,649 tokens, Latin + CJK 127,944) in exchange for no change to
+any input or output in those languages.
 
 Sentences outside the corpus (``verify`` groups: train/dev/test) may need a token that was dropped;
 they then encode to smaller pieces (more tokens), never to an unknown token. They are counted, and
@@ -219,6 +228,57 @@ def bpe_trace(symbols: Sequence[str], ranks: Mapping[tuple[str, str], int]) -> t
         syms[at:at + 2] = [syms[at] + syms[at + 1]]
         made.append(syms[at])
     return syms, made
+
+
+def _unicode_script(ch: str) -> str:
+    import unicodedata
+
+    return unicodedata.name(ch, "").split(" ", 1)[0]
+
+
+def text_in_scripts(text: str, scripts: Iterable[str]) -> bool:
+    """Whether every character of ``text`` is common (ASCII, digits, punctuation, spaces, combining marks: Unicode
+    categories N, P, Z, M) or belongs to one of ``scripts`` (the first word of its Unicode name: ``LATIN``,
+    ``CJK``, ``CYRILLIC``, ``HIRAGANA``, ...)."""
+    import unicodedata
+
+    allowed = set(scripts)
+    for ch in text:
+        if ch < "\x80" or unicodedata.category(ch)[0] in "NPZM":
+            continue
+        if _unicode_script(ch) not in allowed:
+            return False
+    return True
+
+
+def script_ids(tokenizer: Any, scripts: Iterable[str]) -> set[int]:
+    """Ids of every vocabulary token whose bytes are text in ``scripts`` (:func:`text_in_scripts`) or no whole
+    UTF-8 text at all (a piece of a multi-byte character, which any script may need).
+
+    Kept together with the merge closure, they guarantee that **every** text written in those scripts
+    encodes exactly as with the untrimmed tokenizer: BPE only ever creates tokens (and merge halves) that
+    are contiguous byte spans of a pre-token of that text, and such a span is either text in the same
+    scripts or a piece of a character, both kept; so every merge the original applies is still there."""
+    tj, _ = _load_tokenizer(tokenizer)
+    vocab: dict[str, int] = _check_model(tj)["vocab"]
+    from .qwen_vocab import byte_symbols
+
+    sym_to_byte = {s: i for i, s in enumerate(byte_symbols())}
+    scripts = tuple(scripts)
+    out = set()
+    for tok, i in vocab.items():
+        try:
+            raw = bytes(sym_to_byte[c] for c in tok)
+        except KeyError:
+            continue                    # not a byte-level symbol string (an added token spelled as is)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            out.add(i)                  # a piece of a multi-byte character
+            continue
+        if text_in_scripts(text, scripts):
+            out.add(i)
+    return out
 
 
 def keep_ids(tokenizer: Any, texts: Iterable[str], *, extra_ids: Iterable[int] = ()) -> KeepSet:
@@ -582,13 +642,15 @@ def _check_source(src: Path) -> dict:
 
 def trim_model_dir(src: str | os.PathLike, dst: str | os.PathLike, texts: Sequence[str], *,
                    verify: Mapping[str, Sequence[str]] | None = None, multiple_of: int = 1,
-                   template: bool = True, overwrite: bool = False) -> dict:
+                   template: bool = True, overwrite: bool = False, scripts: Sequence[str] = ()) -> dict:
     """Write a vocabulary-trimmed copy of the model directory ``src`` to ``dst`` (see module docstring).
 
     ``texts``: the trimming corpus (sources, targets and rendered prompts the model will see).
     ``verify``: named sentence groups (e.g. train/dev/test) checked and counted, not kept.
     ``multiple_of``: table rows rounded up to this multiple (padding rows zero and suppressed in
     generation). ``template``: also keep what the chat template renders (:func:`template_texts`).
+    ``scripts``: also keep every token written in these Unicode scripts (:func:`script_ids`), so any text in
+    them encodes exactly as before, in or out of the corpus.
     ``dst`` is written to a temporary sibling and renamed, so it is complete or absent; an existing
     ``dst`` is an error unless ``overwrite``.
 
@@ -616,7 +678,7 @@ def trim_model_dir(src: str | os.PathLike, dst: str | os.PathLike, texts: Sequen
 
     rendered = template_texts(AutoTokenizer.from_pretrained(src, local_files_only=True)) if template else []
     corpus = texts + rendered
-    keep = _keep_ids(tj, old_raw, corpus, ())
+    keep = _keep_ids(tj, old_raw, corpus, script_ids(tj, scripts) if scripts else ())
     # Fail on an unkept config id before the (slow) weight load.
     _check_config_ids(config, keep, "config.json")
     if gen_path.is_file():
@@ -668,6 +730,7 @@ def trim_model_dir(src: str | os.PathLike, dst: str | os.PathLike, texts: Sequen
             "dtype": weights["dtype"], "hidden_size": weights["hidden_size"],
             "embedding_bytes_before": weights["bytes_before"], "embedding_bytes_after": weights["bytes_after"],
             "reasons": dict(keep.reasons), "template_texts": len(rendered), "copied": copied,
+            "scripts": list(scripts),
             "corpus": corpus_counts, "verify": verify_counts,
         }
         _write_json(tmp / "vocab_map.json", dict(
