@@ -257,3 +257,25 @@ def test_export_trims_the_vocabulary_to_the_train_split_and_the_prediction_follo
     assert preflight.export_size(str(tiny), 0, r, v["new_rows"]).total == pytest.approx(ex["storage_bytes"], rel=0.01)
     assert preflight.trimmed_rows(cfg.load(None, [f"data.shards={tmp_path / 'none'}", "export.trim_vocab=true"]),
                                   str(tiny)) is None
+
+
+def test_export_trimmed_to_the_languages_scripts_changes_no_text_of_them(tiny, tmp_path):
+    """export.trim_languages=[en, de]: the train split's tokens plus every token written in Latin script; the
+    dev and test sentences (English and German, never in the corpus) now all encode exactly as before, the
+    table keeps more rows than the train-split trim, and plan validation predicts the same row count."""
+    from sine_data import build_split_shards
+
+    from engine import config as cfg
+    from engine import preflight
+
+    shards = build_split_shards(tmp_path)
+    corpus_only = _export(tiny, tmp_path / "trim", "export.trim_vocab=true", f"data.shards={shards}")["vocab"]
+    ex = _export(tiny, tmp_path / "scripts", "export.trim_vocab=true", "export.trim_languages=[en, de]",
+                 f"data.shards={shards}")
+    v = ex["vocab"]
+    assert corpus_only["new_rows"] < v["new_rows"] < v["old_rows"]
+    assert all(c["sentences"] > 0 and c["differ"] == 0 for c in v["verify"].values())
+    assert json.loads((tmp_path / "scripts" / "vocab_map.json").read_text())["scripts"] == ["LATIN"]
+    r = cfg.load(None, [f"model.path={tiny}", f"data.shards={shards}", "export.trim_vocab=true",
+                        "export.trim_languages=[en, de]"])
+    assert preflight.trimmed_rows(r, str(tiny)) == v["new_rows"]
