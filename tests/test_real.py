@@ -147,7 +147,8 @@ def test_dry_run_of_the_real_benchmark_validates_its_plan():
     out = r.stdout + r.stderr
     for step in ("finetune", "export-teacher", "importance-nll", "importance-block_influence", "distill-kd-25",
                  "distill-kdword-25", "distill-seqkd-25", "distill-ce-25", "distill-middle-25", "distill-kd-40",
-                 "eval-pruned-25", "export-kd-25-trim", "eval-kd-40-trim", "export-kd-25-trim-lm_head", "report"):
+                 "eval-pruned-25", "export-kd-25-trim", "eval-kd-40-trim", "export-kd-25-trim-lm_head",
+                 "export-kd-25-scripts", "eval-kd-40-scripts", "report"):
         assert f"{step}  [" in out, (step, out[-3000:])
 
 
@@ -165,19 +166,23 @@ def test_ci_twin_runs_the_whole_benchmark_and_reruns_nothing(tmp_path):
     states = {s["name"]: s["state"] for s in status["steps"]}
     assert set(states.values()) == {"done"}, states
     systems = {"teacher", "pruned-25", "ce-25", "kd-25", "kdword-25", "seqkd-25", "middle-25", "kd-40", "kd-25-trim",
-               "kd-40-trim", "kd-25-trim-lm_head", "kd-40-trim-lm_head"}
+               "kd-40-trim", "kd-25-trim-lm_head", "kd-40-trim-lm_head", "kd-25-scripts", "kd-40-scripts"}
     assert systems <= {p.name for p in (out / "eval").iterdir()}
     rep = json.loads((out / "report" / "report.json").read_text())
     # the trimmed exports are smaller than the same students untrimmed, and sit on the frontier plot
     rows = {r["system"]: r for r in rep["systems"]}
     for p in (25, 40):
         assert rows[f"kd-{p}-trim-lm_head"]["storage_bytes"] < rows[f"kd-{p}-trim"]["storage_bytes"] \
-            < rows[f"kd-{p}"]["storage_bytes"]
+            < rows[f"kd-{p}-scripts"]["storage_bytes"] < rows[f"kd-{p}"]["storage_bytes"]
     assert {p["system"] for p in rep["frontier"]["en-de"]} >= systems
     assert (out / "report" / "frontier.png").exists()
     # each trimmed export is compared sentence by sentence with the untrimmed student it was exported from
     agree = {(a["system"], a["of"]) for a in rep["storage_agreement"]}
-    assert {("kd-25-trim", "kd-25"), ("kd-40-trim-lm_head", "kd-40")} <= agree
+    assert {("kd-25-trim", "kd-25"), ("kd-40-trim-lm_head", "kd-40"), ("kd-25-scripts", "kd-25")} <= agree
+    # the script trim changes no test text (English, German, Chinese): every test sentence encodes as before
+    for p in (25, 40):
+        vm = json.loads((out / "students" / f"r{p}" / "kd" / "export-scripts" / "vocab_map.json").read_text())
+        assert vm["scripts"] == ["LATIN", "CJK"] and all(c["differ"] == 0 for c in vm["verify"].values()), vm["verify"]
     pairs = {(s["system"], s["baseline"]) for s in rep["significance"]}
     assert {(s, "teacher") for s in systems - {"teacher"}} <= pairs
     assert {("kd-25", "ce-25"), ("kdword-25", "ce-25"), ("seqkd-25", "ce-25")} <= pairs
