@@ -69,3 +69,37 @@ def audio_prompt_batch(model_dir: Path, processor=None) -> dict:
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return dict(processor(text=[text], audio=[(0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)],
                           sampling_rate=16000, return_tensors="pt"))
+
+
+def write_split_manifest(root: Path) -> Path:
+    """8 train, 3 dev, 3 test rows with distinct source texts, plus a split `leak` that repeats a dev source."""
+    m = write_sine_manifest(root, 15, 8, period=5)
+    rows = [json.loads(x) for x in m.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["split"] = "train" if i < 8 else "dev" if i < 11 else "test" if i < 14 else "leak"
+        r["src_text"] = f"hello number {i}"
+    rows[14]["src_text"] = rows[9]["src_text"]
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return m
+
+
+def write_plan_recipe(root: Path, *, distill: str, extra: str = "") -> Path:
+    """Shards of :func:`write_split_manifest` in ``root/sh`` and a recipe for the model in ``root/model`` with
+    the small settings a whole plan on a tiny model runs with; ``distill``: the distill section's extra
+    keys (e.g. ``"mode: lora, zero_stage: 2"``); ``extra``: more YAML lines."""
+    from engine import config as cfg
+    from engine.data import shards
+
+    m = write_split_manifest(root)
+    shards.build(cfg.load(None, [f"shards.manifest={m}", f"shards.out={root / 'sh'}", "shards.samples_per_shard=4"]),
+                 workers=1)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{path: {root / 'model'}, dtype: fp32}}\n"
+        f"data: {{shards: {root / 'sh'}, batch_size: 2}}\n"
+        f"run: {{out_dir: {root / 'run'}, threads: 1, device: cpu}}\n"
+        "importance: {max_new_tokens: 4, decode_batch_size: 4}\n"
+        "cache: {k: 8, max_new_tokens: 6, batch_size: 2}\n"
+        f"distill: {{{distill}, epochs: 1, global_batch: 4, lr: 1.0e-3, lora: {{r: 4}}, save_every: 100}}\n"
+        "evaluate: {max_new_tokens: 6, batch_size: 4}\n" + extra)
+    return recipe

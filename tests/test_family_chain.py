@@ -124,34 +124,17 @@ def _stc(*argv, timeout=1800):
 
 @pytest.fixture(scope="module")
 def plan_run(tmp_path_factory, kind):
-    """`stc pipeline` on a tiny thinker, two ranks per step: importance (task), prune to half the decoder,
+    """`stc pipeline` on a tiny model of the family, two ranks per step: importance (task), prune to half the decoder,
     the teacher cache, QLoRA + KD healing, nf4 export, evaluation of teacher, pruned and healed student,
     the report (the ablations are the plan's own tests' business)."""
-    from engine import config as cfg
-    from engine.data import shards
+    from sine_data import write_plan_recipe
+
     from engine.models.tiny import build_tiny
-    from sine_data import write_sine_manifest
 
     root = tmp_path_factory.mktemp(f"{kind}_plan")
     build_tiny(kind, root / "model", num_layers=4, dtype="fp32", seed=0, audio_seconds=3)
-    m = write_sine_manifest(root, 14, 8, period=5)
-    rows = [json.loads(x) for x in m.read_text().splitlines()]
-    for i, r in enumerate(rows):
-        r["split"] = "train" if i < 8 else "dev" if i < 11 else "test"
-        r["src_text"] = f"hello number {i}"
-    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    shards.build(cfg.load(None, [f"shards.manifest={m}", f"shards.out={root / 'sh'}", "shards.samples_per_shard=4"]),
-                 workers=1)
-    recipe = root / "recipe.yaml"
-    recipe.write_text(
-        f"model: {{path: {root / 'model'}, dtype: fp32}}\n"
-        f"data: {{shards: {root / 'sh'}, batch_size: 2}}\n"
-        f"run: {{out_dir: {root / 'run'}, threads: 1, device: cpu}}\n"
-        "importance: {max_new_tokens: 4, decode_batch_size: 4}\n"
-        "cache: {k: 8, max_new_tokens: 6, batch_size: 2}\n"
-        "distill: {mode: qlora, epochs: 1, global_batch: 4, lr: 1.0e-3, lora: {r: 4}, save_every: 100}\n"
-        "evaluate: {max_new_tokens: 6, batch_size: 4}\n"
-        "pipeline: {students: [0.5], ablations: false, shuffle_check: false}\n")
+    recipe = write_plan_recipe(root, distill="mode: qlora", extra="pipeline: {students: [0.5], ablations: false, "
+                                                                  "shuffle_check: false}\n")
     dry = _stc("pipeline", "--config", recipe, "--dry-run", "--nproc", "2", timeout=300)
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     r = _stc("pipeline", "--config", recipe, "--nproc", "2")

@@ -26,39 +26,15 @@ ORDER = ["eval-teacher", "eval-teacher-shuffled", "importance", "prune-25", "cac
          "export-kd-50", "eval-kd-50", "report"]
 
 
-def _manifest(root: Path) -> Path:
-    """8 train, 3 dev, 3 test rows with distinct source texts, plus a split `leak` that repeats a dev source."""
-    from sine_data import write_sine_manifest
-
-    m = write_sine_manifest(root, 15, 8, period=5)
-    rows = [json.loads(x) for x in m.read_text().splitlines()]
-    for i, r in enumerate(rows):
-        r["split"] = "train" if i < 8 else "dev" if i < 11 else "test" if i < 14 else "leak"
-        r["src_text"] = f"hello number {i}"
-    rows[14]["src_text"] = rows[9]["src_text"]
-    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return m
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    from engine.data import shards
+    from sine_data import write_plan_recipe
+
     from engine.models.tiny import build_tiny_qwen2audio
 
     root = tmp_path_factory.mktemp("pipeline")
     build_tiny_qwen2audio(root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
-    m = _manifest(root)
-    shards.build(cfg.load(None, [f"shards.manifest={m}", f"shards.out={root / 'sh'}", "shards.samples_per_shard=4"]),
-                 workers=1)
-    recipe = root / "recipe.yaml"
-    recipe.write_text(
-        f"model: {{path: {root / 'model'}, dtype: fp32}}\n"
-        f"data: {{shards: {root / 'sh'}, batch_size: 2}}\n"
-        f"run: {{out_dir: {root / 'run'}, threads: 1, device: cpu}}\n"
-        "importance: {max_new_tokens: 4, decode_batch_size: 4}\n"
-        "cache: {k: 8, max_new_tokens: 6, batch_size: 2}\n"
-        "distill: {mode: lora, epochs: 1, global_batch: 4, lr: 1.0e-3, lora: {r: 4}, save_every: 100, zero_stage: 2}\n"
-        "evaluate: {max_new_tokens: 6, batch_size: 4}\n")
+    recipe = write_plan_recipe(root, distill="mode: lora, zero_stage: 2")
     return {"root": root, "recipe": recipe}
 
 

@@ -41,27 +41,32 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 # Qwen-style ChatML. Renders the same text as Qwen2-Audio-7B-Instruct's template: a default system
 # turn when the conversation has none; string content as is; list content part by part, audio parts
 # numbered "Audio 1:", "Audio 2:", ... each followed by a newline, text parts verbatim.
-CHAT_TEMPLATE = (
-    "{% set ns = namespace(audio=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'audio' or 'audio' in part or 'audio_url' in part %}"
-    "{% set ns.audio = ns.audio + 1 %}"
-    "Audio {{ ns.audio }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
-    "{% elif 'text' in part %}{{ part['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def chatml_template(audio_part: str, system: str = DEFAULT_SYSTEM) -> str:
+    """A ChatML chat template (Qwen style) that renders each audio part of a message as ``audio_part`` (Jinja;
+    ``ns.audio`` counts the audio parts so far), with a default system turn when the conversation has none."""
+    return (
+        "{% set ns = namespace(audio=0) %}"
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\n" + system + "<|im_end|>\n"
+        "{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}"
+        "{% for part in message['content'] %}"
+        "{% if part['type'] == 'audio' or 'audio' in part or 'audio_url' in part %}"
+        "{% set ns.audio = ns.audio + 1 %}" + audio_part +
+        "{% elif 'text' in part %}{{ part['text'] }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% endif %}"
+        "<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chatml_template("Audio {{ ns.audio }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n")
 
 # Built-in training text for the tiny BPE: the demo prompt words plus everyday sentences in the
 # three languages of the paper's directions (written for this project).

@@ -28,27 +28,12 @@ from . import Family
 
 AUDIO_TOKEN = "<|AUDIO|>"
 
-# Qwen2.5-Omni's chat template for what speech translation sends: ChatML turns, an audio part rendered as
-# <|audio_bos|><|AUDIO|><|audio_eos|>, a default system turn when there is none.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'audio' or 'audio' in part or 'audio_url' in part %}"
-    "<|audio_bos|><|AUDIO|><|audio_eos|>"
-    "{% elif 'text' in part %}{{ part['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def _chat_template() -> str:
+    """Qwen2.5-Omni's chat template for what speech translation sends: ChatML turns, an audio part rendered
+    as <|audio_bos|><|AUDIO|><|audio_eos|>, a default system turn when there is none."""
+    from ..tiny import chatml_template
+
+    return chatml_template("<|audio_bos|><|AUDIO|><|audio_eos|>", "You are a helpful assistant.")
 
 
 def audio_token_count(feature_lengths: Any) -> Any:
@@ -109,9 +94,10 @@ def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, aud
     if generation_config is not None:
         model.generation_config = generation_config
     fe = WhisperFeatureExtractor(feature_size=128, chunk_length=audio_seconds, hop_length=audio_hop)
-    tok.chat_template = CHAT_TEMPLATE
+    template = _chat_template()
+    tok.chat_template = template
     proc = SpeechProcessor(fe, tok, audio_token=AUDIO_TOKEN, token_count=_counts,
-                           chat_template=CHAT_TEMPLATE, feature_kwargs={"padding": "max_length"},
+                           chat_template=template, feature_kwargs={"padding": "max_length"},
                            rename={"attention_mask": "feature_attention_mask"})
     return model, proc
 
