@@ -132,8 +132,10 @@ def test_bnb_workaround_touches_cpu_layers_only():
     model = torch.nn.Sequential(bnb.nn.Linear4bit(8, 8), bnb.nn.Linear4bit(8, 8))
     # the second layer stands for one on a GPU: its weight is not on the CPU
     model[1].weight = torch.nn.Parameter(torch.empty(8, 8, device="meta"), requires_grad=False)
-    before = model[1].support_avx512bf16_for_cpu
-    assert before and model[0].support_avx512bf16_for_cpu
+    # bitsandbytes starts the flag from this CPU's features (False without avx512_bf16): set it as on a CPU
+    # that has them, so the test checks the workaround on any machine
+    for layer in model:
+        layer.support_avx512bf16_for_cpu = True
     assert load.bnb_cpu_workaround(model) == 1
     assert model[0].support_avx512bf16_for_cpu is False
-    assert model[1].support_avx512bf16_for_cpu == before
+    assert model[1].support_avx512bf16_for_cpu is True
