@@ -46,18 +46,25 @@ def _counts(features: dict) -> Any:
     return audio_token_count(features["feature_attention_mask"].sum(-1))
 
 
+def _processor(fe: Any, tok: Any, template: str | None, source: Any = None) -> Any:
+    """Features padded to the extractor's window, as the transformers processor pads them; the feature mask
+    under the name ``forward`` takes."""
+    from .speech_processor import SpeechProcessor
+
+    return SpeechProcessor(fe, tok, audio_token=getattr(tok, "audio_token", None) or AUDIO_TOKEN,
+                           token_count=_counts, chat_template=template, feature_kwargs={"padding": "max_length"},
+                           rename={"attention_mask": "feature_attention_mask"}, source=source)
+
+
 def load_processor(path: Any) -> Any:
     from transformers import AutoTokenizer, WhisperFeatureExtractor
 
-    from .speech_processor import SpeechProcessor, read_chat_template
+    from .speech_processor import read_chat_template
 
     p = Path(path)
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    fe = WhisperFeatureExtractor.from_pretrained(p, local_files_only=True)
-    return SpeechProcessor(fe, tok, audio_token=getattr(tok, "audio_token", None) or AUDIO_TOKEN,
-                           token_count=_counts, chat_template=read_chat_template(p, tok),
-                           feature_kwargs={"padding": "max_length"},
-                           rename={"attention_mask": "feature_attention_mask"}, source=p)
+    return _processor(WhisperFeatureExtractor.from_pretrained(p, local_files_only=True), tok,
+                      read_chat_template(p, tok), source=p)
 
 
 def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, audio_layers: int = 2, audio_d_model: int = 32, audio_heads: int = 2,
@@ -67,8 +74,6 @@ def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, aud
     :class:`SpeechProcessor`. ``text_config`` is a Qwen2 text config dict (engine.models.tiny)."""
     from transformers import (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
                               WhisperFeatureExtractor)
-
-    from .speech_processor import SpeechProcessor
 
     tc = dict(text_config, model_type="qwen2_5_omni_text")
     head_dim = tc["hidden_size"] // tc["num_attention_heads"]
@@ -96,9 +101,7 @@ def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, aud
     fe = WhisperFeatureExtractor(feature_size=128, chunk_length=audio_seconds, hop_length=audio_hop)
     template = _chat_template()
     tok.chat_template = template
-    proc = SpeechProcessor(fe, tok, audio_token=AUDIO_TOKEN, token_count=_counts,
-                           chat_template=template, feature_kwargs={"padding": "max_length"},
-                           rename={"attention_mask": "feature_attention_mask"})
+    proc = _processor(fe, tok, template)
     return model, proc
 
 
