@@ -50,7 +50,8 @@ def test_family_detection_and_layers(env, loaded, kind):
     doc = json.loads((env["model"] / "config.json").read_text())
     assert families.detect(doc).kind == kind and type(model).__name__ == families.get(kind).model_class
     assert len(surgery.decoder_layers(model)) == 4 and len(surgery.audio_layers(model)) == 2
-    assert families.get(kind).audio_layer_count_of(doc) == 2 and families.text_config_dict(doc)["num_hidden_layers"] == 4
+    assert families.get(kind).audio_layer_count_of(doc) == 2
+    assert families.text_config_dict(doc)["num_hidden_layers"] == 4
     if kind != "qwen2_5_omni":
         return
     # the hub's full Omni config wraps the thinker's: detected by model_type, the thinker's part read
@@ -263,7 +264,8 @@ def test_lora_trains_adapters_outside_the_vision_tower(env, loaded, kind):
     assert names and not any(parts(n) & set(fam.unused_modules) for n in names)
     assert any(parts(n) & set(fam.encoder_modules) for n in names)
     assert any(not parts(n) & set(fam.encoder_modules) for n in names)          # the decoder's
-    assert not any(parts(n) & set(fam.encoder_modules) for n in lora_targets(m, LoraConfig(r=4, include_audio_tower=False)))
+    no_tower = lora_targets(m, LoraConfig(r=4, include_audio_tower=False))
+    assert not any(parts(n) & set(fam.encoder_modules) for n in no_tower)
     peft = apply_lora(m, LoraConfig(r=4))
     peft.train()
     _, fb = next(reference_batches(env, proc))
@@ -291,8 +293,8 @@ def test_phi4_speech_lora_is_merged_on_load_and_pruning_keeps_it(tmp_path):
     cls = families.get("phi4_multimodal").model_cls()
     base = cls.from_pretrained(d, dtype=torch.float32)
     torch.manual_seed(0)
-    lora = get_peft_model(base, PeftLora(r=4, lora_alpha=8, init_lora_weights=False,
-                                         target_modules=r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"))
+    targets = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+    lora = get_peft_model(base, PeftLora(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
     lora.save_pretrained(d / "speech-lora")
     proc = load_processor(d)
     inp = audio_prompt_batch(d, proc)

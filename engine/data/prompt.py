@@ -193,7 +193,8 @@ class Featurizer:
       ``input_ids`` [B, T] long, ``attention_mask`` [B, T] long, ``labels`` [B, T] long (-100 on
       prompts, padding and pad samples), the processor's audio inputs (audio models, rows in batch
       order of the samples with audio; Qwen2-Audio: ``input_features`` [A, 128, 3000] float32 and
-      ``feature_attention_mask`` [A, 3000] long; integer tensors as long), and the non-tensor ``keys``, ``shards``, ``indices``, ``pad`` (bools),
+      ``feature_attention_mask`` [A, 3000] long; integer tensors as long), and the non-tensor ``keys``,
+      ``shards``, ``indices``, ``pad`` (bools),
       ``n_audio_tokens`` (per sample).
     """
 

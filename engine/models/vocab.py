@@ -238,7 +238,8 @@ def _unicode_script(ch: str) -> str:
 
 def text_in_scripts(text: str, scripts: Iterable[str]) -> bool:
     """Whether every character of ``text`` is common (ASCII, digits, punctuation, spaces, combining marks,
-    symbols such as currency signs and emoji: Unicode categories N, P, Z, M, S) or belongs to one of ``scripts`` (the first word of its Unicode name: ``LATIN``,
+    symbols such as currency signs and emoji: Unicode categories N, P, Z, M, S) or belongs to one of
+    ``scripts`` (the first word of its Unicode name: ``LATIN``,
     ``CJK``, ``CYRILLIC``, ``HIRAGANA``, ...)."""
     import unicodedata
 

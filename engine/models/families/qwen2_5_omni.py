@@ -67,7 +67,8 @@ def load_processor(path: Any) -> Any:
                       read_chat_template(p, tok), source=p)
 
 
-def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, audio_layers: int = 2, audio_d_model: int = 32, audio_heads: int = 2,
+def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, audio_layers: int = 2,
+              audio_d_model: int = 32, audio_heads: int = 2,
               audio_ffn_dim: int | None = None, audio_seconds: int = 30, audio_hop: int = 160,
               **_: Any) -> tuple[Any, Any]:
     """A random Qwen2.5-Omni thinker of the given text shape with a small audio and vision tower, and its
