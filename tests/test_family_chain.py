@@ -314,3 +314,14 @@ def test_phi4_speech_lora_is_merged_on_load_and_pruning_keeps_it(tmp_path):
     surgery.drop_layers(ref, [1])
     with torch.no_grad():
         torch.testing.assert_close(re(**inp).logits, ref.eval()(**inp).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_refuses_text_and_audio_that_do_not_pair(loaded):
+    """A prompt without the audio placeholder (or with more placeholders than clips) is refused, naming both
+    counts, instead of feeding the model audio it has no positions for."""
+    _, proc, _ = loaded
+    wave = torch.zeros(8000).numpy()
+    with pytest.raises(ValueError, match=r"0 .* placeholders in the text but 1 audio clips"):
+        proc(["no placeholder here"], audio=[wave], sampling_rate=16000)
+    with pytest.raises(ValueError, match=r"2 .* placeholders in the text but 1 audio clips"):
+        proc([f"a{proc.audio_token}b{proc.audio_token}"], audio=[wave], sampling_rate=16000)
