@@ -106,6 +106,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .models import families
+
 GIB = 2**30
 FRAGMENTATION = 0.05            # share of the device the caching allocator loses to fragmentation
 CUDA_CONTEXT_BYTES = 1.0 * GIB  # CUDA context, cuBLAS workspace, NCCL buffers per rank
@@ -152,7 +154,8 @@ def dims_of(config: Any) -> Dims:
     h = int(text.hidden_size)
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or h // heads)
-    audio = getattr(config, "audio_config", None)
+    audio = next((getattr(config, f.audio_config) for f in families.registry().values()
+                  if f.audio_config and getattr(config, f.audio_config, None) is not None), None)
     extra = {}
     if audio is not None:
         def first(*names: str, default: int = 0) -> int:
@@ -163,12 +166,14 @@ def dims_of(config: Any) -> Dims:
             return default
 
         # Whisper-style names (Qwen2-Audio, the Omni thinker), else Conformer-style ones (Phi-4-multimodal,
-        # whose 30 s of 100 mel frames per second shrink by its time reduction)
+        # whose 30 s of 100 mel frames per second shrink by its time reduction; Granite Speech, which stacks
+        # two frames and widens its feed-forward by feedforward_mult)
         positions = first("max_source_positions") or 3000 // first("time_reduction", default=2)
-        extra = dict(audio_d=first("d_model", "hidden_size"), audio_ffn=first("encoder_ffn_dim", "intermediate_size"),
+        d = first("d_model", "hidden_size", "hidden_dim")
+        extra = dict(audio_d=d, audio_ffn=first("encoder_ffn_dim", "intermediate_size") or d * first("feedforward_mult"),
                      audio_layers=first("encoder_layers", "num_blocks", "num_hidden_layers", "num_layers"),
                      audio_heads=first("encoder_attention_heads", "num_attention_heads", "num_heads"),
-                     audio_positions=positions, mel_bins=first("num_mel_bins", "input_size", default=128))
+                     audio_positions=positions, mel_bins=first("num_mel_bins", "input_size", "input_dim", default=128))
     return Dims(hidden=h, intermediate=int(text.intermediate_size), layers=int(text.num_hidden_layers),
                 heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=head_dim,
                 vocab=int(text.vocab_size), **extra)

@@ -64,3 +64,26 @@ def write_config_only_phi4_multimodal(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     c.save_pretrained(d)
     return d
+
+
+def write_config_only_granite_speech_8b(d: Path) -> Path:
+    """A config-only granite-speech-3.3-8b directory with the shapes of its public config (revision 3.3.2): a
+    Granite-3.3-8B decoder (40 layers, 4096 wide, 49,160-token vocabulary, tied embeddings), a 16-block Conformer
+    CTC encoder (1024 wide) and a 2-layer Q-Former projector."""
+    from transformers import GraniteSpeechConfig
+
+    c = GraniteSpeechConfig(
+        text_config=dict(model_type="granite", vocab_size=49160, hidden_size=4096, intermediate_size=12800,
+                         num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                         logits_scaling=16.0),
+        encoder_config=dict(input_dim=160, num_layers=16, hidden_dim=1024, feedforward_mult=4, num_heads=8,
+                            dim_head=128, output_dim=348, context_size=200, max_pos_emb=512),
+        projector_config=dict(hidden_size=1024, encoder_hidden_size=1024, num_hidden_layers=2,
+                              num_attention_heads=16, intermediate_size=4096, cross_attention_frequency=1),
+        audio_token_index=49159, has_lora_adapter=True, tie_word_embeddings=True)
+    c.architectures = ["GraniteSpeechForConditionalGeneration"]
+    d.mkdir(parents=True, exist_ok=True)
+    c.save_pretrained(d)
+    return d

@@ -67,6 +67,9 @@ def audio_prompt_batch(model_dir: Path, processor=None) -> dict:
     t = np.arange(16000) / 16000
     msgs = [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": "Translate:"}]}]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    if processor.audio_token not in text:      # a template of string contents (Granite's): the placeholder in the text
+        msgs = [{"role": "user", "content": processor.audio_token + "Translate:"}]
+        text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return dict(processor(text=[text], audio=[(0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)],
                           sampling_rate=16000, return_tensors="pt"))
 

@@ -91,6 +91,18 @@ class PromptBuilder:
         self.pad_id = int(pad if pad is not None else self.end_id)
         self.audio_token = getattr(processor, "audio_token", "<|AUDIO|>") if self.is_audio else None
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token) if self.is_audio else None
+        self.audio_as_part = self.is_audio and self._renders_audio_parts()
+
+    def _renders_audio_parts(self) -> bool:
+        """Whether the chat template renders a structured audio part of a message as the audio placeholder.
+        A template that takes string contents only (Granite's) gets the placeholder written at the start of
+        the user text instead, as that family's own examples write it."""
+        probe = [{"role": "system", "content": "s"},
+                 {"role": "user", "content": [{"type": "audio", "audio_url": "a"}, {"type": "text", "text": "u"}]}]
+        try:
+            return self.audio_token in self.render(probe, add_generation_prompt=True)
+        except Exception:   # a template that concatenates the content as a string
+            return False
 
     def _turn_end(self) -> str | None:
         """The token the chat template closes an assistant turn with: the first special token it writes after
@@ -122,9 +134,11 @@ class PromptBuilder:
     def messages(self, meta: Mapping[str, Any], *, audio: bool, target: str | None = None,
                  key: str = "audio") -> list[dict[str, Any]]:
         text = self.user_text(meta["src_lang"], meta["tgt_lang"], audio=audio, src_text=meta.get("src_text", ""))
-        if audio:
+        if audio and self.audio_as_part:
             # both keys: the real Qwen2-Audio template tests `'audio_url' in content`, newer ones the type
             user: Any = [{"type": "audio", "audio_url": key}, {"type": "text", "text": text}]
+        elif audio:
+            user = self.audio_token + text
         else:
             user = text
         msgs = [{"role": "system", "content": self.cfg.system_prompt}, {"role": "user", "content": user}]

@@ -135,7 +135,7 @@ def _audio_configs(model: nn.Module) -> tuple[list[Any], str]:
     field that counts them."""
     layers = audio_layer_list(model)
     acfg, key = surgery.audio_config(model)
-    owner = next((m for m in model.modules() if any(c is layers for c in m.children())), None)
+    owner = surgery.list_owner(model, layers)
     out: list[Any] = []
     for c in (acfg, getattr(owner, "config", None)):
         if c is not None and hasattr(c, key) and all(c is not o for o in out):
@@ -163,13 +163,16 @@ def without_audio_layers(model: nn.Module, drop: Iterable[int]) -> Iterator[list
     saved_cfg = [(c, {k: c.__dict__.get(k, _MISSING) for k in keys}) for c in configs]
     saved_idx = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
     new = nn.ModuleList([layers[i] for i in keep])
+    owner = surgery.list_owner(model, layers)
     try:
         surgery._replace_list(model, layers, new)
         surgery._renumber(list(new))   # as drop_layers does (the encoder keeps no cache: layer_idx is unused)
         for c in configs:
             surgery._trim_config(c, keep, count_key, surgery.ORIGINAL_AUDIO_KEY)
+        surgery.set_cached_count(owner, count_key, n, len(keep))
         yield keep
     finally:
+        surgery.set_cached_count(owner, count_key, len(keep), n)
         _restore(saved_cfg, saved_idx)
         if surgery.audio_layers(model) is new:
             surgery._replace_list(model, new, layers)

@@ -170,10 +170,26 @@ def drop_layers(model: nn.Module, remove: Iterable[int], audio_remove: Iterable[
             raise SurgeryError("removing every audio-encoder layer leaves no encoder")
         kept_a = [alayers[i] for i in akeep]
         _renumber(kept_a)
+        owner = list_owner(model, alayers)
         _replace_list(model, alayers, nn.ModuleList(kept_a))
         acfg, count_key = audio_config(model)
         _trim_config(acfg, akeep, count_key, ORIGINAL_AUDIO_KEY)
+        set_cached_count(owner, count_key, an, len(akeep))
     return list(getattr(tcfg, ORIGINAL_KEY))
+
+
+def list_owner(model: nn.Module, layers: nn.ModuleList) -> nn.Module | None:
+    """The module that holds ``layers`` as a child."""
+    return next((m for m in model.modules() if any(c is layers for c in m.children())), None)
+
+
+def set_cached_count(owner: nn.Module | None, count_key: str, old: int, new: int) -> None:
+    """An encoder that caches its layer count in an attribute named like its config field (Granite Speech's CTC
+    encoder: ``num_layers``, which places its mid-stack branch) gets the new count too; the config alone would
+    leave the module running with the old one."""
+    if owner is not None and isinstance(getattr(owner, count_key, None), int) \
+            and not isinstance(getattr(owner, count_key), bool) and getattr(owner, count_key) == old:
+        setattr(owner, count_key, new)
 
 
 def _replace_list(model: nn.Module, old: nn.ModuleList, new: nn.ModuleList) -> None:

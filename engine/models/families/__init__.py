@@ -62,6 +62,9 @@ class Family:
     prepare: Callable[[Any, Any], Any] | None = field(default=None, compare=False)
     # config.json dict -> True for checkpoints of this family that model_types/architectures miss
     claims: Callable[[dict], bool] | None = field(default=None, compare=False)
+    # loaded model -> the function its forward applies to lm_head's output (Gemma 2's soft-capping, Granite's
+    # logits_scaling), or None when forward returns lm_head's output as is; for code that applies lm_head itself
+    logits_post: Callable[[Any], Callable[[Any], Any] | None] | None = field(default=None, compare=False)
 
     def matches(self, cfg: dict) -> bool:
         archs = cfg.get("architectures") or []
@@ -92,7 +95,7 @@ class Family:
 
 # Order matters: the first family whose matches() is true wins (specific families before the
 # catch-all causal LM).
-_MODULES = ("qwen2_audio", "qwen2_5_omni", "phi4_multimodal", "causal_lm")
+_MODULES = ("qwen2_audio", "qwen2_5_omni", "phi4_multimodal", "granite_speech", "causal_lm")
 _REGISTRY: dict[str, Family] | None = None
 
 
@@ -123,8 +126,6 @@ def supported() -> str:
 # Families recognised but refused, with the reason (checked before the registry: Phi-4-multimodal's
 # architecture ends in ForCausalLM, and the catch-all would load it as a text LM without its audio).
 REFUSED = {
-    "granite_speech": "Granite Speech has no adapter yet: its feature extractor needs torchaudio and its audio LoRA "
-                      "(loaded from beside the weights) must be merged before pruning",
     "voxtral": "Voxtral has no adapter yet: its tokenizer and chat format come from mistral-common (tekken.json), "
                "which the engine cannot yet render into its prompt and label mask",
     "gemma3n": "Gemma 3n keeps per-layer embeddings and shares KV caches between layers: removing a layer "
@@ -167,6 +168,18 @@ def of_model(model: Any) -> Family | None:
         except UnsupportedModel:
             return None
     return None
+
+
+def head_fn(model: Any, head: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
+    """``head`` (default: the model's lm_head) followed by what the model's own forward does to its output, so
+    logits computed from hidden states equal the forward's (the nll scorer and the teacher cache apply the head
+    to selected rows only)."""
+    head = head if head is not None else model.get_output_embeddings()
+    fam = of_model(model)
+    post = fam.logits_post(model) if fam is not None and fam.logits_post is not None else None
+    if post is None:
+        return head
+    return lambda x: post(head(x))
 
 
 def encoder_modules() -> tuple[str, ...]:
