@@ -100,3 +100,45 @@ def test_loaded_models_resolve_their_family_and_layers(tmp_path):
     assert families.of_model(wrapped).kind == "qwen2audio"
     names = {component_of(n) for n, _ in audio.named_parameters()}
     assert {"encoder", "projector", "decoder", "embeddings"} <= names
+
+
+@pytest.mark.parametrize("cls,extra", [
+    ("Gemma2", {"final_logit_softcapping": 3.0, "head_dim": 8, "query_pre_attn_scalar": 8}),
+    ("Granite", {"logits_scaling": 4.0, "embedding_multiplier": 3.0, "residual_multiplier": 0.5}),
+    ("Cohere", {"logit_scale": 0.25}),
+    ("Qwen2", {}),
+])
+def test_logits_from_hidden_states_equal_the_forward(cls, extra):
+    """Causal LMs whose forward transforms lm_head's output (soft-capping, scaling): the logits the engine computes
+    from hidden states (nll scorer, teacher cache) equal the model's own, and the nll scorer equals the forward's
+    label loss; Qwen2 has nothing to apply."""
+    import torch
+    import transformers
+
+    from engine.importance import scorers as S
+    from engine.importance.devset import DevBatch, DevSet
+
+    cfg = getattr(transformers, f"{cls}Config")(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = families.head_fn(model)(model.model(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fam = families.of_model(model)
+    assert (fam.logits_post(model) is None) == (cls == "Qwen2")
+    # the nll scorer (prefix reuse over cached embeddings, lm_head on label rows) against the forward's loss
+    labels = ids.clone()
+    labels[:, :4] = -100
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * int((labels[:, 1:] != -100).sum())
+        embeds = model.get_input_embeddings()(ids)
+    batch = DevBatch(keys=["a", "b"], refs=["", ""], tgt_langs=["de", "de"], embeds=embeds, attention_mask=mask,
+                     labels=labels)
+    dev = DevSet(batches=[batch], keys=["a", "b"], tgt_langs=["de", "de"])
+    got_nll = S.nll_scores(model, dev, [None])[None].score
+    assert got_nll == pytest.approx(ref / batch.n_label_tokens, rel=1e-5)

@@ -132,7 +132,7 @@ def word_level(model: Any, batch: Mapping[str, Any], k: int, vocab_size: int, de
             raise CacheError("a label at position 0 has no preceding hidden state")
         h = hidden[pos[:, 0].to(hidden.device), (pos[:, 1] - 1).to(hidden.device)]
         with _gathered_head(head, zero3) as fn:
-            ids, lp, tail = topk_from_hidden(h, fn, k, vocab_size)
+            ids, lp, tail = topk_from_hidden(h, families.head_fn(model, fn), k, vocab_size)
     ids, lp, tail = ids.cpu().numpy(), lp.cpu().numpy(), tail.cpu().numpy()
     counts = (labels != IGNORE).sum(1).tolist()
     res, s = [], 0

@@ -115,7 +115,7 @@ def _check_candidates(cands: Sequence[int | None], pos: dict[int, int], n: int, 
 
 # ---------------------------------------------------------------------------------------------- nll
 
-def _nll_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> float:
+def _nll_sum(head: Any, hidden: torch.Tensor, labels: torch.Tensor) -> float:
     """Summed NLL of the label tokens: hidden (B, T, H) final-normed, labels (B, T) unshifted."""
     tgt = labels[:, 1:]
     m = tgt != IGNORE
@@ -168,7 +168,7 @@ def iter_nll_scores(model: torch.nn.Module, dev: DevSet, candidates: Sequence[in
     if n_tok == 0:
         raise ImportanceError("the dev set has no label tokens to score")
     order = sorted((c for c in cands if c is not None), key=lambda c: pos[c]) + ([None] if None in cands else [])
-    bb, head = L.backbone(model), model.get_output_embeddings()
+    bb, head = L.backbone(model), families.head_fn(model)
     with L.without_layers(model, rem):
         nc = len(surgery.decoder_layers(model))
         norm = L.final_norm(model)
