@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,11 +146,24 @@ def test_dry_run_of_the_real_benchmark_validates_its_plan():
     r = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--real", "--dry-run"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
+    # the compute dtype follows this CPU's measured matmul speed (fp32 where bf16 has no hardware)
+    assert re.search(r"model\.dtype=(bf16|fp32): bf16 matmul is [0-9.]+x (faster|slower) than fp32", out), out[-3000:]
     for step in ("finetune", "export-teacher", "importance-nll", "importance-block_influence", "distill-kd-25",
                  "distill-kdword-25", "distill-seqkd-25", "distill-ce-25", "distill-middle-25", "distill-kd-40",
                  "eval-pruned-25", "export-kd-25-trim", "eval-kd-40-trim", "export-kd-25-trim-lm_head",
                  "export-kd-25-scripts", "eval-kd-40-scripts", "report"):
         assert f"{step}  [" in out, (step, out[-3000:])
+
+
+def test_the_cpu_dtype_is_the_faster_one_on_this_cpu():
+    """bf16 only where the CPU multiplies it at least as fast as fp32; a CPU that emulates bf16 (no AVX512-BF16 or
+    AMX: ~90x slower here) runs the benchmark in fp32 and is told the budget does not hold."""
+    from engine.demo import real
+
+    assert real.pick_cpu_dtype(0.01, 0.04)[0] == "bf16"
+    dtype, why = real.pick_cpu_dtype(8.8, 0.1)
+    assert dtype == "fp32" and "88x slower" in why and "budget" in why
+    assert real.matmul_seconds("fp32", n=16) > 0 and real.matmul_seconds("bf16", n=16) > 0
 
 
 @pytest.mark.slow
