@@ -93,9 +93,9 @@ def train_teacher(tok, feat, samples, minutes: float, batch: int = 8, seed: int 
     than the model). A high learning rate on a small training set makes the distributions peaked,
     like a fine-tuned teacher's on its own training data, which is what a cache is computed on.
     """
-    from engine.models.tiny import make_tiny_causal_lm
+    from engine.models.tiny import make_tiny
 
-    model, _ = make_tiny_causal_lm(tokenizer=tok, num_layers=2, hidden_size=128, intermediate_size=256,
+    model, _ = make_tiny("causal_lm", tokenizer=tok, num_layers=2, hidden_size=128, intermediate_size=256,
                                    num_heads=4, num_kv_heads=2, dtype="fp32", seed=seed)
     model.train()
     model.get_input_embeddings().weight.requires_grad_(False)

@@ -46,11 +46,11 @@ def dev_env(root: Path, *, layers: int, hidden: int, samples: int, seconds: floa
 
     from engine import config as cfg
     from engine.data import shards
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     # Encoder sized so that it takes about the share of a full forward it takes in Qwen2-Audio-7B (38%
     # there; 2 layers of width 64 over the 1500-frame window measure ~38% here too, reported below).
-    build_tiny_qwen2audio(root / "model", num_layers=layers, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+    build_tiny("qwen2audio", root / "model", num_layers=layers, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                           num_heads=8, num_kv_heads=4, audio_layers=audio_layers, audio_d_model=audio_d,
                           audio_heads=4, dtype="fp32", seed=seed)
     rows = []

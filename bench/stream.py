@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import DataConfig
     from engine.data.prompt import Featurizer
     from engine.data.stream import Stream
-    from engine.models.tiny import make_tiny_qwen2audio
+    from engine.models.tiny import make_tiny
 
     console = Console()
     tmp = None
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[dim]no shards at {shard_dir}: building a synthetic set in {tmp.name}[/dim]")
         shard_dir = synthetic_shards(Path(tmp.name))
     data_cfg = DataConfig(batch_size=args.batch_size)
-    model, proc = make_tiny_qwen2audio(dtype="fp32")
+    model, proc = make_tiny("qwen2audio", dtype="fp32")
     feat = Featurizer(proc, data_cfg)
 
     rows = []

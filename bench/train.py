@@ -55,7 +55,7 @@ def prepare(root: Path, cache: bool = True) -> None:
 
     from engine import config as cfg
     from engine.data import shards
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     if (root / "ready").exists() or (not cache and (root / "models_ready").exists()):
         return
@@ -73,8 +73,8 @@ def prepare(root: Path, cache: bool = True) -> None:
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     shards.build(cfg.load(None, [f"shards.manifest={root / 'm.jsonl'}", f"shards.out={root / 'sh'}",
                                  "shards.samples_per_shard=8"]), workers=1)
-    build_tiny_qwen2audio(root / "student", num_layers=8, dtype="fp32", seed=1, **MODEL)
-    build_tiny_qwen2audio(root / "teacher", num_layers=16, dtype="fp32", seed=0, **MODEL)
+    build_tiny("qwen2audio", root / "student", num_layers=8, dtype="fp32", seed=1, **MODEL)
+    build_tiny("qwen2audio", root / "teacher", num_layers=16, dtype="fp32", seed=0, **MODEL)
     (root / "models_ready").write_text("ok")
     if cache:
         _prepare_cache(root)

@@ -406,12 +406,12 @@ dist.finalize()
 @pytest.fixture(scope="module")
 def ds_ws(tmp_path_factory) -> Path:
     """test_train_ds's layout, smaller: 12 train + 2 dev sine samples, a 4-layer teacher, a 2-layer student."""
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("bf16_ds")
     build_sine_shards(root, N_TRAIN + 2, N_TRAIN)
-    build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
-    build_tiny_qwen2audio(root / "student", num_layers=2, dtype="fp32", seed=1)
+    build_tiny("qwen2audio", root / "teacher", num_layers=4, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", root / "student", num_layers=2, dtype="fp32", seed=1)
     return root
 
 

@@ -99,9 +99,9 @@ def test_unknown_stage_is_usage_error(stc_cmd, stc_env):
 
 
 def test_known_errors_print_one_line_not_a_traceback(tmp_path, stc_cmd, stc_env, stc_inproc):
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
-    build_tiny_qwen2audio(tmp_path / "m", num_layers=2, hidden_size=32, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", tmp_path / "m", num_layers=2, hidden_size=32, dtype="fp32", seed=0)
     for argv, want in ((["prune", "--layers", "1", f"model.path={tmp_path / 'm'}", "model.kind=causal_lm",
                          f"prune.out={tmp_path / 'p'}"], "model.kind"),
                        (["prune", "--layers", "1", f"model.path={tmp_path / 'nope'}"], "does not exist"),

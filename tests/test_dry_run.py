@@ -33,13 +33,13 @@ def stc(*argv, cwd: Path | None = None, env: dict | None = None) -> subprocess.C
 def ws(tmp_path_factory) -> Path:
     """A tiny model, its 2-layer pruned copy (a real `stc prune` output), shards with train/dev/test, a
     MuST-C and a CoVoST corpus, a recipe pointing at them."""
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     from sine_data import build_split_shards
     from test_importers import make_covost, make_mustc
 
     root = tmp_path_factory.mktemp("dry")
-    build_tiny_qwen2audio(root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
     build_split_shards(root)
     r = stc("prune", "--layers", "1", f"model.path={root / 'model'}", "model.dtype=fp32",
             f"prune.out={root / 'pruned'}")

@@ -28,12 +28,12 @@ def build_env(root: Path, *, n_dev: int = 3, n_de: int = 4, n_zh: int = 3, copy_
     import soundfile as sf
 
     from engine.data import shards
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root.mkdir(parents=True, exist_ok=True)
     if model is None:
         model = root / "model"
-        build_tiny_qwen2audio(model, num_layers=3, dtype="fp32", seed=5)
+        build_tiny("qwen2audio", model, num_layers=3, dtype="fp32", seed=5)
     rows = []
     for i in range(n_dev + n_de + n_zh):
         sr, dur = 16000, 0.25 + 0.05 * (i % 4)

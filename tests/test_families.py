@@ -84,10 +84,10 @@ def test_loaded_models_resolve_their_family_and_layers(tmp_path):
 
     from engine.models import surgery
     from engine.models.storage import component_of
-    from engine.models.tiny import make_tiny_causal_lm, make_tiny_qwen2audio
+    from engine.models.tiny import make_tiny
 
-    audio, _ = make_tiny_qwen2audio(num_layers=3, audio_layers=2)
-    text, _ = make_tiny_causal_lm(num_layers=3)
+    audio, _ = make_tiny("qwen2audio", num_layers=3, audio_layers=2)
+    text, _ = make_tiny("causal_lm", num_layers=3)
     assert families.of_model(audio).kind == "qwen2audio" and families.of_model(text).kind == "causal_lm"
     assert surgery.decoder_layers(audio) is audio.get_decoder().layers and len(surgery.decoder_layers(audio)) == 3
     assert surgery.decoder_layers(text) is text.get_decoder().layers

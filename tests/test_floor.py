@@ -61,7 +61,7 @@ def ws(tmp_path_factory) -> dict:
     from engine.data import shards
 
     root = tmp_path_factory.mktemp("floor")
-    model = tiny.build_tiny_qwen2audio(root / "model", num_layers=3, dtype="fp32", seed=7)
+    model = tiny.build_tiny("qwen2audio", root / "model", num_layers=3, dtype="fp32", seed=7)
     manifest = _rows(9, 4, 2, 22050, root)
     shards.build(cfg.load(None, [f"shards.manifest={manifest}", f"shards.out={root / 'sh'}",
                                  "shards.samples_per_shard=3"]), workers=1)
@@ -153,7 +153,7 @@ def test_stream_with_features(ws):
 def test_one_distill_step(ws, tmp_path):
     """QLoRA student under DeepSpeed ZeRO-2 with KD from the teacher run alongside: one optimizer step."""
     student = tmp_path / "student"
-    m, proc = tiny.make_tiny_qwen2audio(num_layers=3, dtype="fp32", seed=7)
+    m, proc = tiny.make_tiny("qwen2audio", num_layers=3, dtype="fp32", seed=7)
     surgery.drop_layers(m, [1])
     surgery.save_pruned(m, student, proc)
     out = tmp_path / "distill"

@@ -36,18 +36,18 @@ def build_env(root: Path, *, kind: str = "audio", layers: int = 6, n_dev: int = 
               src_text: bool = True, test_copies_dev: bool = False, **tiny: Any) -> dict:
     """A tiny model (fp32 weights) and shards built by `stc shards build` from a synthetic manifest:
     short sine-wave WAVs (audio) or text-only rows (causal LM); ``tiny``: more arguments of
-    ``build_tiny_qwen2audio`` (e.g. ``audio_layers``, ``audio_seconds``)."""
+    ``build_tiny`` for the family (e.g. ``audio_layers``, ``audio_seconds``)."""
     import soundfile as sf
 
     from engine.data import shards
-    from engine.models.tiny import build_tiny, build_tiny_causal_lm, build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root.mkdir(parents=True, exist_ok=True)
     model = root / "model"
     if kind == "audio":
-        build_tiny_qwen2audio(model, num_layers=layers, dtype="fp32", seed=seed, **tiny)
+        build_tiny("qwen2audio", model, num_layers=layers, dtype="fp32", seed=seed, **tiny)
     elif kind == "text":
-        build_tiny_causal_lm(model, num_layers=layers, dtype="fp32", seed=seed)
+        build_tiny("causal_lm", model, num_layers=layers, dtype="fp32", seed=seed)
     else:                                   # another registered family (engine.models.families), with audio
         build_tiny(kind, model, num_layers=layers, dtype="fp32", seed=seed, **tiny)
     rows = []

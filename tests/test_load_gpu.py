@@ -12,7 +12,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.models import load
-from engine.models.tiny import build_tiny_causal_lm
+from engine.models.tiny import build_tiny
 
 
 def _no_flash_probe():
@@ -84,7 +84,7 @@ def test_nf4_default_device_is_the_ranks_gpu(four_gpus, monkeypatch):
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("lm") / "lm", num_layers=2, seed=5)
+    return build_tiny("causal_lm", tmp_path_factory.mktemp("lm") / "lm", num_layers=2, seed=5)
 
 
 class _Lines(logging.Handler):

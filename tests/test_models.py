@@ -48,8 +48,8 @@ def audio_inputs(processor, answer: str | None = None) -> dict:
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {"qwen2audio": tiny.build_tiny_qwen2audio(root / "qa", seed=3),
-            "causal_lm": tiny.build_tiny_causal_lm(root / "lm", seed=4)}
+    return {"qwen2audio": tiny.build_tiny("qwen2audio", root / "qa", seed=3),
+            "causal_lm": tiny.build_tiny("causal_lm", root / "lm", seed=4)}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def qwen_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def big_dir(tmp_path_factory):
-    return tiny.build_tiny_qwen2audio(tmp_path_factory.mktemp("big") / "qa", **BIG)
+    return tiny.build_tiny("qwen2audio", tmp_path_factory.mktemp("big") / "qa", **BIG)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def test_qwen_tokenizer_matches_tiktoken(qwen_cache, monkeypatch):
 
 def test_tiny_qwen2audio_with_real_qwen_vocab(qwen_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("STC_CACHE_DIR", str(qwen_cache[0]))
-    d = tiny.build_tiny_qwen2audio(tmp_path / "qa", tokenizer="qwen", num_layers=2, hidden_size=32,
+    d = tiny.build_tiny("qwen2audio", tmp_path / "qa", tokenizer="qwen", num_layers=2, hidden_size=32,
                                    intermediate_size=64, audio_layers=1, audio_d_model=16)
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["audio_token_index"] == 151646
@@ -197,11 +197,11 @@ def test_tiny_models_reload_offline_in_clean_process(tiny_dirs, tmp_path):
     assert not bool(child["engine_imported"])
 
     # The same builders with the same seeds, in memory: weights as saved (bf16), computed in fp32.
-    model, processor = tiny.make_tiny_qwen2audio(seed=3)
+    model, processor = tiny.make_tiny("qwen2audio", seed=3)
     inputs = audio_inputs(processor)
     assert torch.equal(inputs["input_ids"], child["input_ids"])
     torch.testing.assert_close(inputs["input_features"], child["input_features"])
-    lm, tok = tiny.make_tiny_causal_lm(seed=4)
+    lm, tok = tiny.make_tiny("causal_lm", seed=4)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the child: the same reduction order, so the logits are bit-equal
     try:

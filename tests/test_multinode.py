@@ -86,12 +86,12 @@ def test_each_local_rank_uses_its_own_gpu(monkeypatch):
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     """8 train samples, a 2-layer teacher, a 1-layer student and the teacher's top-k cache (built by the CLI)."""
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("mn")
     build_sine_shards(root, N_TRAIN, N_TRAIN, period=5)
-    build_tiny_qwen2audio(root / "teacher", num_layers=2, dtype="fp32", seed=0)
-    build_tiny_qwen2audio(root / "student", num_layers=1, dtype="fp32", seed=1)
+    build_tiny("qwen2audio", root / "teacher", num_layers=2, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", root / "student", num_layers=1, dtype="fp32", seed=1)
     r = stc("cache", "build", f"data.shards={root / 'sh'}", f"cache.teacher={root / 'teacher'}",
             f"cache.out={root / 'cache'}", "cache.k=8", "cache.max_new_tokens=4", "cache.batch_size=4",
             "model.dtype=fp32", "run.threads=1", "run.device=cpu")

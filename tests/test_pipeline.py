@@ -30,10 +30,10 @@ ORDER = ["eval-teacher", "eval-teacher-shuffled", "importance", "prune-25", "cac
 def tiny(tmp_path_factory) -> dict:
     from sine_data import write_plan_recipe
 
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("pipeline")
-    build_tiny_qwen2audio(root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
     recipe = write_plan_recipe(root, distill="mode: lora, zero_stage: 2")
     return {"root": root, "recipe": recipe}
 

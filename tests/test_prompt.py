@@ -19,9 +19,9 @@ ZH = {"src_lang": "en", "tgt_lang": "zh", "src_text": "Please give me a cup of c
 def tiny_qa(tmp_path_factory):
     """A tiny Qwen2-Audio (fp32, in memory) and its processor saved and reloaded as a user would."""
     from engine.data.prompt import load_processor
-    from engine.models.tiny import make_tiny_qwen2audio
+    from engine.models.tiny import make_tiny
 
-    model, proc = make_tiny_qwen2audio(num_layers=1, audio_layers=1, dtype="fp32")
+    model, proc = make_tiny("qwen2audio", num_layers=1, audio_layers=1, dtype="fp32")
     d = tmp_path_factory.mktemp("tiny_qa")
     proc.save_pretrained(d)
     model.config.save_pretrained(d)  # config.json tells the loader it is Qwen2-Audio
@@ -36,9 +36,9 @@ def qa_processor(tiny_qa):
 @pytest.fixture(scope="module")
 def lm_tokenizer(tmp_path_factory):
     from engine.data.prompt import load_processor
-    from engine.models.tiny import build_tiny_causal_lm
+    from engine.models.tiny import build_tiny
 
-    d = build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm"), num_layers=1)
+    d = build_tiny("causal_lm", tmp_path_factory.mktemp("tiny_lm"), num_layers=1)
     return load_processor(str(d))
 
 
@@ -47,7 +47,7 @@ def qwen_processor(tmp_path_factory):
     """The real 151k Qwen2 vocabulary with the tiny chat template (in memory; no model weights)."""
     from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
 
-    from engine.models.tiny import CHAT_TEMPLATE, build_qwen_tokenizer
+    from engine.models.tiny import build_qwen_tokenizer, CHAT_TEMPLATE
 
     tok = build_qwen_tokenizer(tmp_path_factory.mktemp("qwen_vocab"))
     return Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,

@@ -34,10 +34,10 @@ def env(tmp_path_factory) -> dict:
     import soundfile as sf
 
     from engine.data import shards
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("prune_e2e")
-    build_tiny_qwen2audio(root / "model", num_layers=6, dtype="fp32", seed=5)
+    build_tiny("qwen2audio", root / "model", num_layers=6, dtype="fp32", seed=5)
     rows = []
     for i in range(7):
         t = np.arange(int(0.4 * 16000)) / 16000
@@ -117,9 +117,9 @@ def test_importance_then_prune_end_to_end(env, ranking, tmp_path, stc_cmd, stc_e
 
 @pytest.mark.slow
 def test_prune_bad_inputs(env, ranking, tmp_path, stc_cmd, stc_env):
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
-    other = build_tiny_qwen2audio(tmp_path / "other", num_layers=6, dtype="fp32", seed=99)
+    other = build_tiny("qwen2audio", tmp_path / "other", num_layers=6, dtype="fp32", seed=99)
     with pytest.raises(ImportanceError, match="another model"):
         run_prune(cfg.load(env["recipe"], [f"model.path={other}", f"prune.ranking={ranking}",
                                            f"prune.out={tmp_path / 'x'}"]))
@@ -160,9 +160,9 @@ def test_prune_keeps_the_source_dtype(tmp_path):
     """A bf16 checkpoint scanned and pruned with model.dtype=fp32 stays bf16 on disk (smaller than its
     source), unless prune.dtype says otherwise."""
     from engine.models.counts import storage_bytes
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
-    src = build_tiny_qwen2audio(tmp_path / "bf16", num_layers=6, dtype="bf16", seed=7)
+    src = build_tiny("qwen2audio", tmp_path / "bf16", num_layers=6, dtype="bf16", seed=7)
     assert _stored_dtypes(src) == {"BF16"}
     base = [f"model.path={src}", "model.dtype=fp32", "prune.layers=[1,2]", f"run.out_dir={tmp_path / 'run'}"]
     rp = run_prune(cfg.load(None, [*base, f"prune.out={tmp_path / 'auto'}"]))

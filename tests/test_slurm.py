@@ -388,11 +388,11 @@ def test_two_task_job_ranks_from_slurm(slurm_cluster, tiny_shards, tmp_path):
 def tiny_plan(root: Path) -> Path:
     """A 4-layer tiny Qwen2-Audio, shards with train/dev/test, and a 7-step recipe: eval-teacher, importance,
     prune-50, cache, distill-kd-50, export-kd-50, eval-kd-50."""
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     from sine_data import build_split_shards
 
-    build_tiny_qwen2audio(root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", root / "model", num_layers=4, hidden_size=64, dtype="fp32", seed=0)
     sh = build_split_shards(root, train=8, dev=3, test=3)
     y = root / "recipe.yaml"
     y.write_text(
@@ -591,12 +591,12 @@ def test_two_node_rendezvous_without_slurm(imp_one, tmp_path):
 
 def train_workspace(root: Path) -> Path:
     """16 train + 6 dev samples, a 4-layer teacher and a 2-layer student (the trainer tests' sizes)."""
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root.mkdir(parents=True, exist_ok=True)
     build_sine_shards(root, 22, 16)
-    build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
-    build_tiny_qwen2audio(root / "student", num_layers=2, dtype="fp32", seed=1)
+    build_tiny("qwen2audio", root / "teacher", num_layers=4, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", root / "student", num_layers=2, dtype="fp32", seed=1)
     return root
 
 

@@ -19,17 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny Qwen2-Audio with linears wide enough that nf4 blocks and headers are realistic shares."""
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
-    return build_tiny_qwen2audio(tmp_path_factory.mktemp("st") / "m", num_layers=3, hidden_size=128,
+    return build_tiny("qwen2audio", tmp_path_factory.mktemp("st") / "m", num_layers=3, hidden_size=128,
                                  intermediate_size=256, audio_d_model=64, audio_layers=2)
 
 
 @pytest.fixture(scope="module")
 def tiny_tied(tmp_path_factory) -> Path:
-    from engine.models.tiny import build_tiny_causal_lm
+    from engine.models.tiny import build_tiny
 
-    d = build_tiny_causal_lm(tmp_path_factory.mktemp("st") / "lm", num_layers=2, hidden_size=128,
+    d = build_tiny("causal_lm", tmp_path_factory.mktemp("st") / "lm", num_layers=2, hidden_size=128,
                              intermediate_size=256)
     from safetensors.torch import load_file, save_file
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.models import surgery
-from engine.models.tiny import make_tiny_causal_lm, make_tiny_qwen2audio
+from engine.models.tiny import make_tiny
 
 
 def _audio_inputs(processor, seconds=1.0):
@@ -53,7 +53,7 @@ def _reload_in_plain_transformers(tmp_path, out_dir, kind, batch, env):
 
 @pytest.mark.slow
 def test_pruned_audio_model_reloads_with_plain_transformers(tmp_path, stc_env):
-    model, proc = make_tiny_qwen2audio(num_layers=6, dtype="fp32", seed=1)
+    model, proc = make_tiny("qwen2audio", num_layers=6, dtype="fp32", seed=1)
     kept = surgery.drop_layers(model, [1, 4])
     assert kept == [0, 2, 3, 5]
     layers = surgery.decoder_layers(model)
@@ -73,7 +73,7 @@ def test_pruned_audio_model_reloads_with_plain_transformers(tmp_path, stc_env):
 
 @pytest.mark.slow
 def test_pruned_causal_lm_reloads_and_generates(tmp_path, stc_env):
-    model, tok = make_tiny_causal_lm(num_layers=5, dtype="fp32", seed=2)
+    model, tok = make_tiny("causal_lm", num_layers=5, dtype="fp32", seed=2)
     surgery.drop_layers(model, [-1, 2])
     batch = tok(["Translate: hello world"], return_tensors="pt")
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_pruned_causal_lm_reloads_and_generates(tmp_path, stc_env):
 
 
 def test_repeated_prunes_compose_original_indices():
-    model, _ = make_tiny_causal_lm(num_layers=6, dtype="fp32")
+    model, _ = make_tiny("causal_lm", num_layers=6, dtype="fp32")
     assert surgery.drop_layers(model, [1]) == [0, 2, 3, 4, 5]
     # current indices now map to originals [0, 2, 3, 4, 5]: current 0 and 2 are originals 0 and 3
     assert surgery.drop_layers(model, [0, 2]) == [2, 4, 5]
@@ -95,7 +95,7 @@ def test_repeated_prunes_compose_original_indices():
 
 
 def test_layer_types_and_window_rule_trimmed():
-    model, _ = make_tiny_causal_lm(num_layers=6, dtype="fp32")
+    model, _ = make_tiny("causal_lm", num_layers=6, dtype="fp32")
     model.config.layer_types = ["full_attention"] * 3 + ["sliding_attention"] * 3
     model.config.max_window_layers = 3
     surgery.drop_layers(model, [1, 4])
@@ -104,7 +104,7 @@ def test_layer_types_and_window_rule_trimmed():
 
 
 def test_audio_layers_optional():
-    model, _ = make_tiny_qwen2audio(num_layers=4, audio_layers=3, dtype="fp32")
+    model, _ = make_tiny("qwen2audio", num_layers=4, audio_layers=3, dtype="fp32")
     surgery.drop_layers(model, [1], audio_remove=[0])
     assert len(surgery.audio_layers(model)) == 2
     assert model.config.audio_config.encoder_layers == 2
@@ -113,7 +113,7 @@ def test_audio_layers_optional():
 
 @pytest.mark.parametrize("remove,match", [([7], "does not exist"), ([1, 1], "twice"), ([0, 1, 2, 3], "no model")])
 def test_bad_indices(remove, match):
-    model, _ = make_tiny_causal_lm(num_layers=4, dtype="fp32")
+    model, _ = make_tiny("causal_lm", num_layers=4, dtype="fp32")
     with pytest.raises(surgery.SurgeryError, match=match):
         surgery.drop_layers(model, remove)
 
@@ -122,11 +122,11 @@ def test_refuses_lora_and_4bit():
     from engine.config import LoraConfig
     from engine.models.load import apply_lora
 
-    model, _ = make_tiny_causal_lm(num_layers=3, dtype="fp32")
+    model, _ = make_tiny("causal_lm", num_layers=3, dtype="fp32")
     peft_model = apply_lora(model, LoraConfig(r=4, alpha=8))
     with pytest.raises(surgery.SurgeryError, match="LoRA"):
         surgery.drop_layers(peft_model, [1])
-    model2, _ = make_tiny_causal_lm(num_layers=3, dtype="fp32")
+    model2, _ = make_tiny("causal_lm", num_layers=3, dtype="fp32")
     model2.config.quantization_config = {"load_in_4bit": True}
     with pytest.raises(surgery.SurgeryError, match="quantised"):
         surgery.drop_layers(model2, [1])

@@ -33,7 +33,7 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
     import soundfile as sf
 
     from engine.data import shards
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     rows = []
     for i in range(N):
@@ -45,7 +45,7 @@ def make_inputs(root: Path) -> tuple[Path, Path]:
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     shards.build(cfg.load(None, [f"shards.manifest={root / 'm.jsonl'}", f"shards.out={root / 'sh'}",
                                  "shards.samples_per_shard=3"]), workers=1)
-    build_tiny_qwen2audio(root / "teacher", dtype="fp32")
+    build_tiny("qwen2audio", root / "teacher", dtype="fp32")
     return root / "sh", root / "teacher"
 
 

@@ -196,10 +196,9 @@ def test_label_row_logits_equal_full_logits_in_loss_and_gradient(kind, mode):
     gradients of full-sequence logits; the online teacher's top-k fields are the same from rows."""
     from engine.config import LoraConfig
     from engine.models.load import apply_lora
-    from engine.models.tiny import make_tiny_causal_lm, make_tiny_qwen2audio
+    from engine.models.tiny import make_tiny
 
-    make = make_tiny_causal_lm if kind == "causal_lm" else make_tiny_qwen2audio
-    model, _ = make(num_layers=2, dtype="fp32", seed=0)
+    model, _ = make_tiny("causal_lm" if kind == "causal_lm" else "qwen2audio", num_layers=2, dtype="fp32", seed=0)
     model = model.double().train()
     if mode == "lora":
         torch.manual_seed(0)
@@ -260,9 +259,9 @@ def test_meta_param_counts_match_the_loaded_model(tmp_path):
     """The ZeRO stage is chosen before loading, from counts on the meta device: they equal the real ones."""
     from engine.config import LoraConfig, ModelConfig
     from engine.models.load import apply_lora, load_model
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
-    path = build_tiny_qwen2audio(tmp_path / "m", num_layers=2, dtype="fp32")
+    path = build_tiny("qwen2audio", tmp_path / "m", num_layers=2, dtype="fp32")
     mc = ModelConfig(path=str(path), dtype="fp32")
     lora = LoraConfig(r=4)
     n_all, n_train, text_cfg = train.meta_param_counts(mc, "lora", lora)

@@ -24,12 +24,12 @@ N_TRAIN = 16
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("train")
     build_sine_shards(root, N_TRAIN + 6, N_TRAIN)
-    build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
-    build_tiny_qwen2audio(root / "student", num_layers=2, dtype="fp32", seed=1)
+    build_tiny("qwen2audio", root / "teacher", num_layers=4, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", root / "student", num_layers=2, dtype="fp32", seed=1)
     return root
 
 
@@ -333,9 +333,9 @@ def test_global_batch_that_does_not_divide_the_world(ws, tmp_path, stc_cmd_m, st
 
 
 def test_teacher_with_another_vocabulary_is_refused(ws, tmp_path, stc_cmd_m, stc_env_m):
-    from engine.models.tiny import build_bpe_tokenizer, build_tiny_qwen2audio
+    from engine.models.tiny import build_bpe_tokenizer, build_tiny
 
-    other = build_tiny_qwen2audio(tmp_path / "t2", tokenizer=build_bpe_tokenizer(vocab_size=400), num_layers=2,
+    other = build_tiny("qwen2audio", tmp_path / "t2", tokenizer=build_bpe_tokenizer(vocab_size=400), num_layers=2,
                                   dtype="fp32")
     r = stc(stc_cmd_m, stc_env_m, "distill", base_args(ws, tmp_path / "o", **{"model.path": other}), expect=1)
     assert "teacher/student vocabulary mismatch" in r.stderr

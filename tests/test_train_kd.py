@@ -47,11 +47,11 @@ def ws(tmp_path_factory, env_m) -> Path:
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     from engine.models.surgery import drop_layers, save_pruned
-    from engine.models.tiny import build_tiny_qwen2audio
+    from engine.models.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("kd")
     build_sine_shards(root, N_TRAIN + 2, N_TRAIN, period=5)
-    build_tiny_qwen2audio(root / "teacher", num_layers=4, dtype="fp32", seed=0)
+    build_tiny("qwen2audio", root / "teacher", num_layers=4, dtype="fp32", seed=0)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(root / "teacher")
     assert drop_layers(model, [1, 2]) == [0, 3]
     save_pruned(model, root / "student", AutoProcessor.from_pretrained(root / "teacher"))
@@ -147,9 +147,9 @@ def test_missing_cache_key_is_a_clear_error(ws, tmp_path, env_m):
 
 @pytest.mark.slow
 def test_student_with_another_tokenizer_is_refused(ws, tmp_path, env_m):
-    from engine.models.tiny import build_bpe_tokenizer, build_tiny_qwen2audio
+    from engine.models.tiny import build_bpe_tokenizer, build_tiny
 
-    other = build_tiny_qwen2audio(tmp_path / "s2", tokenizer=build_bpe_tokenizer(vocab_size=400), num_layers=2,
+    other = build_tiny("qwen2audio", tmp_path / "s2", tokenizer=build_bpe_tokenizer(vocab_size=400), num_layers=2,
                                   dtype="fp32")
     r = stc(env_m, "distill", *args(ws, tmp_path / "o", **{"distill.student": other}), expect=None)
     assert r.returncode == 1, r.stderr[-3000:]

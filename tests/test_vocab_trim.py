@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine.models import vocab as V
-from engine.models.tiny import build_tiny_causal_lm, build_tiny_qwen2audio
+from engine.models.tiny import build_tiny
 
 SYSTEM = "You are a professional translator."
 TEXT_INSTRUCTION = "Translate the following {src} text into {tgt}:"
@@ -79,7 +79,7 @@ def qwen_trim(tmp_path_factory):
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("vocab_qwen")
-    src = build_tiny_causal_lm(root / "src", tokenizer="qwen", num_layers=2, hidden_size=32, intermediate_size=64,
+    src = build_tiny("causal_lm", root / "src", tokenizer="qwen", num_layers=2, hidden_size=32, intermediate_size=64,
                                dtype="fp32")
     tok = AutoTokenizer.from_pretrained(src)
     plain, chats = _corpus_and_prompts(tok)
@@ -244,7 +244,7 @@ def _audio_prompt(proc) -> str:
 def test_qwen2audio_trim_reload_and_audio_forward(tmp_path):
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-    src = build_tiny_qwen2audio(tmp_path / "src", tokenizer="bpe", num_layers=2, audio_layers=1,
+    src = build_tiny("qwen2audio", tmp_path / "src", tokenizer="bpe", num_layers=2, audio_layers=1,
                                 audio_seconds=2, dtype="fp32")
     old_p = AutoProcessor.from_pretrained(src)
     plain, chats = _corpus_and_prompts(old_p.tokenizer)
@@ -292,7 +292,7 @@ def test_tied_embeddings(tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = build_tiny_causal_lm(tmp_path / "src", tokenizer="bpe", num_layers=1, dtype="fp32")
+    src = build_tiny("causal_lm", tmp_path / "src", tokenizer="bpe", num_layers=1, dtype="fp32")
     _tie(src)
     old_m = AutoModelForCausalLM.from_pretrained(src).eval()
     assert old_m.lm_head.weight is old_m.model.embed_tokens.weight
@@ -324,7 +324,7 @@ def test_tied_embeddings(tmp_path):
 
 @pytest.fixture
 def bpe_src(tmp_path) -> Path:
-    return build_tiny_causal_lm(tmp_path / "src", tokenizer="bpe", num_layers=1, hidden_size=32,
+    return build_tiny("causal_lm", tmp_path / "src", tokenizer="bpe", num_layers=1, hidden_size=32,
                                 intermediate_size=32, dtype="fp32")
 
 
@@ -371,7 +371,7 @@ def _random_texts(alphabet: str, n: int, seed: int) -> list[str]:
 @pytest.fixture(scope="module")
 def qwen_src(tmp_path_factory):
     root = tmp_path_factory.mktemp("vocab_scripts")
-    return build_tiny_causal_lm(root / "src", tokenizer="qwen", num_layers=1, hidden_size=32, intermediate_size=64,
+    return build_tiny("causal_lm", root / "src", tokenizer="qwen", num_layers=1, hidden_size=32, intermediate_size=64,
                                 dtype="fp32")
 
 

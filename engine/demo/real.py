@@ -214,13 +214,13 @@ def convert(gguf: Path, out: Path, *, dtype: str = "bf16") -> Path:
 
 def build_tiny(out: Path, seed: int = 0) -> Path:
     """The CI twin: a random-init Qwen2ForCausalLM with Qwen's real vocabulary and chat template."""
-    from ..models.tiny import build_tiny_causal_lm
+    from ..models.tiny import build_tiny
 
     if (out / "config.json").is_file() and (out / PROVENANCE).is_file():
         return out
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_causal_lm(tmp, tokenizer="qwen", dtype="fp32", seed=seed, **TINY)
+    build_tiny("causal_lm", tmp, tokenizer="qwen", dtype="fp32", seed=seed, **TINY)
     atomic_write_json(tmp / PROVENANCE, {"model": "tiny random Qwen2ForCausalLM (CI twin)", "tiny": TINY,
                                          "seed": seed})
     if out.exists():

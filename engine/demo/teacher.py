@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..config import DataConfig
-from ..models.tiny import build_bpe_tokenizer, build_tiny_qwen2audio
+from ..models.tiny import build_bpe_tokenizer, build_tiny
 
 ARCH = dict(num_layers=8, hidden_size=128, intermediate_size=384, num_heads=4, num_kv_heads=2,
             audio_layers=2, audio_d_model=128, audio_heads=4, audio_ffn_dim=384, audio_seconds=3, audio_hop=320)
@@ -45,7 +45,7 @@ def tokenizer_texts() -> list[str]:
 
 def build_init(out: str | Path, *, seed: int = 0, dtype: str = "fp32") -> Path:
     tok = build_bpe_tokenizer(tokenizer_texts(), vocab_size=VOCAB)
-    return build_tiny_qwen2audio(out, tokenizer=tok, dtype=dtype, seed=seed, **ARCH)
+    return build_tiny("qwen2audio", out, tokenizer=tok, dtype=dtype, seed=seed, **ARCH)
 
 
 def publish(src: str | Path, dst: str | Path) -> Path:

