@@ -339,15 +339,41 @@ def test_lora_trains_adapters_outside_the_vision_tower(env, loaded, kind):
     lora_b = [g for n, g in grads.items() if "lora_B" in n]
     assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
 
-def test_phi4_speech_lora_is_merged_on_load_and_pruning_keeps_it(tmp_path):
-    """A Phi-4-multimodal directory with its speech LoRA in speech-lora/: the engine's model equals the base with
-    the adapter switched on (peft), carries no LoRA layers (so surgery accepts it), and a pruned save holds the
-    merged weights without the adapter folder."""
-    from peft import LoraConfig as PeftLora
-    from peft import PeftModel, get_peft_model
+def _merged_on_load(cls, d, base, adapter, tmp_path):
+    """The engine's model of ``d`` equals the model at ``base`` with the adapter at ``adapter`` switched on (peft),
+    carries no LoRA layers (so surgery accepts it), and a pruned save reloads in plain transformers equal to the
+    merged reference pruned alike. Returns (the engine's model, the model without the adapter, the pruned save)."""
+    from peft import PeftModel
 
     from engine.config import ModelConfig
     from engine.models.load import load_model, load_processor
+
+    proc = load_processor(d)
+    inp = audio_prompt_batch(d, proc)
+    on = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    plain = cls.from_pretrained(base, dtype=torch.float32).eval()
+    m = load_model(ModelConfig(path=str(d), dtype="fp32"))
+    assert not any("lora_" in n for n, _ in m.named_modules())
+    with torch.no_grad():
+        want, got, without = on(**inp).logits, m(**inp).logits, plain(**inp).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - without).abs().max() > 1e-3                            # the adapter changes the model
+    surgery.drop_layers(m, [1])
+    out = surgery.save_pruned(m, tmp_path / "pruned", proc)
+    re = cls.from_pretrained(out, dtype=torch.float32).eval()
+    ref = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32), adapter).merge_and_unload()
+    surgery.drop_layers(ref, [1])
+    with torch.no_grad():
+        torch.testing.assert_close(re(**inp).logits, ref.eval()(**inp).logits, rtol=1e-5, atol=1e-5)
+    return m, plain, out
+
+
+def test_phi4_speech_lora_is_merged_on_load_and_pruning_keeps_it(tmp_path):
+    """A Phi-4-multimodal directory with its speech LoRA in speech-lora/: merged when the engine loads it, and a
+    pruned save holds the merged weights without the adapter folder."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
     from engine.models.tiny import build_tiny
 
     d = build_tiny("phi4_multimodal", tmp_path / "phi", num_layers=3, dtype="fp32", seed=1)
@@ -357,40 +383,21 @@ def test_phi4_speech_lora_is_merged_on_load_and_pruning_keeps_it(tmp_path):
     targets = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
     lora = get_peft_model(base, PeftLora(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
     lora.save_pretrained(d / "speech-lora")
-    proc = load_processor(d)
-    inp = audio_prompt_batch(d, proc)
-    on = PeftModel.from_pretrained(cls.from_pretrained(d, dtype=torch.float32), d / "speech-lora").eval()
-    plain = cls.from_pretrained(d, dtype=torch.float32).eval()
-    m = load_model(ModelConfig(path=str(d), dtype="fp32"))
-    assert not any("lora_" in n for n, _ in m.named_modules())
-    with torch.no_grad():
-        want, got, without = on(**inp).logits, m(**inp).logits, plain(**inp).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (got - without).abs().max() > 1e-3                            # the adapter changes the model
-    surgery.drop_layers(m, [1])
-    out = surgery.save_pruned(m, tmp_path / "pruned", proc)
+    _, _, out = _merged_on_load(cls, d, d, d / "speech-lora", tmp_path)
     assert not (out / "speech-lora").exists()
-    re = cls.from_pretrained(out, dtype=torch.float32).eval()
-    ref = PeftModel.from_pretrained(cls.from_pretrained(d, dtype=torch.float32), d / "speech-lora").merge_and_unload()
-    surgery.drop_layers(ref, [1])
-    with torch.no_grad():
-        torch.testing.assert_close(re(**inp).logits, ref.eval()(**inp).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_granite_audio_lora_beside_the_weights_is_merged_on_load(tmp_path):
     """A Granite Speech directory whose audio LoRA sits beside its weights (adapter_config.json next to
-    config.json, as the hub ships it): transformers attaches it on load, the engine merges it, so the engine's
-    model equals the model with the adapter on, carries no LoRA layers, says has_lora_adapter=False, and a
-    pruned save holds the merged weights without adapter files. Without the adapter attached (no peft) the
-    load is refused with the fix instead of silently dropping it."""
+    config.json, as the hub ships it): transformers attaches it on load and the engine merges it (has_lora_adapter
+    then False), and a pruned save holds the merged weights without adapter files. Without the adapter attached
+    (no peft) the load is refused with the fix instead of silently dropping it."""
     import shutil
 
     from peft import LoraConfig as PeftLora
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
-    from engine.config import ModelConfig
     from engine.models.families import granite_speech
-    from engine.models.load import load_model, load_processor
     from engine.models.tiny import build_tiny
 
     d = build_tiny("granite_speech", tmp_path / "granite", num_layers=3, dtype="fp32", seed=1)
@@ -404,25 +411,9 @@ def test_granite_audio_lora_beside_the_weights_is_merged_on_load(tmp_path):
     lora.save_pretrained(d)                                   # adapter_config.json + weights beside config.json
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(dict(cfg, has_lora_adapter=True)))
-    proc = load_processor(d)
-    inp = audio_prompt_batch(d, proc)
-    on = PeftModel.from_pretrained(cls.from_pretrained(plain_dir, dtype=torch.float32), d).eval()
-    plain = cls.from_pretrained(plain_dir, dtype=torch.float32).eval()
-    m = load_model(ModelConfig(path=str(d), dtype="fp32"))
-    assert not any("lora_" in n for n, _ in m.named_modules()) and m.config.has_lora_adapter is False
-    with torch.no_grad():
-        want, got, without = on(**inp).logits, m(**inp).logits, plain(**inp).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (got - without).abs().max() > 1e-3                            # the adapter changes the model
-    surgery.drop_layers(m, [1])
-    out = surgery.save_pruned(m, tmp_path / "pruned", proc)
-    assert not (out / "adapter_config.json").exists()
+    m, plain, out = _merged_on_load(cls, d, plain_dir, d, tmp_path)
+    assert m.config.has_lora_adapter is False and not (out / "adapter_config.json").exists()
     assert json.loads((out / "config.json").read_text())["has_lora_adapter"] is False
-    re = cls.from_pretrained(out, dtype=torch.float32).eval()
-    ref = PeftModel.from_pretrained(cls.from_pretrained(plain_dir, dtype=torch.float32), d).merge_and_unload()
-    surgery.drop_layers(ref, [1])
-    with torch.no_grad():
-        torch.testing.assert_close(re(**inp).logits, ref.eval()(**inp).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match=r"adapter_config.json.*install peft"):
         granite_speech.prepare(plain, d)                     # a model the adapter was not attached to
 
