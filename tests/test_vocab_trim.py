@@ -411,3 +411,50 @@ def test_script_trim_encodes_any_text_of_its_scripts_exactly(qwen_src, tmp_path,
         differ += got != [old_to_new.get(i, -1) for i in want]
         assert new.decode(got) == t
     assert differ > 0                                   # the other script really lost its tokens
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_omni", "phi4_multimodal", "granite_speech"])
+def test_audio_family_trim_remaps_placeholders_in_sub_configs(tmp_path, kind):
+    """The other audio families trim like Qwen2-Audio: the trimmed model's logits equal the kept rows of the
+    source's on a prompt with audio. Their placeholders may sit in sub-configs (Phi-4-multimodal's
+    audio_config.audio_token_id, vision_config.image_token_id): every token-id field, nested ones included, is
+    remapped; a sub-config with its own vocabulary (Granite's Q-Former) is left alone."""
+    from engine.data.prompt import PromptBuilder
+    from engine.models import families
+    from engine.models.load import load_processor
+
+    src = build_tiny(kind, tmp_path / "src", num_layers=2, dtype="fp32", audio_seconds=2)
+    old_p = load_processor(src)
+    prompt = PromptBuilder(old_p).prompt_text({"src_lang": "en", "tgt_lang": "de"}, audio=True)
+    summary = V.trim_model_dir(src, tmp_path / "dst", ["hallo welt", "hello world", prompt + "hallo welt"])
+    dst = tmp_path / "dst"
+    kept = _kept(dst)
+    to_new = {o: i for i, o in enumerate(kept)}
+    assert summary["new_rows"] == len(kept) < summary["old_rows"]
+    new_p = load_processor(dst)
+    audio_id = new_p.tokenizer.convert_tokens_to_ids(new_p.audio_token)
+    assert audio_id == to_new[old_p.tokenizer.convert_tokens_to_ids(old_p.audio_token)]
+    old_cfg, new_cfg = (json.loads((d / "config.json").read_text()) for d in (src, dst))
+
+    def ids(cfg, where=""):
+        for k, v in cfg.items():
+            if isinstance(v, dict):
+                yield from ids(v, f"{where}{k}.")
+            elif k.endswith(("_token_id", "_token_index")) and isinstance(v, int) and v >= 0:
+                yield f"{where}{k}", v
+
+    old_ids, new_ids = dict(ids(old_cfg)), dict(ids(new_cfg))
+    own_vocab = {k for k in old_ids if k.startswith("projector_config.")}     # the Q-Former's own ids
+    for k, v in old_ids.items():
+        assert new_ids[k] == (v if k in own_vocab else to_new[v]), k
+    if kind == "phi4_multimodal":
+        assert new_cfg["audio_config"]["audio_token_id"] == audio_id
+    cls = families.get(kind).model_cls()
+    old_m, new_m = cls.from_pretrained(src).eval(), cls.from_pretrained(dst).eval()
+    wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    o_in = old_p(text=[prompt], audio=[wave], sampling_rate=16000)
+    n_in = new_p(text=[prompt], audio=[wave], sampling_rate=16000)
+    assert n_in["input_ids"][0].tolist() == [to_new[i] for i in o_in["input_ids"][0].tolist()]
+    with torch.no_grad():
+        lo, ln = old_m(**o_in).logits, new_m(**n_in).logits
+    assert torch.allclose(ln, lo[..., torch.tensor(kept)], atol=1e-5, rtol=1e-5)

@@ -74,11 +74,12 @@ transformers' Qwen2 does not need a padded table. With ``multiple_of`` > 1 (for 
 the padding rows are zero and their ids are added to ``generation_config.suppress_tokens``, so
 ``generate`` masks them; any other decoding loop has to mask them itself.
 
-Config ids: every ``*_token_id`` / ``*_token_ids`` / ``*_token_index`` field of config.json (top level
-and ``text_config``) and generation_config.json is mapped to the new ids (``eos_token_id`` may be a
-list); ``suppress_tokens`` / ``begin_suppress_tokens`` drop ids that are gone. A field naming an id
-that is not kept is an error that names the field. The audio tower's sub-config is left alone: an
-encoder never sees text ids.
+Config ids: every ``*_token_id`` / ``*_token_ids`` / ``*_token_index`` field of config.json and of its
+sub-configs, and of generation_config.json, is mapped to the new ids (``eos_token_id`` may be a list);
+``suppress_tokens`` / ``begin_suppress_tokens`` drop ids that are gone. A field naming an id that is not
+kept is an error that names the field. Sub-configs count because placeholders live there too
+(Phi-4-multimodal's ``audio_config.audio_token_id``); a sub-config with its own ``vocab_size`` other than
+``text_config`` (a Q-Former's, a talker's) indexes its own vocabulary and is left alone.
 
 Files written: ``tokenizer.json`` (vocabulary, merges, added tokens, padding and post-processor ids;
 normalizer, pre-tokenizer and decoder unchanged), ``tokenizer_config.json`` (``added_tokens_decoder``
@@ -95,7 +96,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .. import compat
 from ..errors import StcError
@@ -457,33 +458,57 @@ def _remap_ids(d: dict, keep: KeepSet, where: str) -> dict:
     return out
 
 
+def _own_vocabulary(key: str, has_vocab_size: bool) -> bool:
+    """A sub-config whose ids index a vocabulary of its own (module docstring), not the language model's."""
+    return has_vocab_size and key != "text_config"
+
+
+def _id_dicts(cfg: dict, where: str) -> Iterator[tuple[dict, str]]:
+    """config.json's dicts whose token-id fields index the language model's vocabulary, with their names."""
+    yield cfg, where
+    for key, value in cfg.items():
+        if isinstance(value, dict) and not _own_vocabulary(key, "vocab_size" in value):
+            yield from _id_dicts(value, f"{where}:{key}")
+
+
 def _check_config_ids(cfg: dict, keep: KeepSet, where: str) -> None:
-    """Raise, naming the field, if config.json (top level or ``text_config``) names an id not kept."""
-    _remap_ids(cfg, keep, where)
-    if isinstance(cfg.get("text_config"), dict):
-        _remap_ids(cfg["text_config"], keep, f"{where}:text_config")
+    """Raise, naming the field, if config.json (or a sub-config, see :func:`_id_dicts`) names an id not kept."""
+    for d, name in _id_dicts(cfg, where):
+        _remap_ids(d, keep, name)
+
+
+def _id_objects(obj: Any, where: str, seen: set[int] | None = None) -> Iterator[tuple[Any, str]]:
+    """The loaded-config counterpart of :func:`_id_dicts` (each object once)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    yield obj, where
+    for key, value in list(vars(obj).items()):
+        if not key.startswith("_") and hasattr(value, "to_dict") and hasattr(value, "__dict__") \
+                and not _own_vocabulary(key, "vocab_size" in vars(value)):
+            yield from _id_objects(value, f"{where}:{key}", seen)
 
 
 def _remap_object(obj: Any, keep: KeepSet, where: str) -> None:
-    """The same mapping on a loaded config / generation config, in place, so that ``save_pretrained``
-    writes the new ids (and transformers' own checks see ids inside the new table)."""
-    fields = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-    for key, value in _remap_ids(fields, keep, where).items():
-        if value is not fields[key]:
-            setattr(obj, key, value)
+    """The same mapping on a loaded config (with its sub-configs) / generation config, in place, so that
+    ``save_pretrained`` writes the new ids (and transformers' own checks see ids inside the new table)."""
+    for o, name in list(_id_objects(obj, where)):
+        fields = {k: v for k, v in vars(o).items() if not k.startswith("_")}
+        for key, value in _remap_ids(fields, keep, name).items():
+            if value is not fields[key]:
+                setattr(o, key, value)
 
 
 def _saved_ids_in_range(path: Path, rows: int) -> None:
     """Every token-id field of a saved config lies in the new table (a field missed by the mapping
     would still hold an old, usually larger, id)."""
     data = _read_json(path)
-    for d, prefix in ((data, ""), (data.get("text_config"), "text_config.")):
-        if not isinstance(d, dict):
-            continue
+    for d, where in _id_dicts(data, path.name):
         for key, value in d.items():
             values = value if isinstance(value, list) else [value]
             if _is_id_field(key) and any(isinstance(v, int) and v >= rows for v in values):
-                raise VocabTrimError(f"{path.name}:{prefix}{key} = {value} is outside the trimmed table of {rows} "
+                raise VocabTrimError(f"{where}:{key} = {value} is outside the trimmed table of {rows} "
                                      "rows; this field was not remapped")
 
 
@@ -701,10 +726,7 @@ def trim_model_dir(src: str | os.PathLike, dst: str | os.PathLike, texts: Sequen
         pad = model.config.get_text_config().pad_token_id
         pad_new = keep.old_to_new.get(int(pad)) if isinstance(pad, int) and pad >= 0 else None
         weights = _trim_weights(model, keep, rows, pad_new)
-        text_cfg = model.config.get_text_config()
-        _remap_object(model.config, keep, "config.json")
-        if text_cfg is not model.config:
-            _remap_object(text_cfg, keep, "config.json:text_config")
+        _remap_object(model.config, keep, "config.json")       # with text_config and the other sub-configs
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             _remap_object(gen, keep, "generation_config.json")

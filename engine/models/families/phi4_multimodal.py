@@ -34,7 +34,8 @@ from . import Family
 log = logging.getLogger("stc")
 
 AUDIO_TOKEN = "<|endoftext11|>"
-SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", AUDIO_TOKEN)
+IMAGE_TOKEN = "<|endoftext10|>"      # id 200010 in the checkpoint's vocabulary
+SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", AUDIO_TOKEN, IMAGE_TOKEN)
 SPEECH_LORA = "speech-lora"
 
 # Phi-4-multimodal's turn format: <|role|>content<|end|>; an audio part is its placeholder token.
@@ -106,7 +107,7 @@ def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, aud
                           depthwise_separable_out_channel=audio_d_model, nemo_conv_channels=audio_d_model,
                           audio_token_id=tok.convert_tokens_to_ids(AUDIO_TOKEN)),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_token_id=len(tok) + 1))
+                           image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN)))
     model = Phi4MultimodalForCausalLM(config)
     pad = tok.pad_token_id if tok.pad_token_id is not None else end
     model.generation_config = GenerationConfig(eos_token_id=[end, tok.eos_token_id], pad_token_id=pad,

@@ -27,6 +27,7 @@ from typing import Any
 from . import Family
 
 AUDIO_TOKEN = "<|AUDIO|>"
+VISION_TOKENS = ("<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>")
 
 def _chat_template() -> str:
     """Qwen2.5-Omni's chat template for what speech translation sends: ChatML turns, an audio part rendered
@@ -81,8 +82,10 @@ def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, aud
     half = head_dim // 2   # mrope splits the rotary half over (time, height, width)
     section = [half - 2 * (half // 3), half // 3, half // 3]
     tc["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+    # the checkpoint's image/video placeholders and vision start are tokens of its vocabulary, as here (no prompt
+    # of ours contains them, but the config names them, so a vocabulary trim must keep and remap them)
+    tok.add_tokens([t for t in VISION_TOKENS if t not in tok.get_vocab()], special_tokens=True)
     ids = tok.convert_tokens_to_ids
-    unused = len(tok) + 1     # image/video/vision ids that no prompt of ours contains
     config = Qwen2_5OmniThinkerConfig(
         text_config=tc,
         audio_config=dict(num_mel_bins=128, encoder_layers=audio_layers, encoder_attention_heads=audio_heads,
@@ -93,9 +96,9 @@ def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, aud
                            out_hidden_size=tc["hidden_size"], fullatt_block_indexes=[0]),
         audio_token_index=ids(AUDIO_TOKEN), audio_start_token_id=ids("<|audio_bos|>"),
         audio_end_token_id=ids("<|audio_eos|>"), user_token_id=ids("<|im_start|>"),
-        image_token_index=unused, video_token_index=unused + 1,
+        image_token_index=ids("<|IMAGE|>"), video_token_index=ids("<|VIDEO|>"),
         # read by the rope index code but not a declared thinker field in transformers 5
-        vision_start_token_id=unused + 2)
+        vision_start_token_id=ids("<|vision_bos|>"))
     model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     if generation_config is not None:
         model.generation_config = generation_config
