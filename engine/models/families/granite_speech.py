@@ -4,8 +4,9 @@ through a windowed Q-Former projector.
 Layout at run time (transformers 5): ``text_config`` (granite), decoder ``model.language_model.layers``
 (``get_decoder()``, ``text_config.num_hidden_layers``, nothing per-layer to trim); audio encoder
 ``model.encoder.layers`` (``encoder_config.num_layers``; the encoder also caches that count in its own
-``num_layers`` attribute, which places its mid-stack CTC branch, so the engine's audio-layer surgery updates
-both); projector ``model.projector`` (``query``, ``qformer``, ``linear``). The input embeddings and the lm_head
+``num_layers`` attribute, which places its mid-stack CTC branch after layer ``num_layers // 2``, so the engine's
+audio-layer surgery updates both: after a removal the branch sits after the middle of the remaining layers,
+the only placement a saved config can express, which is not always after the same original layer); projector ``model.projector`` (``query``, ``qformer``, ``linear``). The input embeddings and the lm_head
 are tied by default. The model's forward computes ``lm_head(hidden)`` without the text Granite's
 ``logits_scaling``, so the engine's head-on-hidden-states logits equal its own.
 
