@@ -427,3 +427,19 @@ def test_processor_refuses_text_and_audio_that_do_not_pair(loaded):
         proc(["no placeholder here"], audio=[wave], sampling_rate=16000)
     with pytest.raises(ValueError, match=r"2 .* placeholders in the text but 1 audio clips"):
         proc([f"a{proc.audio_token}b{proc.audio_token}"], audio=[wave], sampling_rate=16000)
+
+
+def test_granite_features_refuse_another_sample_rate_and_pickle():
+    """Granite's features need 16 kHz audio: another rate is refused naming both rates (resampling is the data
+    stage's job); the extractor pickles by reference, as DataLoader workers may need it to."""
+    import pickle
+
+    import numpy as np
+
+    from engine.models.families import granite_speech
+
+    fe = granite_speech.GraniteMelFeatures()
+    with pytest.raises(ValueError, match=r"16000 Hz audio, got 8000 Hz"):
+        fe([np.zeros(8000, dtype=np.float32)], sampling_rate=8000)
+    assert type(pickle.loads(pickle.dumps(fe))) is granite_speech.GraniteMelFeatures
+

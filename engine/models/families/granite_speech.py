@@ -34,6 +34,7 @@ has no adapter attached and is refused with the fix (install peft), instead of s
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -46,7 +47,6 @@ log = logging.getLogger("stc")
 
 AUDIO_TOKEN = "<|audio|>"
 SPECIALS = ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", AUDIO_TOKEN)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 # Granite 3's turn format for what speech translation sends. Like the hub template it takes string contents only
 # (the engine writes the audio placeholder into the user text); the hub's also writes a dated default system turn
@@ -59,98 +59,107 @@ CHAT_TEMPLATE = (
 )
 
 
-def _feature_extractor_base() -> Any:
+@functools.cache
+def _mel_features_class() -> type:
+    """:class:`GraniteMelFeatures`, built on first use: the registry imports this module, and transformers
+    (its base class) is not imported until a Granite processor is needed."""
     from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 
-    return SequenceFeatureExtractor
+    class GraniteMelFeatures(SequenceFeatureExtractor):
+        """Granite Speech's audio features without torchaudio (see the module doc). Saves and loads as the
+        transformers ``GraniteSpeechFeatureExtractor`` (same ``preprocessor_config.json``)."""
+
+        model_input_names = ["input_features"]
+
+        def __init__(self, sampling_rate: int = 16000, n_fft: int = 512, win_length: int = 400, hop_length: int = 160,
+                     n_mels: int = 80, projector_window_size: int = 15, projector_downsample_rate: int = 5,
+                     padding_value: float = 0.0, **kwargs: Any):
+            import numpy as np
+            from transformers.audio_utils import mel_filter_bank
+
+            spec = dict(kwargs.pop("melspec_kwargs", None) or {})   # a saved extractor's own record wins
+            n_fft, win_length = spec.get("n_fft", n_fft), spec.get("win_length", win_length)
+            hop_length, n_mels = spec.get("hop_length", hop_length), spec.get("n_mels", n_mels)
+            sampling_rate = spec.get("sample_rate", sampling_rate)
+            feature_size = kwargs.pop("feature_size", None) or n_mels
+            kwargs.pop("feature_extractor_type", None)
+            super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value,
+                             **kwargs)
+            self.melspec_kwargs = {"sample_rate": sampling_rate, "n_fft": n_fft, "win_length": win_length,
+                                   "hop_length": hop_length, "n_mels": n_mels}
+            self.projector_window_size = projector_window_size
+            self.projector_downsample_rate = projector_downsample_rate
+            # (n_fft/2 + 1, n_mels): triangles on the HTK mel scale from 0 Hz to Nyquist, unnormalised
+            self._fbank = np.asarray(mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels,
+                                                     min_frequency=0.0, max_frequency=sampling_rate / 2,
+                                                     sampling_rate=sampling_rate, norm=None, mel_scale="htk"),
+                                     dtype=np.float32)
+
+        @classmethod
+        def from_dir(cls, path: Path) -> Any:
+            f = Path(path) / "preprocessor_config.json"
+            d = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+            d.pop("processor_class", None)
+            return cls(**d)
+
+        def to_dict(self) -> dict[str, Any]:
+            out = super().to_dict()
+            out.pop("_fbank", None)
+            out["feature_extractor_type"] = "GraniteSpeechFeatureExtractor"
+            for k in ("n_fft", "win_length", "hop_length", "n_mels"):
+                out[k] = self.melspec_kwargs[k]
+            return out
+
+        def log_mel(self, audio: Any) -> Any:
+            """(B, samples) float -> (B, frames // 2, 2 * n_mels): the model's ``input_features``."""
+            import torch
+
+            k = self.melspec_kwargs
+            x = audio.float()
+            window = torch.hann_window(k["win_length"], periodic=True, dtype=x.dtype)
+            spec = torch.stft(x, n_fft=k["n_fft"], hop_length=k["hop_length"], win_length=k["win_length"],
+                              window=window, center=True, pad_mode="reflect", normalized=False, onesided=True,
+                              return_complex=True).abs().pow(2)                       # (B, F, frames)
+            mel = torch.matmul(spec.transpose(-1, -2), torch.from_numpy(self._fbank))   # (B, frames, n_mels)
+            logmel = mel.clamp_min(1e-10).log10()
+            top = logmel.amax(dim=(-2, -1), keepdim=True)
+            logmel = torch.maximum(logmel, top - 8.0) / 4 + 1
+            if logmel.shape[1] % 2:
+                logmel = logmel[:, :-1]
+            return logmel.reshape(logmel.shape[0], -1, 2 * logmel.shape[-1])
+
+        def token_counts(self, lengths: list[int]) -> list[int]:
+            """Projector outputs per clip of ``lengths`` samples (the transformers extractor's own arithmetic)."""
+            hop = self.melspec_kwargs["hop_length"]
+            per_window = self.projector_window_size // self.projector_downsample_rate
+            return [math.ceil((n // hop + 1) // 2 / self.projector_window_size) * per_window for n in lengths]
+
+        def __call__(self, audios: Any, sampling_rate: int | None = None, return_tensors: Any = "pt",
+                     **_: Any) -> dict[str, Any]:
+            import numpy as np
+            import torch
+
+            if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
+                raise ValueError(f"Granite Speech features need {self.sampling_rate} Hz audio, got {sampling_rate} Hz: "
+                                 "resample first")
+            clips = [audios] if isinstance(audios, np.ndarray) and audios.ndim == 1 else list(audios)
+            waves = [torch.as_tensor(np.asarray(c, dtype=np.float32)).reshape(-1) for c in clips]
+            lengths = [int(w.shape[0]) for w in waves]
+            batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True, padding_value=0.0)
+            with torch.no_grad():
+                feats = self.log_mel(batch)
+            counts = self.token_counts(lengths)
+            mask = torch.arange(max(counts)).view(1, -1) < torch.tensor(counts).view(-1, 1)
+            return {"input_features": feats, "input_features_mask": mask}
+
+    GraniteMelFeatures.__qualname__ = "GraniteMelFeatures"   # pickled by reference through the module __getattr__
+    return GraniteMelFeatures
 
 
-class GraniteMelFeatures(_feature_extractor_base()):
-    """Granite Speech's audio features without torchaudio (see the module doc). Saves and loads as the
-    transformers ``GraniteSpeechFeatureExtractor`` (same ``preprocessor_config.json``)."""
-
-    model_input_names = ["input_features"]
-
-    def __init__(self, sampling_rate: int = 16000, n_fft: int = 512, win_length: int = 400, hop_length: int = 160,
-                 n_mels: int = 80, projector_window_size: int = 15, projector_downsample_rate: int = 5,
-                 padding_value: float = 0.0, **kwargs: Any):
-        import numpy as np
-        from transformers.audio_utils import mel_filter_bank
-
-        spec = dict(kwargs.pop("melspec_kwargs", None) or {})   # a saved extractor's own record wins
-        n_fft, win_length = spec.get("n_fft", n_fft), spec.get("win_length", win_length)
-        hop_length, n_mels = spec.get("hop_length", hop_length), spec.get("n_mels", n_mels)
-        sampling_rate = spec.get("sample_rate", sampling_rate)
-        feature_size = kwargs.pop("feature_size", None) or n_mels
-        kwargs.pop("feature_extractor_type", None)
-        super().__init__(feature_size=feature_size, sampling_rate=sampling_rate, padding_value=padding_value,
-                         **kwargs)
-        self.melspec_kwargs = {"sample_rate": sampling_rate, "n_fft": n_fft, "win_length": win_length,
-                               "hop_length": hop_length, "n_mels": n_mels}
-        self.projector_window_size = projector_window_size
-        self.projector_downsample_rate = projector_downsample_rate
-        # (n_fft/2 + 1, n_mels): triangles on the HTK mel scale from 0 Hz to Nyquist, unnormalised
-        self._fbank = np.asarray(mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels,
-                                                 min_frequency=0.0, max_frequency=sampling_rate / 2,
-                                                 sampling_rate=sampling_rate, norm=None, mel_scale="htk"),
-                                 dtype=np.float32)
-
-    @classmethod
-    def from_dir(cls, path: Path) -> GraniteMelFeatures:
-        f = Path(path) / "preprocessor_config.json"
-        d = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-        d.pop("processor_class", None)
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out.pop("_fbank", None)
-        out["feature_extractor_type"] = "GraniteSpeechFeatureExtractor"
-        for k in ("n_fft", "win_length", "hop_length", "n_mels"):
-            out[k] = self.melspec_kwargs[k]
-        return out
-
-    def log_mel(self, audio: Any) -> Any:
-        """(B, samples) float -> (B, frames // 2, 2 * n_mels): the model's ``input_features``."""
-        import torch
-
-        k = self.melspec_kwargs
-        x = audio.float()
-        window = torch.hann_window(k["win_length"], periodic=True, dtype=x.dtype)
-        spec = torch.stft(x, n_fft=k["n_fft"], hop_length=k["hop_length"], win_length=k["win_length"],
-                          window=window, center=True, pad_mode="reflect", normalized=False, onesided=True,
-                          return_complex=True).abs().pow(2)                       # (B, F, frames)
-        mel = torch.matmul(spec.transpose(-1, -2), torch.from_numpy(self._fbank))   # (B, frames, n_mels)
-        logmel = mel.clamp_min(1e-10).log10()
-        top = logmel.amax(dim=(-2, -1), keepdim=True)
-        logmel = torch.maximum(logmel, top - 8.0) / 4 + 1
-        if logmel.shape[1] % 2:
-            logmel = logmel[:, :-1]
-        return logmel.reshape(logmel.shape[0], -1, 2 * logmel.shape[-1])
-
-    def token_counts(self, lengths: list[int]) -> list[int]:
-        """Projector outputs per clip of ``lengths`` samples (the transformers extractor's own arithmetic)."""
-        hop = self.melspec_kwargs["hop_length"]
-        per_window = self.projector_window_size // self.projector_downsample_rate
-        return [math.ceil((n // hop + 1) // 2 / self.projector_window_size) * per_window for n in lengths]
-
-    def __call__(self, audios: Any, sampling_rate: int | None = None, return_tensors: Any = "pt",
-                 **_: Any) -> dict[str, Any]:
-        import numpy as np
-        import torch
-
-        if sampling_rate is not None and int(sampling_rate) != self.sampling_rate:
-            raise ValueError(f"Granite Speech features need {self.sampling_rate} Hz audio, got {sampling_rate} Hz: "
-                             "resample first")
-        clips = [audios] if isinstance(audios, np.ndarray) and audios.ndim == 1 else list(audios)
-        waves = [torch.as_tensor(np.asarray(c, dtype=np.float32)).reshape(-1) for c in clips]
-        lengths = [int(w.shape[0]) for w in waves]
-        batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True, padding_value=0.0)
-        with torch.no_grad():
-            feats = self.log_mel(batch)
-        counts = self.token_counts(lengths)
-        mask = torch.arange(max(counts)).view(1, -1) < torch.tensor(counts).view(-1, 1)
-        return {"input_features": feats, "input_features_mask": mask}
+def __getattr__(name: str) -> Any:
+    if name == "GraniteMelFeatures":
+        return _mel_features_class()
+    raise AttributeError(name)
 
 
 def _counts(features: dict) -> Any:
@@ -171,13 +180,13 @@ def load_processor(path: Any) -> Any:
 
     p = Path(path)
     tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    return _processor(GraniteMelFeatures.from_dir(p), tok, read_chat_template(p, tok), source=p)
+    return _processor(_mel_features_class().from_dir(p), tok, read_chat_template(p, tok), source=p)
 
 
 def prepare(model: Any, path: Any) -> Any:
     """Merge the audio LoRA that ``from_pretrained`` attached from the model directory (see module doc)."""
     p = Path(path)
-    has_files = any((p / f).is_file() for f in ADAPTER_FILES[:1])
+    has_files = (p / "adapter_config.json").is_file()
     if not getattr(model, "_hf_peft_config_loaded", False):
         if has_files:
             raise RuntimeError(f"{p / 'adapter_config.json'}: this Granite Speech checkpoint carries its audio LoRA "
@@ -236,7 +245,7 @@ def make_tiny(tok: Any, text_config: dict, *, generation_config: Any = None, aud
     model = GraniteSpeechForConditionalGeneration(config)
     pad = tok.pad_token_id if tok.pad_token_id is not None else end
     model.generation_config = GenerationConfig(eos_token_id=[end], pad_token_id=pad, do_sample=False)
-    return model, _processor(GraniteMelFeatures(), tok, CHAT_TEMPLATE)
+    return model, _processor(_mel_features_class()(), tok, CHAT_TEMPLATE)
 
 
 FAMILY = Family(
