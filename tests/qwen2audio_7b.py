@@ -87,3 +87,24 @@ def write_config_only_granite_speech_8b(d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     c.save_pretrained(d)
     return d
+
+
+def write_config_only_voxtral_mini_3b(d: Path) -> Path:
+    """A config-only Voxtral-Mini-3B-2507 directory with the shapes of its public config: a Llama decoder (30 layers,
+    3072 wide, head_dim 128, 8 KV heads, 131,072-token vocabulary, untied lm_head), a 32-layer Whisper-large-v3-shaped
+    encoder (1280 wide) and a two-layer projector from 4 stacked frames (5120) to 3072: 4.68B parameters."""
+    from transformers import VoxtralConfig
+
+    c = VoxtralConfig(
+        text_config=dict(model_type="llama", vocab_size=131072, hidden_size=3072, intermediate_size=8192,
+                         num_hidden_layers=30, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e8,
+                         tie_word_embeddings=False),
+        audio_config=dict(model_type="voxtral_encoder", hidden_size=1280, intermediate_size=5120,
+                          num_hidden_layers=32, num_attention_heads=20, num_mel_bins=128, max_source_positions=1500,
+                          vocab_size=51866),
+        audio_token_id=24, projector_hidden_act="gelu")
+    c.architectures = ["VoxtralForConditionalGeneration"]
+    d.mkdir(parents=True, exist_ok=True)
+    c.save_pretrained(d)
+    return d

@@ -28,6 +28,8 @@ def _write(tmp_path, doc):
     ({"model_type": "qwen2_5_omni", "architectures": ["Qwen2_5OmniForConditionalGeneration"]}, "qwen2_5_omni"),
     # its architecture ends in ForCausalLM: claimed before the catch-all text LM, which would lose the audio
     ({"model_type": "phi4_multimodal", "architectures": ["Phi4MultimodalForCausalLM"]}, "phi4_multimodal"),
+    ({"model_type": "voxtral", "architectures": ["VoxtralForConditionalGeneration"]}, "voxtral"),
+    ({"model_type": "granite_speech", "architectures": ["GraniteSpeechForConditionalGeneration"]}, "granite_speech"),
 ])
 def test_detect_recognises_each_registered_family(tmp_path, doc, kind):
     assert detect_kind(_write(tmp_path, doc)) == kind
@@ -57,7 +59,7 @@ def test_known_but_unsupported_families_are_refused_with_the_reason(doc):
 def test_model_kind_is_checked_against_the_registry():
     assert cfg.resolve({}, ["model.kind=qwen2audio"]).model.kind == "qwen2audio"
     with pytest.raises(cfg.ConfigError) as e:
-        cfg.resolve({}, ["model.kind=voxtral"])
+        cfg.resolve({}, ["model.kind=gemma3n"])
     assert "model.kind" in str(e.value) and "qwen2audio" in str(e.value) and "causal_lm" in str(e.value)
 
 

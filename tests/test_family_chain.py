@@ -19,7 +19,7 @@ from sine_data import audio_prompt_batch
 from test_importance import (build_env, dev_of, load, model_inputs, reference_batches, reference_model,
                              reference_nll, reference_translations)
 
-KINDS = ["qwen2_5_omni", "phi4_multimodal", "granite_speech"]
+KINDS = ["qwen2_5_omni", "phi4_multimodal", "granite_speech", "voxtral"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -35,8 +35,8 @@ def env(tmp_path_factory, kind):
 # Phi-4-multimodal's and Granite Speech's Conformers see the padding of a batch: the audio embeddings of a padded
 # row move by ~1e-3 against the same clip alone (their own code, the transformers processors batch the same way).
 # The references run one sample at a time, so for them the engine's dev set is compared at batch 1; the Omni
-# thinker's encoder is padding-free and is compared batched (left-padded generation included).
-BATCH = {"qwen2_5_omni": 4, "phi4_multimodal": 1, "granite_speech": 1}
+# thinker's and Voxtral's encoders are padding-free and are compared batched (left-padded generation included).
+BATCH = {"qwen2_5_omni": 4, "phi4_multimodal": 1, "granite_speech": 1, "voxtral": 4}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,8 @@ def test_processor_equals_transformers_audio_path(env, loaded, kind):
     waves = [s.audio for s in samples]
     if kind == "qwen2_5_omni":
         from transformers import Qwen2_5OmniProcessor as Real
+    elif kind == "voxtral":
+        from transformers import VoxtralProcessor as Real
     elif kind == "granite_speech":
         from transformers import GraniteSpeechProcessor as Real
     else:
@@ -82,6 +84,14 @@ def test_processor_equals_transformers_audio_path(env, loaded, kind):
     if kind == "qwen2_5_omni":
         feats, repl = real._process_audio(waves, sampling_rate=16000, return_attention_mask=True,
                                           return_tensors="pt")
+    elif kind == "voxtral":
+        # the features as transformers' VoxtralProcessor computes them (at the tiny model's chunk length), the
+        # [AUDIO] count as mistral-common's audio encoder writes it for the tiny tekken.json
+        fe = proc.feature_extractor
+        feats = {"input_features": real._retrieve_input_features(
+            waves, fe.nb_max_frames, sampling_rate=16000, padding=True, truncation=False,
+            pad_to_multiple_of=fe.n_samples, return_tensors="pt")}
+        repl = [proc.audio_token * (len(t) - 1) for t in mistral_audio_tokens(env["model"], waves)]
     elif kind == "granite_speech":
         # the transformers extractor needs torchaudio for its mel spectrogram: its token arithmetic is called on an
         # instance built without it, the features are compared with an independent numpy reference
@@ -109,6 +119,23 @@ def test_processor_equals_transformers_audio_path(env, loaded, kind):
         want = proc.tokenizer("a" + r + "x", add_special_tokens=False)["input_ids"]
         got = ours["input_ids"][i][ours["attention_mask"][i].bool()].tolist()
         assert got == want
+
+
+def mistral_audio_tokens(model_dir, waves):
+    """The tokens mistral-common's own audio encoder writes for each clip ([BEGIN_AUDIO] + [AUDIO] x n)."""
+    from mistral_common.protocol.instruct.chunk import AudioChunk
+    from mistral_common.tokens.tokenizers.audio import Audio
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    mt = MistralTokenizer.from_file(str(Path(model_dir) / "tekken.json"))
+    enc = mt.instruct_tokenizer.audio_encoder
+    out = []
+    for w in waves:
+        chunk = AudioChunk.from_audio(Audio(w, 16000, "wav"))
+        toks = enc(chunk).tokens
+        assert toks[0] == enc.begin_audio_token and set(toks[1:]) == {enc.audio_token}
+        out.append(toks)
+    return out
 
 
 def granite_reference_features(waves, sr=16000, n_fft=512, win=400, hop=160, n_mels=80):
@@ -243,6 +270,7 @@ def test_whole_plan(plan_run, kind):
     ("qwen25-omni-7b-en-de", "write_config_only_omni_7b", "8.93B", (7, 14)),          # 28 -> 21 and 28 -> 14
     ("phi4-multimodal-en-de", "write_config_only_phi4_multimodal", "4.74B", (8, 16)),  # 32 -> 24 and 32 -> 16
     ("granite-speech-8b-en-de", "write_config_only_granite_speech_8b", "8.65B", (10, 20)),  # 40 -> 30 / 20
+    ("voxtral-mini-3b-en-de", "write_config_only_voxtral_mini_3b", "4.68B", (8, 15)),       # 30 -> 22 / 15
 ])
 def test_dry_run_of_the_family_recipes_on_8_gpus(tmp_path, stc_inproc, recipe, writer, params, removed):
     """The shipped recipe of each family validates on a config-only directory with the public shapes (the
@@ -296,7 +324,10 @@ def test_audio_encoder_scan_matches_surgery(env, loaded, kind):
     assert len({round(s.score, 7) for s in got.values()}) == 3
     bi = S.audio_block_influence(model, dev)
     assert sorted(bi.layer) == [0, 1] and all(v > 0 for v in bi.layer.values())
-    if hasattr(model.model, "audio_tower"):                              # the Omni thinker packs valid frames
+    if kind == "voxtral":                  # no mask: every frame of every chunk (a clip's zero padding included)
+        chunks = sum(b.features["input_features"].shape[0] for b in dev.batches)
+        assert bi.n_tokens == chunks * model.config.audio_config.max_source_positions
+    if kind == "qwen2_5_omni":                                           # the Omni thinker packs valid frames
         frames = 0
         for b in dev.batches:
             after_conv, _ = model.model.audio_tower._get_feat_extract_output_lengths(
@@ -443,3 +474,60 @@ def test_granite_features_refuse_another_sample_rate_and_pickle():
         fe([np.zeros(8000, dtype=np.float32)], sampling_rate=8000)
     assert type(pickle.loads(pickle.dumps(fe))) is granite_speech.GraniteMelFeatures
 
+
+
+def test_voxtral_sequences_equal_mistral_common(tmp_path):
+    """The engine renders Voxtral's v7 instruct format as text and re-tokenizes it with the fast tokenizer transformers
+    converts from tekken.json; mistral-common encodes the same conversations from its own request objects. The ids
+    agree for an audio prompt with its answer (no system turn: v7 refuses one beside audio), for the generation prompt,
+    and for a text-only prompt with a system turn; the label mask covers exactly the answer and </s>."""
+    import numpy as np
+    from mistral_common.protocol.instruct.chunk import AudioChunk, TextChunk
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.audio import Audio
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from engine.data.prompt import IGNORE, Featurizer
+    from engine.models.load import load_processor
+    from engine.models.tiny import build_tiny
+
+    d = build_tiny("voxtral", tmp_path / "voxtral", num_layers=2, dtype="fp32")
+    proc = load_processor(d)
+    fz = Featurizer(proc)
+    mt = MistralTokenizer.from_file(str(d / "tekken.json"), mode=ValidationMode.finetuning)   # with answers
+    serve = MistralTokenizer.from_file(str(d / "tekken.json"))                                # generation prompts
+    rng = np.random.RandomState(0)
+    waves = [(rng.randn(n) * 0.1).astype(np.float32) for n in (12000, 32000, 50000)]
+    rows = [("en", "de", "Guten Morgen, wie geht es dir?"), ("en", "zh", "今天天气很好。"), ("en", "de", "Danke!")]
+    samples = [{"key": f"s{i}", "meta": {"src_lang": s, "tgt_lang": t, "tgt_text": y, "src_text": "Thank you!"},
+                "audio": w, "sample_rate": 16000} for i, (w, (s, t, y)) in enumerate(zip(waves, rows))]
+    batch = fz(samples)
+    b = fz.builder
+    for i, (w, (s, t, y)) in enumerate(zip(waves, rows)):
+        audio = AudioChunk.from_audio(Audio(w, 16000, "wav"))
+        user = UserMessage(content=[audio, TextChunk(text=b.user_text(s, t, audio=True))])
+        want = mt.encode_chat_completion(ChatCompletionRequest(messages=[user, AssistantMessage(content=y)])).tokens
+        prompt = serve.encode_chat_completion(ChatCompletionRequest(messages=[user])).tokens
+        n = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, :n].tolist() == want
+        labels = batch["labels"][i, :n].tolist()
+        assert labels[:len(prompt)] == [IGNORE] * len(prompt) and labels[len(prompt):] == want[len(prompt):]
+        assert want[-1] == proc.tokenizer.convert_tokens_to_ids("</s>")
+    # a text-only row keeps its system turn ([SYSTEM_PROMPT] ... [/SYSTEM_PROMPT])
+    text = fz([dict(samples[0], audio=None)])
+    msgs = [SystemMessage(content=b.cfg.system_prompt),
+            UserMessage(content=b.user_text("en", "de", audio=False, src_text="Thank you!")),
+            AssistantMessage(content=rows[0][2])]
+    assert text["input_ids"][0].tolist() == mt.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
+
+
+def test_voxtral_vocabulary_trim_is_refused(tmp_path):
+    """A trimmed tokenizer.json beside the full tekken.json would give mistral-common users other ids: refused."""
+    from engine.models.tiny import build_tiny
+    from engine.models.vocab import VocabTrimError, trim_model_dir
+
+    d = build_tiny("voxtral", tmp_path / "voxtral", num_layers=2, dtype="fp32")
+    with pytest.raises(VocabTrimError, match="tekken.json"):
+        trim_model_dir(d, tmp_path / "trimmed", ["Guten Morgen."])

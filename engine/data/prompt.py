@@ -1,6 +1,7 @@
 """The paper's prompt, its label mask, and the featurizer that turns decoded samples into a model batch.
 
-Prompt (the paper's): system = ``DataConfig.system_prompt``; user = the audio, then
+Prompt (the paper's): system = ``DataConfig.system_prompt`` (left out of audio prompts for a family whose chat
+format refuses a system turn beside audio: its processor says ``system_with_audio = False``); user = the audio, then
 ``DataConfig.instruction`` with the language names from :mod:`engine.langs` (any language of the
 table); assistant = the translation, closed by the end-of-turn token (the first special token the chat
 template writes after an answer: ``<|im_end|>`` for Qwen, ``<|end|>`` for Phi; else the eos token).
@@ -92,6 +93,8 @@ class PromptBuilder:
         self.audio_token = getattr(processor, "audio_token", "<|AUDIO|>") if self.is_audio else None
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token) if self.is_audio else None
         self.audio_as_part = self.is_audio and self._renders_audio_parts()
+        # a family whose chat format refuses a system turn beside audio (Voxtral's v7 instruct format)
+        self.system_with_audio = bool(getattr(processor, "system_with_audio", True))
 
     def _renders_audio_parts(self) -> bool:
         """Whether the chat template renders a structured audio part of a message as the audio placeholder.
@@ -141,7 +144,9 @@ class PromptBuilder:
             user = self.audio_token + text
         else:
             user = text
-        msgs = [{"role": "system", "content": self.cfg.system_prompt}, {"role": "user", "content": user}]
+        msgs = [{"role": "user", "content": user}]
+        if not audio or self.system_with_audio:
+            msgs.insert(0, {"role": "system", "content": self.cfg.system_prompt})
         if target is not None:
             msgs.append({"role": "assistant", "content": target})
         return msgs

@@ -654,6 +654,11 @@ def _check_source(src: Path) -> dict:
         raise VocabTrimError(f"{src} has no config.json; vocabulary trimming needs a Hugging Face model directory")
     if not (src / "tokenizer.json").is_file():
         raise VocabTrimError(f"{src} has no tokenizer.json; vocabulary trimming needs the fast tokenizer file")
+    if (src / "tekken.json").is_file():
+        raise VocabTrimError(f"{src / 'tekken.json'}: this model's vocabulary is also a Tekken file for mistral-common, "
+                             "which the trim does not rewrite; a trimmed tokenizer.json beside it would give "
+                             "mistral-common users other ids. Leave out the trim (export.trim_vocab=false, no "
+                             "trim/scripts storage) for this model")
     config = _read_json(src / "config.json")
     qc = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
     if qc:

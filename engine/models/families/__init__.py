@@ -95,7 +95,7 @@ class Family:
 
 # Order matters: the first family whose matches() is true wins (specific families before the
 # catch-all causal LM).
-_MODULES = ("qwen2_audio", "qwen2_5_omni", "phi4_multimodal", "granite_speech", "causal_lm")
+_MODULES = ("qwen2_audio", "qwen2_5_omni", "phi4_multimodal", "granite_speech", "voxtral", "causal_lm")
 _REGISTRY: dict[str, Family] | None = None
 
 
@@ -126,8 +126,6 @@ def supported() -> str:
 # Families recognised but refused, with the reason (checked before the registry: Phi-4-multimodal's
 # architecture ends in ForCausalLM, and the catch-all would load it as a text LM without its audio).
 REFUSED = {
-    "voxtral": "Voxtral has no adapter yet: its tokenizer and chat format come from mistral-common (tekken.json), "
-               "which the engine cannot yet render into its prompt and label mask",
     "gemma3n": "Gemma 3n keeps per-layer embeddings and shares KV caches between layers: removing a layer "
                "needs surgery on both, which the engine does not do",
     "qwen3_omni_moe": "Qwen3-Omni is a mixture of experts with per-layer expert maps (mlp_only_layers, "
