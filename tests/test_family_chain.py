@@ -258,6 +258,9 @@ def test_whole_plan(plan_run, kind):
     bnb_cpu_workaround(healed)
     with torch.no_grad():
         assert healed.generate(**inp, max_new_tokens=3, do_sample=False).shape[1] > inp["input_ids"].shape[1]
+    if (plan_run / "model/tekken.json").is_file():      # Voxtral: every saved copy keeps the mistral-common vocabulary
+        src = (plan_run / "model/tekken.json").read_text()
+        assert all((d / "tekken.json").read_text() == src for d in (run / "students/r50/pruned", exp))
     rep = json.loads((run / "report/report.json").read_text())
     rows = {row["system"]: row for row in rep["systems"]}
     assert sorted(rows) == ["kd-50", "teacher"]
@@ -521,6 +524,27 @@ def test_voxtral_sequences_equal_mistral_common(tmp_path):
             UserMessage(content=b.user_text("en", "de", audio=False, src_text="Thank you!")),
             AssistantMessage(content=rows[0][2])]
     assert text["input_ids"][0].tolist() == mt.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens
+    # transformers' own VoxtralProcessor (mistral-common tokenizer) loads the saved directory and gives the same prompt
+    # ids and features (audio handed over as float wav: 16-bit PCM would round the samples)
+    import base64
+    import io
+
+    import soundfile as sf
+    from transformers import AutoProcessor
+
+    real = AutoProcessor.from_pretrained(d)
+    fe = proc.feature_extractor
+    for i, w in enumerate(waves):
+        buf = io.BytesIO()
+        sf.write(buf, w, 16000, format="wav", subtype="FLOAT")
+        conv = [{"role": "user", "content": [{"type": "audio", "base64": base64.b64encode(buf.getvalue()).decode()},
+                                             {"type": "text", "text": b.user_text(*rows[i][:2], audio=True)}]}]
+        out = real.apply_chat_template(conv, processor_kwargs={"audio_kwargs": {
+            "max_source_positions": fe.nb_max_frames, "pad_to_multiple_of": fe.n_samples}})
+        mine = fz([samples[i]])
+        p = out["input_ids"].shape[1]
+        assert out["input_ids"][0].tolist() == mine["input_ids"][0, :p].tolist()
+        assert torch.equal(out["input_features"], mine["input_features"])
 
 
 def test_voxtral_vocabulary_trim_is_refused(tmp_path):
