@@ -14,7 +14,8 @@ and by :func:`engine.models.load.load_model`) looks at the installed versions on
   and what to do; the stage runs (newer releases usually work; when one does not, that is the first
   place to look);
 * a release known to break the engine (:data:`BROKEN`): refused with :class:`VersionError`, naming the
-  package, the version, why, and the ``pip install`` that fixes it.
+  package, the version, why, and the ``pip install`` that fixes it. A transformers release that breaks one model
+  family only is that family's refusal (``Family.transformers_broken``, checked when its checkpoint is detected).
 
 Call sites whose API changed inside the admitted range go through this module, so the differences
 stay in one place: :func:`dtype_kwargs` (``from_pretrained(dtype=)`` vs ``torch_dtype=``),
@@ -53,10 +54,8 @@ TESTED: dict[str, tuple[str, str]] = {
 # package: [(releases, why they do not work)]: refused, whatever the tested range says (pyproject.toml
 # excludes them too). A stage would fail on them later, with a less helpful error.
 BROKEN: dict[str, list[tuple[str, str]]] = {
-    "transformers": [
-        ("<4.45", "it has no Qwen2AudioForConditionalGeneration"),
-        ("==4.54.*", "Qwen2-Audio's forward() rejects the cache_position argument that its generate() passes"),
-    ],
+    # transformers releases that break one model family are that family's business (Family.transformers_broken,
+    # checked when a checkpoint of it is detected), not a refusal for every user
     "soundfile": [("<0.13", "soundfile.write() has no compression_level, which the FLAC shards need")],
 }
 

@@ -100,15 +100,47 @@ def test_outside_the_range_warns_with_package_version_range_and_fix(stc_log):
 
 def test_known_broken_releases_are_refused_with_the_reason():
     with pytest.raises(compat.VersionError) as e:
-        compat.check_versions({"transformers": "4.54.1"}, force=True)
+        compat.check_versions({"soundfile": "0.12.1"}, force=True)
     msg = str(e.value)
-    assert msg.startswith("transformers 4.54.1 does not work with stc-engine: Qwen2-Audio") and "cache_position" in msg
-    assert "pip install 'transformers==5.24.0'" in msg
-    with pytest.raises(compat.VersionError, match="(?s)library versions that do not work:.*transformers 4.44.2.*"
-                                                  "Qwen2AudioForConditionalGeneration.*soundfile 0.12.1"):
-        compat.check_versions({"transformers": "4.44.2", "soundfile": "0.12.1"}, force=True)
+    assert msg.startswith("soundfile 0.12.1 does not work with stc-engine:") and "compression_level" in msg
+    assert "pip install 'soundfile==0.14.0'" in msg
+    # a transformers release that breaks one family is not refused for everyone (the family refuses it)
+    assert compat.version_problems({"transformers": "4.54.1"})[0] == []
 
 
+def test_a_family_refuses_the_transformers_releases_that_break_it(tmp_path, monkeypatch, stc_inproc):
+    """Qwen2-Audio under transformers 4.54 (its generate passes cache_position, which its forward rejects) and
+    Voxtral under transformers 4 (no tekken.json conversion) are refused when their checkpoint is detected: on
+    load and in the plan's validation, before any step runs; other families load."""
+    import sys
+
+    from engine.models import families
+    from engine.models.load import ModelLoadError, detect_family
+    from engine.models.tiny import build_tiny
+
+    with pytest.raises(families.UnsupportedModel) as e:
+        families.get("qwen2audio").check_transformers("4.54.1")
+    assert "Qwen2-Audio does not work with transformers 4.54.1" in str(e.value) and "cache_position" in str(e.value)
+    assert "pip install 'transformers==5.24.0'" in str(e.value)
+    with pytest.raises(families.UnsupportedModel, match="Voxtral does not work with transformers 4.57.1: .*tekken"):
+        families.get("voxtral").check_transformers("4.57.1")
+    families.get("causal_lm").check_transformers("4.54.1")                     # no refusal
+    families.get("qwen2audio").check_transformers("5.24.0")
+
+    d = build_tiny("qwen2audio", tmp_path / "qa", num_layers=8, dtype="fp32")
+    # the module now registered (transformers may swap its lazy module object in sys.modules after first import)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.54.1")
+    with pytest.raises(ModelLoadError, match=f"{tmp_path / 'qa'}: Qwen2-Audio does not work with transformers 4.54.1"):
+        detect_family(d)
+    # the plan's validation says so before any step runs
+    from sine_data import build_split_shards
+
+    shards = build_split_shards(tmp_path)
+    r = stc_inproc("pipeline", "--config", "configs/qwen2audio-7b-en-de.yaml", "--dry-run", "--nproc", "2",
+                   f"model.path={d}", f"data.shards={shards}", f"run.out_dir={tmp_path / 'runs'}")
+    assert r.returncode != 0
+    assert "Qwen2-Audio does not work with transformers 4.54.1" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr
+    assert not (tmp_path / "runs").exists()
 def test_checks_once_per_process(monkeypatch, stc_log):
     monkeypatch.setattr(compat, "_CHECKED", False)
     assert compat.check_versions({"numpy": "1.20.0"}) and compat.check_versions({"numpy": "1.20.0"}) == []

@@ -93,7 +93,7 @@ class PromptBuilder:
         self.audio_token = getattr(processor, "audio_token", "<|AUDIO|>") if self.is_audio else None
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token) if self.is_audio else None
         self.audio_as_part = self.is_audio and self._renders_audio_parts()
-        # a family whose chat format refuses a system turn beside audio (Voxtral's v7 instruct format)
+        # a family whose chat format refuses a system turn beside audio says so on its processor
         self.system_with_audio = bool(getattr(processor, "system_with_audio", True))
 
     def _renders_audio_parts(self) -> bool:

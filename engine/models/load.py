@@ -92,16 +92,19 @@ def _read_config(p: Path) -> dict:
 
 def detect_family(path: str | os.PathLike) -> families.Family:
     """The model family (:mod:`engine.models.families`) of the checkpoint at ``path``, from its
-    ``config.json``'s ``model_type`` / ``architectures``; an unsupported one names the supported ones."""
+    ``config.json``'s ``model_type`` / ``architectures``; an unsupported one names the supported ones, and a family
+    the installed transformers cannot run names the reason (``Family.transformers_broken``)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"model directory {p} does not exist; {_fetch_hint(p)}")
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"{p} has no config.json; cannot tell what model it holds")
     try:
-        return families.detect(_read_config(p), str(p))
+        fam = families.detect(_read_config(p), str(p))
+        fam.check_transformers(where=str(p))
     except families.UnsupportedModel as e:
         raise ModelLoadError(str(e)) from None
+    return fam
 
 
 def detect_kind(path: str | os.PathLike) -> str:

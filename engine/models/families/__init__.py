@@ -8,7 +8,11 @@ A :class:`Family` says, for one family of checkpoints:
   because the wrappers moved between transformers versions), where its audio encoder's layers live and
   which config field counts them;
 * which module names are the audio encoder and the projector (storage accounting, LoRA's
-  ``include_audio_tower``) and which processor outputs are the audio inputs of ``forward``.
+  ``include_audio_tower``) and which processor outputs are the audio inputs of ``forward``;
+* which transformers releases cannot run it (``transformers_broken``): a checkpoint of the family is refused under
+  such a release when it is detected (loading, and the plan's validation before any step runs), naming the reason
+  and the release to install. Only these per-family refusals exist: the engine itself runs on every admitted
+  release.
 
 Every other module asks this registry (by ``model.kind`` or by the loaded model's class) instead of
 naming a family. Adding a family is one file here that builds a :class:`Family` and is listed in
@@ -65,6 +69,28 @@ class Family:
     # loaded model -> the function its forward applies to lm_head's output (Gemma 2's soft-capping, Granite's
     # logits_scaling), or None when forward returns lm_head's output as is; for code that applies lm_head itself
     logits_post: Callable[[Any], Callable[[Any], Any] | None] | None = field(default=None, compare=False)
+    # (specifier, reason) pairs: transformers releases that cannot run this family (check_transformers)
+    transformers_broken: tuple[tuple[str, str], ...] = ()
+
+    def check_transformers(self, version: str | None = None, where: str = "") -> None:
+        """Raise :class:`UnsupportedModel` when the installed (or the given) transformers release cannot run this
+        family, naming the reason and the tested release to install."""
+        if not self.transformers_broken:
+            return
+        from packaging.specifiers import SpecifierSet
+
+        from ... import compat
+
+        if version is None:
+            import transformers
+
+            version = transformers.__version__
+        for spec, reason in self.transformers_broken:
+            if SpecifierSet(spec).contains(version, prereleases=True):
+                newest = compat.TESTED["transformers"][1]
+                raise UnsupportedModel(f"{where + ': ' if where else ''}{self.title} does not work with transformers "
+                                       f"{version}: {reason}; install the tested release: "
+                                       f"pip install 'transformers=={newest}'")
 
     def matches(self, cfg: dict) -> bool:
         archs = cfg.get("architectures") or []

@@ -57,4 +57,7 @@ FAMILY = Family(
     projector_modules=("multi_modal_projector",),
     audio_inputs=("input_features", "feature_attention_mask"),
     make_tiny=make_tiny,
+    transformers_broken=(("<4.45", "it has no Qwen2AudioForConditionalGeneration"),
+                         ("==4.54.*", "Qwen2-Audio's forward() rejects the cache_position argument that its "
+                                      "generate() passes")),
 )

@@ -251,4 +251,6 @@ FAMILY = Family(
     audio_inputs=("input_features",),
     processor=load_processor,
     make_tiny=make_tiny,
+    transformers_broken=(("<5", "the engine reads tekken.json through transformers 5's fast-tokenizer conversion "
+                                "(TokenizersBackend); tested with 5.24"),),
 )
