@@ -138,6 +138,8 @@ class Dims:
     audio_heads: int = 0
     audio_positions: int = 0      # encoder positions after the convs (max_source_positions)
     mel_bins: int = 128
+    audio_tokens_per_s: float = 0.0   # the family's decoder tokens per second of audio (0: Whisper + pooling, 25)
+    audio_chunk_s: float = 0.0        # audio padded to whole chunks of this many seconds first (0: no padding)
 
     @property
     def layer_params(self) -> int:
@@ -154,9 +156,16 @@ def dims_of(config: Any) -> Dims:
     h = int(text.hidden_size)
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or h // heads)
-    audio = next((getattr(config, f.audio_config) for f in families.registry().values()
-                  if f.audio_config and getattr(config, f.audio_config, None) is not None), None)
-    extra = {}
+    try:
+        fam = families.detect(config.to_dict()) if hasattr(config, "to_dict") else None
+    except families.UnsupportedModel:
+        fam = None
+    if fam is not None and fam.audio_config:
+        audio = getattr(config, fam.audio_config, None)
+    else:
+        audio = next((getattr(config, f.audio_config) for f in families.registry().values()
+                      if f.audio_config and getattr(config, f.audio_config, None) is not None), None)
+    extra: dict[str, Any] = {}
     if audio is not None:
         def first(*names: str, default: int = 0) -> int:
             for n in names:
@@ -174,6 +183,9 @@ def dims_of(config: Any) -> Dims:
                      audio_layers=first("encoder_layers", "num_blocks", "num_hidden_layers", "num_layers"),
                      audio_heads=first("encoder_attention_heads", "num_attention_heads", "num_heads"),
                      audio_positions=positions, mel_bins=first("num_mel_bins", "input_size", "input_dim", default=128))
+        if fam is not None:
+            extra.update(audio_tokens_per_s=fam.audio_tokens_per_s,
+                         audio_chunk_s=2 * positions / MEL_FRAMES_PER_S if fam.audio_chunked else 0.0)
     return Dims(hidden=h, intermediate=int(text.intermediate_size), layers=int(text.num_hidden_layers),
                 heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=head_dim,
                 vocab=int(text.vocab_size), **extra)
@@ -193,9 +205,15 @@ class Seq:
 
 
 def audio_tokens(seconds: float, dims: Dims) -> int:
-    """Qwen2-Audio's audio tokens for a clip: mel frames -> conv stride 2 -> pooling stride 2."""
+    """The decoder tokens of a clip of ``seconds``: at the family's rate (``Family.audio_tokens_per_s``, after padding
+    to whole chunks where it pads), else Whisper-style (Qwen2-Audio, the Omni thinker): mel frames -> conv stride 2
+    -> pooling stride 2."""
     if not dims.audio_d:
         return 0
+    if dims.audio_tokens_per_s:
+        if dims.audio_chunk_s:
+            seconds = math.ceil(max(seconds, 1e-9) / dims.audio_chunk_s) * dims.audio_chunk_s
+        return int(math.ceil(seconds * dims.audio_tokens_per_s))
     frames = min(int(math.ceil(seconds * MEL_FRAMES_PER_S)), 2 * dims.audio_positions)
     after_conv = (frames - 1) // 2 + 1
     return (after_conv - 2) // 2 + 1

@@ -555,3 +555,21 @@ def test_voxtral_vocabulary_trim_is_refused(tmp_path):
     d = build_tiny("voxtral", tmp_path / "voxtral", num_layers=2, dtype="fp32")
     with pytest.raises(VocabTrimError, match="tekken.json"):
         trim_model_dir(d, tmp_path / "trimmed", ["Guten Morgen."])
+
+
+def test_memory_counts_the_familys_audio_tokens(loaded, kind):
+    """The memory estimates count a clip's decoder tokens at the family's own rate (Granite 10/s, Phi-4 12.5/s, Voxtral
+    12.5/s over whole 30-s windows on the hub, the Omni thinker Whisper's 25/s): against what its processor writes."""
+    import numpy as np
+
+    from engine import memory
+
+    model, proc, _ = loaded
+    dims = memory.dims_of(model.config)
+    for seconds in (0.7, 1.0, 2.5):
+        wave = (np.random.RandomState(0).randn(int(seconds * 16000)) * 0.1).astype(np.float32)
+        ids = proc([f"a{proc.audio_token}x"], audio=[wave], sampling_rate=16000)["input_ids"][0].tolist()
+        got = ids.count(proc.audio_token_id)
+        est = memory.audio_tokens(seconds, dims)
+        tol = {"granite_speech": 3, "phi4_multimodal": 1}.get(kind, 0)   # rate estimates vs whole windows / rounding
+        assert abs(est - got) <= tol, (seconds, est, got)

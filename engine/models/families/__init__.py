@@ -69,6 +69,11 @@ class Family:
     # loaded model -> the function its forward applies to lm_head's output (Gemma 2's soft-capping, Granite's
     # logits_scaling), or None when forward returns lm_head's output as is; for code that applies lm_head itself
     logits_post: Callable[[Any], Callable[[Any], Any] | None] | None = field(default=None, compare=False)
+    # decoder tokens per second of audio, for memory estimates (0: Whisper features pooled by 4, 25 per second, with
+    # the exact conv arithmetic); audio_chunked: the processor pads audio to whole windows of the encoder
+    # (max_source_positions x 2 mel frames, 30 s on the hub) and every window counts in full
+    audio_tokens_per_s: float = 0.0
+    audio_chunked: bool = False
     # (specifier, reason) pairs: transformers releases that cannot run this family (check_transformers)
     transformers_broken: tuple[tuple[str, str], ...] = ()
 

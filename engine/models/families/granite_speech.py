@@ -263,6 +263,7 @@ FAMILY = Family(
     projector_modules=("projector",),
     audio_inputs=("input_features", "input_features_mask"),
     processor=load_processor,
+    audio_tokens_per_s=10.0,         # 100 mel frames/s stacked by 2, windows of 15 -> 3 queries
     make_tiny=make_tiny,
     prepare=prepare,
 )

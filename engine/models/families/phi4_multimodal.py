@@ -135,6 +135,7 @@ FAMILY = Family(
     # the image tower and the projections of audio that accompanies an image: never run for speech alone
     unused_modules=("image_embed", "up_proj_for_vision_speech", "down_proj_for_vision_speech"),
     processor=load_processor,
+    audio_tokens_per_s=12.5,         # 100 mel frames/s, the Conformer's time reduction of 8
     make_tiny=make_tiny,
     prepare=prepare,
 )

@@ -250,6 +250,8 @@ FAMILY = Family(
     projector_modules=("multi_modal_projector",),
     audio_inputs=("input_features",),
     processor=load_processor,
+    audio_tokens_per_s=12.5,         # 8 mel frames per token: 375 per 30-s window
+    audio_chunked=True,
     make_tiny=make_tiny,
     transformers_broken=(("<5", "the engine reads tekken.json through transformers 5's fast-tokenizer conversion "
                                 "(TokenizersBackend); tested with 5.24"),),
