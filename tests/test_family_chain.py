@@ -573,3 +573,31 @@ def test_memory_counts_the_familys_audio_tokens(loaded, kind):
         est = memory.audio_tokens(seconds, dims)
         tol = {"granite_speech": 3, "phi4_multimodal": 1}.get(kind, 0)   # rate estimates vs whole windows / rounding
         assert abs(est - got) <= tol, (seconds, est, got)
+
+
+def test_voxtral_processor_refuses_bad_input_and_pickles(tmp_path):
+    """Audio at another sample rate is refused naming both rates; a directory without tekken.json or tokenizer.json is
+    refused naming the directory; the processor pickles (DataLoader workers started by spawn need it)."""
+    import pickle
+    import shutil
+
+    import numpy as np
+
+    from engine.models.families import voxtral
+    from engine.models.load import load_processor
+    from engine.models.tiny import build_tiny
+
+    d = build_tiny("voxtral", tmp_path / "voxtral", num_layers=2, dtype="fp32")
+    proc = load_processor(d)
+    with pytest.raises(ValueError, match="16000 Hz audio, got 8000 Hz"):
+        proc(["a[AUDIO]x"], audio=[np.zeros(8000, np.float32)], sampling_rate=8000)
+    again = pickle.loads(pickle.dumps(proc))
+    wave = np.zeros(16000, np.float32)
+    assert again(["a[AUDIO]x"], audio=[wave], sampling_rate=16000)["input_ids"].tolist() == \
+        proc(["a[AUDIO]x"], audio=[wave], sampling_rate=16000)["input_ids"].tolist()
+    bare = tmp_path / "bare"
+    shutil.copytree(d, bare)
+    (bare / "tekken.json").unlink()
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{bare}: a Voxtral checkpoint needs tekken.json"):
+        voxtral.load_tokenizer(bare)

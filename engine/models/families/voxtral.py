@@ -33,6 +33,7 @@ a trimmed ``tokenizer.json`` beside the full ``tekken.json`` would give mistral-
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import shutil
@@ -75,7 +76,16 @@ _CONTROL = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "[INST]", 4: "[/INST]", 5: "[AVA
             32: "[ARGS]", 33: "[CALL_ID]", 34: "[TRANSCRIBE]"}
 
 
+def _pop_counts(features: dict) -> Any:
+    """The per-clip ``[AUDIO]`` counts :meth:`VoxtralSpeechProcessor.features` left beside the features (a module
+    function, not a lambda: the processor pickles, as DataLoader workers started by spawn need)."""
+    return features.pop("_counts")
+
+
+@functools.cache
 def _speech_processor_class() -> type:
+    """:class:`VoxtralSpeechProcessor`, built once: one class object, so instances pickle by reference (through the
+    module ``__getattr__``)."""
     from .speech_processor import SpeechProcessor
 
     class VoxtralSpeechProcessor(SpeechProcessor):
@@ -84,7 +94,7 @@ def _speech_processor_class() -> type:
         system_with_audio = False
 
         def __init__(self, fe: Any, tok: Any, *, tekken: str | None = None, source: Any = None):
-            super().__init__(fe, tok, audio_token=AUDIO_TOKEN, token_count=lambda f: f.pop("_counts"),
+            super().__init__(fe, tok, audio_token=AUDIO_TOKEN, token_count=_pop_counts,
                              chat_template=CHAT_TEMPLATE, source=source)
             self.tekken = tekken          # the source's tekken.json, written beside every saved copy
             audio = (json.loads(tekken).get("audio") or {}) if tekken else {}
