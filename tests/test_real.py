@@ -151,7 +151,8 @@ def test_dry_run_of_the_real_benchmark_validates_its_plan():
     for step in ("finetune", "export-teacher", "importance-nll", "importance-block_influence", "distill-kd-25",
                  "distill-kdword-25", "distill-seqkd-25", "distill-ce-25", "distill-middle-25", "distill-kd-40",
                  "eval-pruned-25", "export-kd-25-trim", "eval-kd-40-trim", "export-kd-25-trim-lm_head",
-                 "export-kd-25-scripts", "eval-kd-40-scripts", "report"):
+                 "export-kd-25-scripts", "eval-kd-40-scripts", "export-kd-25-lm_head", "eval-kd-40-int8-lm_head",
+                 "export-kd-25-scripts-lm_head", "report"):
         assert f"{step}  [" in out, (step, out[-3000:])
 
 
@@ -180,7 +181,9 @@ def test_ci_twin_runs_the_whole_benchmark_and_reruns_nothing(tmp_path):
     states = {s["name"]: s["state"] for s in status["steps"]}
     assert set(states.values()) == {"done"}, states
     systems = {"teacher", "pruned-25", "ce-25", "kd-25", "kdword-25", "seqkd-25", "middle-25", "kd-40", "kd-25-trim",
-               "kd-40-trim", "kd-25-trim-lm_head", "kd-40-trim-lm_head", "kd-25-scripts", "kd-40-scripts"}
+               "kd-40-trim", "kd-25-trim-lm_head", "kd-40-trim-lm_head", "kd-25-scripts", "kd-40-scripts", "kd-25-lm_head",
+               "kd-40-lm_head", "kd-25-int8-lm_head", "kd-40-int8-lm_head", "kd-25-scripts-lm_head",
+               "kd-40-scripts-lm_head"}
     assert systems <= {p.name for p in (out / "eval").iterdir()}
     rep = json.loads((out / "report" / "report.json").read_text())
     # the trimmed exports are smaller than the same students untrimmed, and sit on the frontier plot
@@ -188,6 +191,8 @@ def test_ci_twin_runs_the_whole_benchmark_and_reruns_nothing(tmp_path):
     for p in (25, 40):
         assert rows[f"kd-{p}-trim-lm_head"]["storage_bytes"] < rows[f"kd-{p}-trim"]["storage_bytes"] \
             < rows[f"kd-{p}-scripts"]["storage_bytes"] < rows[f"kd-{p}"]["storage_bytes"]
+        assert rows[f"kd-{p}-scripts-lm_head"]["storage_bytes"] < rows[f"kd-{p}-scripts"]["storage_bytes"]
+        assert rows[f"kd-{p}-lm_head"]["storage_bytes"] < rows[f"kd-{p}"]["storage_bytes"]
     assert {p["system"] for p in rep["frontier"]["en-de"]} >= systems
     assert (out / "report" / "frontier.png").exists()
     # each trimmed export is compared sentence by sentence with the untrimmed student it was exported from
@@ -215,3 +220,13 @@ def test_ci_twin_runs_the_whole_benchmark_and_reruns_nothing(tmp_path):
     doc = json.loads((out / "curves" / "kd-25" / "curve.json").read_text())
     assert [p["steps"] for p in doc["points"]] == [1] and set(doc["points"][0]["primary"]) == {"en-de", "en-zh"}
     assert "| steps |" in curve.stdout
+    # bf16 against fp32 on the same system: both evaluated, compared sentence by sentence with intervals
+    dt = subprocess.run([sys.executable, "bench/dtype.py", "--run", str(out), "--system", "teacher", "--max-samples",
+                         "6", "--resamples", "100"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert dt.returncode == 0, (dt.stdout + dt.stderr)[-3000:]
+    doc = json.loads((out / "dtype" / "teacher" / "dtype.json").read_text())
+    assert set(doc["dtypes"]) == {"fp32", "bf16"} and set(doc["bf16_vs_fp32"]) <= {"en-de", "en-zh"}
+    assert sum(c["n"] for c in doc["bf16_vs_fp32"].values()) == 6
+    for c in doc["bf16_vs_fp32"].values():
+        assert 0 <= c["identical"] <= c["n"] and c["ci_low"] <= c["delta"] <= c["ci_high"]
+    assert "| direction | bf16 - fp32 |" in dt.stdout and doc["matmul"]["bf16_speedup"] > 0
