@@ -152,7 +152,7 @@ def test_dry_run_of_the_real_benchmark_validates_its_plan():
                  "distill-kdword-25", "distill-seqkd-25", "distill-ce-25", "distill-middle-25", "distill-kd-40",
                  "eval-pruned-25", "export-kd-25-trim", "eval-kd-40-trim", "export-kd-25-trim-lm_head",
                  "export-kd-25-scripts", "eval-kd-40-scripts", "export-kd-25-lm_head", "eval-kd-40-int8-lm_head",
-                 "export-kd-25-scripts-lm_head", "report"):
+                 "report"):
         assert f"{step}  [" in out, (step, out[-3000:])
 
 
@@ -182,8 +182,7 @@ def test_ci_twin_runs_the_whole_benchmark_and_reruns_nothing(tmp_path):
     assert set(states.values()) == {"done"}, states
     systems = {"teacher", "pruned-25", "ce-25", "kd-25", "kdword-25", "seqkd-25", "middle-25", "kd-40", "kd-25-trim",
                "kd-40-trim", "kd-25-trim-lm_head", "kd-40-trim-lm_head", "kd-25-scripts", "kd-40-scripts", "kd-25-lm_head",
-               "kd-40-lm_head", "kd-25-int8-lm_head", "kd-40-int8-lm_head", "kd-25-scripts-lm_head",
-               "kd-40-scripts-lm_head"}
+               "kd-40-lm_head", "kd-25-int8-lm_head", "kd-40-int8-lm_head"}
     assert systems <= {p.name for p in (out / "eval").iterdir()}
     rep = json.loads((out / "report" / "report.json").read_text())
     # the trimmed exports are smaller than the same students untrimmed, and sit on the frontier plot
@@ -191,7 +190,6 @@ def test_ci_twin_runs_the_whole_benchmark_and_reruns_nothing(tmp_path):
     for p in (25, 40):
         assert rows[f"kd-{p}-trim-lm_head"]["storage_bytes"] < rows[f"kd-{p}-trim"]["storage_bytes"] \
             < rows[f"kd-{p}-scripts"]["storage_bytes"] < rows[f"kd-{p}"]["storage_bytes"]
-        assert rows[f"kd-{p}-scripts-lm_head"]["storage_bytes"] < rows[f"kd-{p}-scripts"]["storage_bytes"]
         assert rows[f"kd-{p}-lm_head"]["storage_bytes"] < rows[f"kd-{p}"]["storage_bytes"]
     assert {p["system"] for p in rep["frontier"]["en-de"]} >= systems
     assert (out / "report" / "frontier.png").exists()

@@ -279,3 +279,46 @@ def test_export_trimmed_to_the_languages_scripts_changes_no_text_of_them(tiny, t
     r = cfg.load(None, [f"model.path={tiny}", f"data.shards={shards}", "export.trim_vocab=true",
                         "export.trim_languages=[en, de]"])
     assert preflight.trimmed_rows(r, str(tiny)) == v["new_rows"]
+
+
+@pytest.fixture(scope="module")
+def seven_b_with_vocab(seven_b, tmp_path_factory) -> Path:
+    """The config-only 7B beside a real Qwen vocabulary and a Qwen2-Audio processor (those of a tiny model
+    built with Qwen's tokenizer): the plan can then count the rows a vocabulary trim keeps."""
+    import shutil
+
+    from engine.models.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("q7vocab")
+    tiny = build_tiny("qwen2audio", root / "tiny", tokenizer="qwen", num_layers=1, hidden_size=32,
+                      intermediate_size=64, audio_layers=1, audio_d_model=16)
+    d = root / "model"
+    shutil.copytree(seven_b["model"], d)
+    for f in tiny.iterdir():
+        if f.is_file() and f.name not in ("config.json", "generation_config.json", "meta.json") \
+                and not f.name.endswith(".safetensors"):
+            shutil.copy2(f, d / f.name)
+    return d
+
+
+def test_the_2gb_stretch_recipe_validates_at_the_7b_shape_with_its_trimmed_vocabulary(seven_b, seven_b_with_vocab,
+                                                                                    stc_inproc):
+    name = "qwen2audio-7b-en-de-2gb"
+    args = ("pipeline", "--config", ROOT / "configs" / f"{name}.yaml", "--dry-run", "--nproc", "8",
+            f"model.path={seven_b_with_vocab}", f"data.shards={seven_b['shards']}",
+            f"run.out_dir={seven_b['root'] / 'runs' / name}")
+    r = stc_inproc(*args)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "the plan validates: every step would start" in r.stdout
+    est = re.sub(r"\n {9}", " ", r.stdout)
+    sizes = re.findall(r"writes (\d+\.\d+) GB on disk", est)
+    exports = re.findall(r"^\s*\d+\. (export-\S+)", r.stdout, flags=re.M)
+    assert exports and len(sizes) == len(exports), (exports, sizes)
+    assert all(1.0 < float(s) < 2.0 for s in sizes), sizes
+    rows = [int(x.replace(",", "")) for x in re.findall(r"vocabulary trimmed to ([\d,]+) rows", est)]
+    assert rows and all(256 < n < 156032 for n in rows), est[-3000:]
+    # the paper's 24 layers with the same levers cannot fit: refused before any job, with the breakdown
+    r = stc_inproc(*args, "pipeline.students=[0.25]")
+    assert r.returncode == 2 and "over export.max_gb=2" in r.stdout, r.stdout[-3000:]
+    assert re.search(r"decoder\s+[\d,]+ nf4", r.stdout), r.stdout[-3000:]
+    assert not (seven_b["root"] / "runs" / name).exists()
