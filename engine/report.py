@@ -255,7 +255,8 @@ def build_rows(systems: list[dict], reference: str) -> tuple[list[str], list[dic
             "system": s["name"], "label": info.get("label") or "", "model": sc.get("model"), "split": sc.get("split"),
             "n": sc.get("n"), "shuffle_audio": bool(sc.get("shuffle_audio")),
             "removed_layers": info.get("removed_layers"), "removal": info.get("removal"),
-            "healing": info.get("healing"), "storage": info.get("storage") or "", "notes": info.get("notes"),
+            "healing": info.get("healing"), "storage": info.get("storage") or "",
+            "storage_of": info.get("storage_of") or "", "notes": info.get("notes"),
             "decoder_layers": mi.get("decoder_layers"), "params_total": mi.get("params_total"),
             "params_stored": mi.get("params_stored"), "storage_bytes": mi.get("storage_bytes"),
             "storage_mb": mi["storage_bytes"] / 1e6 if isinstance(mi.get("storage_bytes"), (int, float)) else None,
@@ -563,9 +564,13 @@ def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, s
     """(kind, baseline, system): every system against the reference (``reference``), and every healed
     variant against the CE-only system with the same removal (``healing``: the CE-only one is ``ce``, the
     variants every other system with that removal whose healing is neither ``none`` nor ``ce``, stored with the
-    same levers: a vocabulary-trimmed export is compared with the teacher and on the frontier, not as a healing)."""
+    same levers: a vocabulary-trimmed export is compared with the teacher and on the frontier, not as a healing),
+    and every other export of the same trained weights against the system it was exported from (``storage``:
+    what a storage lever costs, e.g. an nf4 lm_head against the bf16 one)."""
     names = {r["system"] for r in rows}
     pairs = [("reference", reference, r["system"]) for r in rows if reference in names and r["system"] != reference]
+    pairs += [("storage", r["storage_of"], r["system"]) for r in rows
+              if r.get("storage_of") in names and r["storage_of"] != r["system"]]
     for ce in rows:
         if ce.get("healing") != "ce":
             continue

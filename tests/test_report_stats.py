@@ -81,7 +81,8 @@ def test_identical_systems_not_significant_and_clear_difference_significant():
 
 # ------------------------------------------------------------------------------------------ end to end
 
-def _write_system(ev: Path, name: str, rows: list[dict], healing: str | None = None, removal=None) -> None:
+def _write_system(ev: Path, name: str, rows: list[dict], healing: str | None = None, removal=None,
+                  storage_of: str = "") -> None:
     from sacrebleu.metrics import BLEU, CHRF
 
     d = ev / name
@@ -104,7 +105,8 @@ def _write_system(ev: Path, name: str, rows: list[dict], healing: str | None = N
                        "storage_bytes": 8_000_000},
         "speed": {"seconds": 1.0, "world_size": 1}}))
     if healing:
-        (d / "system.json").write_text(json.dumps({"healing": healing, "removal": removal}))
+        (d / "system.json").write_text(json.dumps({"healing": healing, "removal": removal, "storage_of": storage_of,
+                                                   "storage": "lm_head" if storage_of else ""}))
 
 
 def _rows(refs: list[str], hyps: list[str], tgt: str = "de") -> list[dict]:
@@ -119,12 +121,16 @@ def test_report_significance_pairs_short_refs_and_key_mismatch(tmp_path):
     _write_system(ev, "ce-25", _rows(refs, _damage(refs, 0.5, 1)), "ce", 0.25)
     _write_system(ev, "kd-25", _rows(refs, _damage(refs, 0.2, 2)), "ce+kd", 0.25)
     _write_system(ev, "kd-50", _rows(refs, _damage(refs, 0.2, 2)), "ce+kd", 0.5)
+    # another export of kd-25's weights (a storage lever): against kd-25, not as a healing against ce-25
+    _write_system(ev, "kd-25-lm_head", _rows(refs, _damage(refs, 0.25, 2)), "ce+kd", 0.25, storage_of="kd-25")
     recipe = cfg.load(None, [f"report.eval_dir={ev}", f"report.out={tmp_path / 'rep'}", f"run.out_dir={tmp_path}",
                              "report.bootstrap=300", "run.seed=3", "report.plots=false"])
     doc = report.run(recipe)
-    pairs = [(c["baseline"], c["system"]) for c in doc["significance"]]
-    assert sorted(pairs) == sorted([("teacher", "ce-25"), ("teacher", "kd-25"), ("teacher", "kd-50"),
-                                    ("ce-25", "kd-25")])  # kd-50 has another removal: not against ce-25
+    pairs = [(c["kind"], c["baseline"], c["system"]) for c in doc["significance"] if c["direction"] == "en-de"]
+    assert sorted(pairs) == sorted([("reference", "teacher", "ce-25"), ("reference", "teacher", "kd-25"),
+                                    ("reference", "teacher", "kd-50"), ("reference", "teacher", "kd-25-lm_head"),
+                                    ("healing", "ce-25", "kd-25"),   # kd-50 has another removal: not against ce-25
+                                    ("storage", "kd-25", "kd-25-lm_head")])
     c = next(x for x in doc["significance"] if x["system"] == "kd-25" and x["baseline"] == "ce-25")
     assert c["metric"] == "chrf++" and c["delta"] > 0 and c["resamples"] == 300 and c["seed"] == 3
     md = (tmp_path / "rep" / "report.md").read_text()
