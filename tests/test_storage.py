@@ -176,19 +176,26 @@ def seven_b(tmp_path_factory) -> dict:
     return {"model": write_config_only_7b(root / "model"), "shards": build_split_shards(root), "root": root}
 
 
-@pytest.mark.parametrize("lang", ["de", "zh"])
-def test_the_4gb_recipes_validate_at_the_7b_shape_and_print_every_students_size(seven_b, lang, stc_inproc):
-    name = f"qwen2audio-7b-en-{lang}-4gb"
-    r = stc_inproc("pipeline", "--config", ROOT / "configs" / f"{name}.yaml", "--dry-run", "--nproc", "8",
-                   f"model.path={seven_b['model']}", f"data.shards={seven_b['shards']}",
-                   f"run.out_dir={seven_b['root'] / 'runs' / name}")
+def _validated_export_sizes(stc_inproc, args: tuple) -> tuple[str, list[float]]:
+    """A recipe's dry run that must validate: its estimates (wrapped lines joined) and every export's GB."""
+    r = stc_inproc(*args)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "the plan validates: every step would start" in r.stdout
     est = re.sub(r"\n {9}", " ", r.stdout)
-    sizes = re.findall(r"writes (\d+\.\d+) GB on disk", est)
+    sizes = [float(x) for x in re.findall(r"writes (\d+\.\d+) GB on disk", est)]
     exports = re.findall(r"^\s*\d+\. (export-\S+)", r.stdout, flags=re.M)
     assert exports and len(sizes) == len(exports), (exports, sizes)
-    assert all(3.0 < float(s) < 4.0 for s in sizes), sizes
+    return est, sizes
+
+
+@pytest.mark.parametrize("lang", ["de", "zh"])
+def test_the_4gb_recipes_validate_at_the_7b_shape_and_print_every_students_size(seven_b, lang, stc_inproc):
+    name = f"qwen2audio-7b-en-{lang}-4gb"
+    _, sizes = _validated_export_sizes(stc_inproc, (
+        "pipeline", "--config", ROOT / "configs" / f"{name}.yaml", "--dry-run", "--nproc", "8",
+        f"model.path={seven_b['model']}", f"data.shards={seven_b['shards']}",
+        f"run.out_dir={seven_b['root'] / 'runs' / name}"))
+    assert all(3.0 < s < 4.0 for s in sizes), sizes
     assert not (seven_b["root"] / "runs" / name).exists()
 
 
@@ -307,14 +314,8 @@ def test_the_2gb_stretch_recipe_validates_at_the_7b_shape_with_its_trimmed_vocab
     args = ("pipeline", "--config", ROOT / "configs" / f"{name}.yaml", "--dry-run", "--nproc", "8",
             f"model.path={seven_b_with_vocab}", f"data.shards={seven_b['shards']}",
             f"run.out_dir={seven_b['root'] / 'runs' / name}")
-    r = stc_inproc(*args)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "the plan validates: every step would start" in r.stdout
-    est = re.sub(r"\n {9}", " ", r.stdout)
-    sizes = re.findall(r"writes (\d+\.\d+) GB on disk", est)
-    exports = re.findall(r"^\s*\d+\. (export-\S+)", r.stdout, flags=re.M)
-    assert exports and len(sizes) == len(exports), (exports, sizes)
-    assert all(1.0 < float(s) < 2.0 for s in sizes), sizes
+    est, sizes = _validated_export_sizes(stc_inproc, args)
+    assert all(1.0 < s < 2.0 for s in sizes), sizes
     rows = [int(x.replace(",", "")) for x in re.findall(r"vocabulary trimmed to ([\d,]+) rows", est)]
     assert rows and all(256 < n < 156032 for n in rows), est[-3000:]
     # the paper's 24 layers with the same levers cannot fit: refused before any job, with the breakdown
