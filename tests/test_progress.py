@@ -63,3 +63,23 @@ def test_shards_build_prints_plain_progress_when_stderr_is_not_a_terminal(ws):
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(LINE.format(what="shards build", unit="rows"), r.stderr), r.stderr[-3000:]
     assert "\x1b[" not in r.stderr and "\r" not in r.stderr                # no bar drawing in a log
+
+
+def test_library_messages_repeated_at_every_call_are_shown_once(caplog):
+    """bitsandbytes' int8 matmul logs its cast at every layer and decoding step: the first one is kept, the
+    repeats dropped; known spurious messages are dropped, anything else passes every time."""
+    import logging
+
+    log.quiet_third_party()
+    log.quiet_third_party()          # stc and setup both call it: still one filter, one memory of what was seen
+    lg = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            lg.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.bfloat16")
+            lg.warning("something actionable")
+        logging.getLogger("transformers").warning("Setting accelerator to CPU")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("MatMul8bitLt" in m for m in msgs) <= 1
+    assert msgs.count("something actionable") == 3
+    assert not any("Setting accelerator" in m for m in msgs)
+    assert sum(isinstance(f, log._Spurious) for f in lg.filters) == 1
