@@ -324,7 +324,10 @@ def test_audio_encoder_scan_matches_surgery(env, loaded, kind):
             if kind == "granite_speech":      # the encoder's own cached count follows (it places the CTC branch)
                 assert m.model.encoder.num_layers == 1
         assert got[c].score == pytest.approx(reference_nll(m.eval(), env, proc), rel=1e-6), c
-    assert len({round(s.score, 7) for s in got.values()}) == 3
+    # an audio candidate changes the score (the scan is not scoring the unchanged model). Not every one must:
+    # on an AVX512/AMX Xeon, dropping tiny Granite's audio layer 0 leaves the nll bit-identical, by the scan and
+    # by surgery alike (on an AVX2 EPYC all three differ)
+    assert len({round(s.score, 7) for s in got.values()}) >= 2, {c: s.score for c, s in got.items()}
     bi = S.audio_block_influence(model, dev)
     assert sorted(bi.layer) == [0, 1] and all(v > 0 for v in bi.layer.values())
     if kind == "voxtral":                  # no mask: every frame of every chunk (a clip's zero padding included)
