@@ -71,6 +71,9 @@ class _Spurious(logging.Filter):
         return True
 
 
+_SPURIOUS = _Spurious()     # one per process: what ONCE has shown is remembered across calls
+
+
 def interactive() -> bool:
     """True when rank 0's stderr is a terminal (bars); False in batch jobs, pipes and step logs."""
     return console.is_terminal
@@ -87,8 +90,7 @@ def quiet_third_party() -> None:
     if r != 0:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore")
-    spurious = next((f for h in [logging.lastResort, *logging.getLogger().handlers] if h is not None
-                     for f in h.filters if isinstance(f, _Spurious)), None) or _Spurious()
+    spurious = _SPURIOUS
     for name in ("DeepSpeed", "deepspeed", "transformers", "accelerate", "torch.distributed.elastic",
                  "bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
         lg = logging.getLogger(name)
