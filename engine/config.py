@@ -146,6 +146,8 @@ class PruneConfig:
     count: int = 0                   # remove only the first N of the ranking's removal order (0: all); an audio ranking (importance.component=audio) removes audio-encoder layers
     out: str = ""                    # default: <run.out_dir>/pruned
     prune_audio_layers: tuple[int, ...] = ()  # audio-encoder layers to remove as well
+    audio_ranking: str = ""          # or: an audio-encoder ranking (importance.component=audio) of the same model, for removing decoder layers (ranking/layers) and audio layers in one step
+    audio_count: int = 0             # remove only the first N of audio_ranking's removal order (0: all)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # dtype of the saved weights (auto: the source checkpoint's, not model.dtype)
 
 
@@ -290,6 +292,7 @@ class PipelineConfig:
     variants: tuple[str, ...] = ()   # more healings of the first fraction, each its own student: "word" (CE + word-level KD from the cache), "seq" (CE + sequence-level KD on the teacher's translations)
     progressive: bool = False        # also prune -> heal -> prune: loop-R of every later fraction starts from the previous fraction's healed student (merged, re-scanned by importance), beside kd-R pruned from the teacher at once
     storage: tuple[str, ...] = ()    # more exports of every kd-R student, each its own system kd-R-<levers>: "+"-joined levers of trim (export.trim_vocab: the train split's tokens), scripts (trim_vocab keeping every token of export.trim_languages' scripts), lm_head (lm_head quantised too), int8 (export.quant=int8), bf16 (export.quant=none), e.g. [trim, trim+lm_head]
+    audio: tuple[float, ...] = ()    # audio-language models: fractions of audio-encoder layers to remove as well from the first fraction's student, each its own student kd-R-aQ (its own importance scan of the encoder on the teacher, healed like kd-R); the report compares it with kd-R and with the decoder-only student nearest in bytes
     scorers: tuple[str, ...] = ()    # cheap importance scorers (nll, block_influence) also run once (oneshot) on the dev split; the report compares their layer rankings with the main one (Spearman)
     shuffle_check: bool = True       # also score the teacher on shuffled audio (it must drop: the model listens)
     nproc: int = 1                   # local ranks per multi-rank stage (`stc run --nproc`); --nproc wins
@@ -527,6 +530,11 @@ def _check_values(recipe: Recipe, problems: list[str]) -> None:
         problems.append(f"importance.remove: must be >= 0, got {recipe.importance.remove}")
     if recipe.prune.count < 0:
         problems.append(f"prune.count: must be >= 0 (0: the whole ranking), got {recipe.prune.count}")
+    if recipe.prune.audio_count < 0:
+        problems.append(f"prune.audio_count: must be >= 0 (0: the whole ranking), got {recipe.prune.audio_count}")
+    if recipe.prune.audio_ranking and recipe.prune.prune_audio_layers:
+        problems.append("prune.audio_ranking and prune.prune_audio_layers both name audio-encoder layers to remove; "
+                        "give one of them")
     bad_t = [t for t in recipe.cache.targets if t not in ("ref", "teacher")]
     if bad_t:
         problems.append(f"cache.targets: {bad_t} not in ('ref', 'teacher')")

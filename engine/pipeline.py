@@ -30,6 +30,11 @@ The steps::
       merge-R           the previous healed student merged into whole weights (export, no quantisation)
       importance-loop-R the importance scan on it, removing the layers still missing to reach R
       prune-loop-R, distill-loop-R, export-loop-R, eval-loop-R   (healed like kd-R, the same teacher cache)
+    audio-encoder pruning of the first fraction (pipeline.audio, audio-language models):
+      importance-audio  the iterative scan of the teacher's audio-encoder layers (importance.component=audio)
+      prune-R-aQ        the decoder layers of prune-R and the first round(Q x encoder layers) of that scan
+      distill-kd-R-aQ, export-kd-R-aQ, eval-kd-R-aQ   healed like kd-R; the report compares it with kd-R
+                        and with the decoder-only student nearest to it in bytes on disk
     importance-S        a cheap scorer S of pipeline.scorers, oneshot: its ranking is compared in the report
     ablations of the first fraction (pipeline.ablations):
       eval-pruned-R     the pruned student before healing
@@ -102,7 +107,7 @@ _OPERATIONAL = {"out", "resume", "save_every", "keep_last", "eval_every", "zero_
 # Keys that say where an input is: compared by content (the external inputs' fingerprints; producers'
 # reruns), never by path.
 PATH_KEYS = {"model.path", "data.shards", "shards.manifest", "cache.teacher", "distill.student", "distill.cache",
-             "prune.ranking", "export.source", "evaluate.models", "finetune.ds_config", "distill.ds_config"}
+             "prune.ranking", "prune.audio_ranking", "export.source", "evaluate.models", "finetune.ds_config", "distill.ds_config"}
 # Sections of the resolved config whose (non-operational) keys decide whether a stage output is current.
 _COMPARED = {"shards build": ("shards",), "finetune": ("model", "data", "finetune"),
              "importance": ("model", "data", "importance"), "prune": ("model", "prune"),
@@ -135,6 +140,7 @@ class Step:
     inputs: tuple[Input, ...] = ()
     system: Mapping[str, Any] | None = None   # evaluate steps: what the report says of it (name, label, ...)
     removed: int = 0                    # decoder layers its model lacks (shapes for validation)
+    audio_removed: int = 0              # audio-encoder layers its model lacks (sizes for validation)
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -200,6 +206,17 @@ def read_config_json(model_dir: str | os.PathLike) -> dict | None:
         return None
 
 
+def audio_layers(model_dir: str | os.PathLike) -> int | None:
+    """The audio encoder's layer count from ``config.json`` (None: no audio encoder, or no config)."""
+    c = read_config_json(model_dir)
+    if c is None:
+        return None
+    try:
+        return families.detect(c, str(model_dir)).audio_layer_count_of(c)
+    except Exception:    # an unknown architecture: the stages name it when they load the model
+        return None
+
+
 def decoder_layers(model_dir: str | os.PathLike) -> int | None:
     c = read_config_json(model_dir)
     if c is None:
@@ -235,17 +252,17 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     if n_proc < 1:
         problems.append(f"pipeline.nproc (--nproc): must be >= 1, got {n_proc}")
     if recipe.importance.component != "decoder":
-        problems.append(f"importance.component={recipe.importance.component}: the pipeline ranks and prunes decoder "
-                        "layers (its students are fractions of them); scan the audio encoder on its own with `stc "
-                        "importance importance.component=audio importance.out=...` and prune the pipeline's teacher "
-                        "with `stc prune`, or set importance.component=decoder")
+        problems.append(f"importance.component={recipe.importance.component}: the pipeline's students are fractions "
+                        "of the decoder layers (importance ranks them); to prune the audio encoder too, list fractions "
+                        "of its layers in pipeline.audio (e.g. [0.25]: its own scan, student kd-R-a25), and set "
+                        "importance.component=decoder")
     if pc.finetune and recipe.finetune.mode == "qlora":
         problems.append("pipeline.finetune=true with finetune.mode=qlora: the teacher would be merged into 4-bit "
                         "weights; fine-tune it with finetune.mode=full or lora (a LoRA teacher is merged into "
                         "whole weights by an export step)")
 
     def make(name: str, stage: str, ovs: Sequence[str], inputs: Sequence[Input] = (), *,
-             system: Mapping[str, Any] | None = None, removed: int = 0) -> Step:
+             system: Mapping[str, Any] | None = None, removed: int = 0, audio_removed: int = 0) -> Step:
         """A step whose output and marker come from the registry, for the step's own config."""
         try:
             r = cfg.resolve(tree, list(ovs))
@@ -254,7 +271,7 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
         except cfg.ConfigError as e:
             problems.extend(f"step {name}: {p}" for p in e.problems)
             out = marker = run / name
-        return Step(name, stage, tuple(ovs), out, marker, tuple(inputs), system, removed)
+        return Step(name, stage, tuple(ovs), out, marker, tuple(inputs), system, removed, audio_removed)
 
     model_path = Path(recipe.model.path) if recipe.model.path else Path("<model.path is empty>")
     n_layers = decoder_layers(model_path) or 0
@@ -291,14 +308,16 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
 
     def evaluate(system: str, model: Path, model_in: Input, *, label: str, removal: float, healing: str,
                  quant: str, removed_from: str | list[str] = "", shuffle: bool = False, removed: int = 0,
-                 storage: str = "", storage_of: str = "") -> Step:
+                 storage: str = "", storage_of: str = "", audio_removal: float = 0.0, audio_of: str = "",
+                 audio_removed: int = 0) -> Step:
         ovs = [*common, f"evaluate.out={eval_out}", f"evaluate.models={_list([f'{system}={model}'])}",
                f"evaluate.shuffle_audio={'true' if shuffle else 'false'}"]
         return make(f"eval-{system}", "evaluate", ovs, (model_in, ext_data),
                     system={"name": system, "label": label, "removal": removal, "healing": healing, "quant": quant,
                             "removed_from": removed_from, "model": str(model), "storage": storage,
-                            **({"storage_of": storage_of} if storage_of else {})},
-                    removed=removed)
+                            **({"storage_of": storage_of} if storage_of else {}),
+                            **({"audio_removal": audio_removal, "audio_of": audio_of} if audio_removal else {})},
+                    removed=removed, audio_removed=audio_removed)
 
     steps.append(evaluate("teacher", teacher, t_in, label="teacher", removal=0.0, healing="none",
                           quant=quant_teacher))
@@ -370,7 +389,8 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     cache = run / "cache"
     cache_step = make("cache", "cache build", (*common, f"cache.out={cache}"), (t_in, ext_data))
 
-    def student(tag: str, pruned: Path, pruned_by: str, *, healing: str, removed: int) -> tuple[Step, Step, Path]:
+    def student(tag: str, pruned: Path, pruned_by: str, *, healing: str, removed: int,
+                audio_removed: int = 0) -> tuple[Step, Step, Path]:
         """Distill + export of one healing: "kd" (the recipe's distill section: CE + word-level KD, + sequence-level
         KD when distill.seq_kd), "ce" (CE only: reads no cache), "word" (CE + word-level KD), "seq" (CE + sequence-
         level KD). The students of one pruned model sit side by side: <students>/r25/{kd,ce,word,seq}."""
@@ -386,14 +406,33 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
                 dist_ovs += ["distill.seq_kd=false"]
             elif healing == "seq":
                 dist_ovs += ["distill.kd_weight=0", "distill.seq_kd=true"]
-        dstep = make(f"distill-{tag}", "distill", dist_ovs, ins, removed=removed)
+        dstep = make(f"distill-{tag}", "distill", dist_ovs, ins, removed=removed, audio_removed=audio_removed)
         final = dstep.out / "final"
         exp = d / "export"
         estep = make(f"export-{tag}", "export", (*common, f"export.source={final}", f"export.out={exp}"),
-                     (Input(final / "meta.json", dstep.name, "the trained student"),), removed=removed)
+                     (Input(final / "meta.json", dstep.name, "the trained student"),), removed=removed,
+                     audio_removed=audio_removed)
         return dstep, estep, exp
 
     exp_quant = recipe.export.quant
+    n_audio = audio_layers(model_path) if pc.audio else None
+    audio_counts: dict[float, int] = {}
+    if pc.audio:
+        bad_a = [q for q in pc.audio if not 0 < q < 1]
+        if bad_a:
+            problems.append(f"pipeline.audio: fractions of audio-encoder layers must be in (0, 1), got {bad_a}")
+        elif len({pct(q) for q in pc.audio}) != len(pc.audio):
+            problems.append(f"pipeline.audio: {list(pc.audio)} name the same student twice (names use round(100 q))")
+        elif n_audio is None and read_config_json(model_path) is not None:
+            problems.append(f"pipeline.audio: {model_path} has no audio encoder (config.json counts no audio-encoder "
+                            "layers): audio-encoder pruning needs an audio-language model; clear pipeline.audio")
+        elif n_audio:
+            audio_counts = {q: max(1, int(round(q * n_audio))) for q in pc.audio}
+            over = [q for q, ka in audio_counts.items() if ka >= n_audio]
+            if over:
+                problems.append(f"pipeline.audio: {over} would remove all {n_audio} audio-encoder layers; give "
+                                "smaller fractions")
+                audio_counts = {}
     for i, r in enumerate(students):
         p, k = pct(r), counts[r]
         pruned = run / "students" / f"r{p}" / "pruned"
@@ -418,6 +457,29 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
                                       label=f"{p}% removed, {kd_label}, {tag.replace('-', ' + ')}", removal=r,
                                       healing=kd_healing, quant=squant, removed_from=f"prune-{p}", removed=k,
                                       storage=tag, storage_of=f"kd-{p}")]
+        if i == 0 and audio_counts:
+            aimp = run / "importance-audio"
+            steps.append(make("importance-audio", "importance",
+                              (*common, f"importance.out={aimp}", "importance.component=audio",
+                               f"importance.remove={max(audio_counts.values())}", "importance.force_remove=[]",
+                               "importance.protect=[]", "importance.target_layers=0"), (t_in, ext_data)))
+            for q, ka in audio_counts.items():
+                tag = f"{p}-a{pct(q)}"
+                apruned = run / "students" / f"r{tag}" / "pruned"
+                steps.append(make(f"prune-{tag}", "prune",
+                                  (*common, f"prune.ranking={imp}", f"prune.count={k}", "prune.layers=[]",
+                                   f"prune.audio_ranking={aimp}", f"prune.audio_count={ka}",
+                                   "prune.prune_audio_layers=[]", f"prune.out={apruned}"),
+                                  (t_in, Input(imp / "meta.json", "importance", "the layer ranking"),
+                                   Input(aimp / "meta.json", "importance-audio", "the audio-encoder layer ranking")),
+                                  removed=k, audio_removed=ka))
+                dstep, estep, aexp = student(f"kd-{tag}", apruned, f"prune-{tag}", healing="kd", removed=k,
+                                             audio_removed=ka)
+                steps += [dstep, estep,
+                          evaluate(f"kd-{tag}", aexp, Input(aexp / "meta.json", estep.name, "the exported student"),
+                                   label=f"{p}% of decoder + {pct(q)}% of audio-encoder layers removed, {kd_label}",
+                                   removal=r, healing=kd_healing, quant=exp_quant, removed_from=f"prune-{tag}",
+                                   removed=k, audio_removal=q, audio_of=f"kd-{p}", audio_removed=ka)]
         for v in (pc.variants if i == 0 else ()):
             if v not in variants:
                 continue

@@ -306,7 +306,7 @@ def estimate(plan: Any, step: Any) -> Estimate:
         size, problem = None, ""
         if step.stage == "export":
             rows = trimmed_rows(r, mpath) if r.export.trim_vocab else None
-            size = export_size(mpath, step.removed, r, rows)
+            size = export_size(mpath, step.removed, r, rows, audio_removed=step.audio_removed)
             if r.export.trim_vocab and rows is None:     # the untrimmed size: an upper bound, not a refusal
                 pass
             elif not storage.fits(size, r.export.max_gb):
@@ -327,17 +327,19 @@ def estimate(plan: Any, step: Any) -> Estimate:
 
 @functools.lru_cache(maxsize=64)
 def _export_size(model_path: str, removed: int, dtype: str, quant: str, quantize: tuple, double_quant: bool,
-                 trust_remote_code: bool, rows: int | None) -> Any:
+                 trust_remote_code: bool, rows: int | None, audio_removed: int = 0) -> Any:
     return storage.predict(model_path, removed=removed, dtype=dtype, quant=quant, quantize=quantize,
-                           double_quant=double_quant, trust_remote_code=trust_remote_code, vocab_rows=rows)
+                           double_quant=double_quant, trust_remote_code=trust_remote_code, vocab_rows=rows,
+                           audio_removed=audio_removed)
 
 
-def export_size(model_path: str, removed: int, recipe: Any, rows: int | None = None) -> Any:
+def export_size(model_path: str, removed: int, recipe: Any, rows: int | None = None, *, audio_removed: int = 0) -> Any:
     """The predicted bytes on disk (:class:`engine.models.storage.Breakdown`) of the student with
-    ``removed`` decoder layers that ``recipe``'s export writes (``rows``: its vocabulary after trimming)."""
+    ``removed`` decoder layers (and ``audio_removed`` audio-encoder layers) that ``recipe``'s export
+    writes (``rows``: its vocabulary after trimming)."""
     mc = recipe.model
     return _export_size(model_path, removed, mc.dtype, recipe.export.quant, tuple(recipe.export.quantize),
-                        mc.double_quant, mc.trust_remote_code, rows)
+                        mc.double_quant, mc.trust_remote_code, rows, audio_removed)
 
 
 @functools.lru_cache(maxsize=8)

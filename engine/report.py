@@ -28,7 +28,9 @@ What the report computes (all of it also in ``report.json``):
 
 * ``significance``: a paired bootstrap (``report.bootstrap`` resamples, seed ``run.seed``; 0 = off) of the
   primary metric per direction (chrF++, chrF for Chinese), for every system against ``report.reference``
-  and every healed variant against the CE-only system of the same removal (:func:`comparison_pairs`),
+  every healed variant against the CE-only system of the same removal, every other export against its
+  source, and a student pruned in the audio encoder too against its decoder-only twin and against the
+  decoder-only student of about its size (:func:`comparison_pairs`),
   on the two systems' hypotheses aligned by key (different key sets are an error naming both files).
   Each entry: ``kind, baseline, system, direction, metric, n, baseline_score, system_score, delta,
   ci_low, ci_high, p_value, significant, resamples, seed`` (:func:`paired_bootstrap`); report.md prints
@@ -161,9 +163,10 @@ def plan_systems(recipe: cfg.Recipe) -> dict[str, dict]:
         if not isinstance(sysd, dict) or not sysd.get("name"):
             continue
         info = {k: sysd.get(k) for k in ("name", "label", "removal", "healing", "quant", "model", "storage",
-                                         "storage_of")}
+                                         "storage_of", "audio_removal", "audio_of")}
         info["step"] = s["step"]
         removed: list = []
+        audio_removed: list = []
         froms = sysd.get("removed_from") or []      # a prune step, or the chain of them of a pruned-in-steps student
         for name in ([froms] if isinstance(froms, str) else froms):
             prune = by_step.get(name)
@@ -171,7 +174,9 @@ def plan_systems(recipe: cfg.Recipe) -> dict[str, dict]:
                 mp = Path(prune["out"]) / "meta.json"
                 meta = _read_json(mp) if mp.exists() else {}
                 removed += list(((meta or {}).get("pruned") or {}).get("removed_original") or [])
+                audio_removed += list(((meta or {}).get("pruned") or {}).get("audio_removed_original") or [])
         info["removed_layers"] = sorted(set(removed)) if not isinstance(froms, str) else removed
+        info["audio_removed_layers"] = audio_removed
         out[sysd["name"]] = info
     return out
 
@@ -257,6 +262,8 @@ def build_rows(systems: list[dict], reference: str) -> tuple[list[str], list[dic
             "removed_layers": info.get("removed_layers"), "removal": info.get("removal"),
             "healing": info.get("healing"), "storage": info.get("storage") or "",
             "storage_of": info.get("storage_of") or "", "notes": info.get("notes"),
+            "audio_removal": info.get("audio_removal") or 0, "audio_of": info.get("audio_of") or "",
+            "audio_removed_layers": info.get("audio_removed_layers") or [],
             "decoder_layers": mi.get("decoder_layers"), "params_total": mi.get("params_total"),
             "params_stored": mi.get("params_stored"), "storage_bytes": mi.get("storage_bytes"),
             "storage_mb": mi["storage_bytes"] / 1e6 if isinstance(mi.get("storage_bytes"), (int, float)) else None,
@@ -560,13 +567,22 @@ def paired_bootstrap(metric: Any, refs: Sequence[str], base_hyps: Sequence[str],
     return {**out, "ci_low": lo, "ci_high": hi, "p_value": p, "significant": bool(p < 0.05 and not lo <= 0.0 <= hi)}
 
 
+SIZE_PAIR_TOLERANCE = 0.10   # an equal-bytes comparison pairs students whose sizes differ by at most 10%
+
+
 def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, str]]:
     """(kind, baseline, system): every system against the reference (``reference``), and every healed
     variant against the CE-only system with the same removal (``healing``: the CE-only one is ``ce``, the
     variants every other system with that removal whose healing is neither ``none`` nor ``ce``, stored with the
     same levers: a vocabulary-trimmed export is compared with the teacher and on the frontier, not as a healing),
     and every other export of the same trained weights against the system it was exported from (``storage``:
-    what a storage lever costs, e.g. an nf4 lm_head against the bf16 one)."""
+    what a storage lever costs, e.g. an nf4 lm_head against the bf16 one).
+
+    A student that lost audio-encoder layers too (``audio_removal`` > 0) is compared with the student
+    that lost the same decoder layers only (``audio``: ``audio_of``, what the audio layers cost) and with
+    the decoder-only student of the same healing and storage nearest to it in bytes on disk, when that one
+    is within :data:`SIZE_PAIR_TOLERANCE` of its size (``size``: pruning the encoder against pruning more
+    decoder layers at about equal bytes)."""
     names = {r["system"] for r in rows}
     pairs = [("reference", reference, r["system"]) for r in rows if reference in names and r["system"] != reference]
     pairs += [("storage", r["storage_of"], r["system"]) for r in rows
@@ -576,8 +592,22 @@ def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, s
             continue
         for v in rows:
             if (v is not ce and v.get("removal") == ce.get("removal") and v.get("healing")
-                    and v.get("healing") not in ("none", "ce") and (v.get("storage") or "") == (ce.get("storage") or "")):
+                    and v.get("healing") not in ("none", "ce") and (v.get("storage") or "") == (ce.get("storage") or "")
+                    and (v.get("audio_removal") or 0) == (ce.get("audio_removal") or 0)):
                 pairs.append(("healing", ce["system"], v["system"]))
+    for a in rows:
+        if not a.get("audio_removal"):
+            continue
+        if a.get("audio_of") in names and a["audio_of"] != a["system"]:
+            pairs.append(("audio", a["audio_of"], a["system"]))
+        size = a.get("storage_bytes")
+        peers = [r for r in rows if r["system"] not in (a["system"], reference) and not r.get("audio_removal")
+                 and r.get("healing") == a.get("healing") and (r.get("storage") or "") == (a.get("storage") or "")
+                 and isinstance(r.get("storage_bytes"), (int, float)) and r.get("removal")]
+        if isinstance(size, (int, float)) and size > 0 and peers:
+            near = min(peers, key=lambda r: abs(r["storage_bytes"] - size))
+            if abs(near["storage_bytes"] - size) <= SIZE_PAIR_TOLERANCE * size and near["system"] != a.get("audio_of"):
+                pairs.append(("size", near["system"], a["system"]))
     return pairs
 
 
@@ -920,6 +950,11 @@ def significance_markdown(sig: list[dict], resamples: int, seed: int) -> list[st
           f"told from noise.", "",
           "| direction | system | baseline | metric | system score | baseline score | delta | 95% CI | p | verdict |",
           "|---|---|---|---|---:|---:|---:|---|---:|---|"]
+    size = sorted({(c["system"], c["baseline"]) for c in sig if c["kind"] == "size"})
+    if size:
+        L[-2:-2] = [f"Audio encoder against decoder at about equal bytes: {', '.join(f'`{a}` vs `{b}`' for a, b in size)} "
+                    f"(each student that lost audio-encoder layers against the decoder-only student nearest to it "
+                    f"in bytes on disk, within {100 * SIZE_PAIR_TOLERANCE:.0f}%).", ""]
     for c in sig:
         L.append(f"| {c['direction']} | {c['system']} | {c['baseline']} | {c['metric']} | {_f(c['system_score'])} | "
                  f"{_f(c['baseline_score'])} | {c['delta']:+.2f} | [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | "
@@ -954,6 +989,10 @@ def markdown(doc: Mapping[str, Any], configs: Mapping[str, Any]) -> str:
                 if isinstance(how, (int, float)) and not isinstance(how, bool):  # a fraction of the decoder layers
                     how = f"{100 * how:.0f}% of decoder layers" if how < 1 else f"{how:g} layers"
                 bits.append(f"removed layers {r['removed_layers']}" + (f" ({how})" if how else ""))
+            if r.get("audio_removed_layers"):
+                ar = r.get("audio_removal")
+                bits.append(f"removed audio-encoder layers {r['audio_removed_layers']}"
+                            + (f" ({100 * ar:.0f}% of them)" if isinstance(ar, float) and 0 < ar < 1 else ""))
             if r["healing"]:
                 bits.append(f"healing {r['healing']}")
             if r["notes"]:

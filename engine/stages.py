@@ -177,6 +177,8 @@ REGISTRY: tuple[Stage, ...] = (
                     dest="ranking"),
                 arg("--layers", help="comma-separated decoder layers to remove instead, e.g. 3,13,20",
                     key="prune.layers", fmt="[{}]"),
+                arg("--audio-from", help="an audio-encoder ranking (importance.component=audio) of the same model: "
+                    "its audio layers go too", key="prune.audio_ranking", dest="audio_ranking"),
                 arg("--out", "-o", help="output model directory", key="prune.out"), DRY_RUN)),
     Stage("cache build", "teacher top-k log-probs and translations as shards mirroring the audio",
           "engine.cache.build:main", section="cache", default_out="cache", ranks="many", resources="gpu",

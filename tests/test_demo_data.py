@@ -250,6 +250,7 @@ def test_stc_demo_dry_run_prints_the_whole_chain(stc_env, stc_cmd, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     for step in ("importance", "prune-25", "prune-50", "cache", "distill-kd-25", "distill-ce-25", "export-kd-25",
-                 "eval-teacher-shuffled", "eval-middle-25", "eval-kd-50", "report"):
+                 "eval-teacher-shuffled", "eval-middle-25", "eval-kd-38", "eval-kd-50", "importance-audio",
+                 "prune-25-a50", "eval-kd-25-a50", "report"):
         assert step in out, step
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.safetensors"))

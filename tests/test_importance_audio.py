@@ -417,6 +417,58 @@ def test_cli_audio_scan_then_prune_reloads_in_plain_transformers(aenv, cli_scan,
 
 
 @pytest.mark.slow
+def test_cli_prunes_decoder_and_audio_layers_in_one_step(aenv, cli_scan, cli_env, tmp_path):
+    """`stc prune --layers ... --audio-from <audio ranking>`: decoder layers and the audio ranking's first
+    prune.audio_count audio layers go in one step; the saved model reloads in plain transformers equal to
+    surgery's, and config.json predicts its bytes exactly (storage.predict with both counts)."""
+    from sine_data import audio_prompt_batch
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from engine.models import storage
+
+    doc = json.loads((cli_scan / "ranking.json").read_text())
+    out = tmp_path / "both"
+    stc("prune", f"model.path={aenv['model']}", "--layers", "1", "--audio-from", str(cli_scan),
+        "prune.audio_count=1", f"prune.out={out}", f"run.out_dir={tmp_path / 'run'}", env=cli_env)
+    pr = json.loads((out / "meta.json").read_text())["pruned"]
+    assert pr["removed_original"] == [1] and pr["kept_original"] == [0, 2]
+    assert pr["audio_removed_original"] == doc["removed"][:1] and pr["audio_ranking"] == str(cli_scan)
+    cj = json.loads((out / "config.json").read_text())
+    assert cj["audio_config"]["encoder_layers"] == AUDIO_LAYERS - 1 and cj["text_config"]["num_hidden_layers"] == 2
+    assert storage.predict(aenv["model"], removed=1, audio_removed=1, dtype="fp32").bytes == storage.measure(out).bytes
+    ref = Qwen2AudioForConditionalGeneration.from_pretrained(aenv["model"], dtype=torch.float32).eval()
+    surgery.drop_layers(ref, [1], audio_remove=doc["removed"][:1])
+    batch = audio_prompt_batch(aenv["model"])
+    torch.save(batch, tmp_path / "b.pt")
+    (tmp_path / "reload.py").write_text(RELOAD)
+    plain = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(out), str(tmp_path / "b.pt")], env=plain,
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "b.pt.out", weights_only=True)["logits"], ref(**batch).logits)
+
+    def prune(*ovs):
+        return stage.run_prune(cfg.load(None, [f"model.path={aenv['model']}", f"prune.out={tmp_path / 'x'}", *ovs]))
+
+    # only audio layers, from the audio ranking given as audio_ranking
+    only = stage.run_prune(cfg.load(None, [f"model.path={aenv['model']}", f"prune.audio_ranking={cli_scan}",
+                                           f"prune.out={tmp_path / 'only'}"]))
+    assert only["removed"] == [] and only["audio_removed"] == doc["removed"]
+    with pytest.raises(ImportanceError, match=r"prune\.audio_ranking=.*prune\.ranking \(component=audio\).*one of"):
+        prune(f"prune.ranking={cli_scan}", f"prune.audio_ranking={cli_scan}")
+    with pytest.raises(cfg.ConfigError, match="prune.audio_ranking and prune.prune_audio_layers"):
+        cfg.load(None, [f"prune.audio_ranking={cli_scan}", "prune.prune_audio_layers=[1]"])
+    with pytest.raises(ImportanceError, match="removes only 2 audio-encoder layers"):
+        prune("prune.layers=[1]", f"prune.audio_ranking={cli_scan}", "prune.audio_count=3")
+    dec = tmp_path / "dec"
+    dec.mkdir()
+    (dec / "ranking.json").write_text(json.dumps({**doc, "component": "decoder"}))
+    with pytest.raises(ImportanceError, match=r"prune\.audio_ranking=.* ranks decoder layers"):
+        prune("prune.layers=[1]", f"prune.audio_ranking={dec}")
+
+
+@pytest.mark.slow
 def test_two_ranks_audio_scan_same_ranking_each_unit_once(aenv, cli_scan, cli_env, tmp_path):
     out2 = tmp_path / "imp2"
     stc(*scan_args(aenv, out2), env=cli_env, nproc=2)

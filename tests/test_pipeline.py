@@ -183,9 +183,67 @@ def test_plan_storage_levers_export_each_kd_student_again(tiny):
 
 
 def test_plan_refuses_an_audio_encoder_ranking(tiny):
-    """The pipeline's students are fractions of decoder layers: an audio-encoder scan is refused, naming the key."""
+    """The pipeline's students are fractions of decoder layers: an audio-encoder main scan is refused, naming the
+    key and pipeline.audio, the way to prune the encoder too."""
     text = "\n".join(P.check(plan_for(tiny, "importance.component=audio")))
-    assert "importance.component=audio" in text and "stc importance" in text
+    assert "importance.component=audio" in text and "pipeline.audio" in text
+
+
+def test_plan_audio_encoder_students(tiny):
+    """pipeline.audio: the first fraction's student again with audio-encoder layers removed too: one scan of the
+    teacher's encoder, one prune step that takes the decoder layers of the main ranking and the audio layers of
+    the encoder's, healed and evaluated like kd-R; the report learns what to compare it with."""
+    plan = plan_for(tiny, "pipeline.audio=[0.5]", "pipeline.students=[0.25, 0.5]")
+    by = {s.name: s for s in plan.steps}
+    run = tiny["root"] / "run"
+    ai = by["importance-audio"]
+    assert {"importance.component=audio", "importance.remove=1", "importance.protect=[]",
+            f"importance.out={run / 'importance-audio'}"} <= set(ai.overrides)
+    r = cfg.resolve(plan.tree, list(ai.overrides))
+    assert r.importance.component == "audio" and r.importance.protect == ()
+    pr = by["prune-25-a50"]
+    assert pr.deps == ("importance", "importance-audio") and pr.removed == 1 and pr.audio_removed == 1
+    r = cfg.resolve(plan.tree, list(pr.overrides))
+    assert (r.prune.ranking, r.prune.count) == (str(run / "importance"), 1)
+    assert (r.prune.audio_ranking, r.prune.audio_count) == (str(run / "importance-audio"), 1)
+    assert r.prune.out == str(run / "students" / "r25-a50" / "pruned")
+    d = by["distill-kd-25-a50"]
+    assert d.deps == ("prune-25-a50", "cache") and d.audio_removed == 1
+    ev = by["eval-kd-25-a50"]
+    assert ev.deps == ("export-kd-25-a50",) and ev.system["removed_from"] == "prune-25-a50"
+    assert ev.system["audio_removal"] == 0.5 and ev.system["audio_of"] == "kd-25" and ev.system["removal"] == 0.25
+    assert "audio_removal" not in by["eval-kd-25"].system and "prune-50-a50" not in by   # the first fraction only
+    assert "eval-kd-25-a50" in {i.made_by for i in by["report"].inputs}
+    assert P.check(plan) == []
+    # the validation's size of that export lacks the audio layer: smaller than kd-25's by about one layer
+    from engine import preflight
+
+    a = preflight.estimate(plan, by["export-kd-25-a50"]).size.total
+    b = preflight.estimate(plan, by["export-kd-25"]).size.total
+    assert 0 < b - a < 0.5 * b
+    # bad fractions, a model without an audio encoder, all layers
+    assert "must be in (0, 1)" in "\n".join(P.check(plan_for(tiny, "pipeline.audio=[1.5]")))
+    assert "remove all 2 audio-encoder layers" in "\n".join(P.check(plan_for(tiny, "pipeline.audio=[0.9]")))
+    assert "same student twice" in "\n".join(P.check(plan_for(tiny, "pipeline.audio=[0.5, 0.501]")))
+
+
+def test_report_pairs_an_audio_pruned_student_with_its_twin_and_its_equal_size_peer():
+    """An audio-pruned student is compared with the student of the same decoder layers and with the
+    decoder-only student nearest in bytes (within 10%), never as a healing variant of the CE-only one."""
+    from engine.report import comparison_pairs
+
+    def row(name, removal, healing, mb, audio=0.0, audio_of=""):
+        return {"system": name, "removal": removal, "healing": healing, "storage": "", "storage_bytes": mb * 1e6,
+                "audio_removal": audio, "audio_of": audio_of}
+
+    rows = [row("teacher", 0.0, "none", 10.0), row("ce-25", 0.25, "ce", 8.0), row("kd-25", 0.25, "kd", 8.0),
+            row("kd-38", 0.375, "kd", 7.1), row("kd-50", 0.5, "kd", 6.0),
+            row("kd-25-a50", 0.25, "kd", 7.0, 0.5, "kd-25")]
+    pairs = comparison_pairs(rows, "teacher")
+    assert ("audio", "kd-25", "kd-25-a50") in pairs and ("size", "kd-38", "kd-25-a50") in pairs
+    assert [p for p in pairs if p[0] == "healing"] == [("healing", "ce-25", "kd-25")]
+    rows[3]["storage_bytes"] = 9e6                                     # no decoder-only peer within 10%
+    assert not [p for p in comparison_pairs(rows, "teacher") if p[0] == "size"]
 
 
 def test_plan_progressive_prunes_the_healed_student_again(tiny):

@@ -34,7 +34,9 @@ A ranking of the audio encoder (``component: audio``) removes audio-encoder laye
 ``prune.count`` of its removal order, or all) and no decoder layer; ``meta.json`` then records them
 under ``pruned.audio_removed`` (indices of the source model) and ``audio_removed_original`` /
 ``audio_kept_original`` (original numbering), and the saved ``audio_config.encoder_layers`` counts
-the kept ones.
+the kept ones. ``prune.audio_ranking`` (``--audio-from``) takes the audio layers from an audio ranking
+of the same model (the first ``prune.audio_count``, or all) while ``prune.ranking`` or
+``prune.layers`` gives the decoder layers: both components pruned in one step, each by its own scan.
 The weights are saved in ``prune.dtype``; ``auto`` keeps the source checkpoint's dtype (its
 safetensors, else ``config.json``), whatever ``model.dtype`` an importance scan used, so a bf16
 checkpoint stays bf16 and the pruned model is smaller than its source.
@@ -670,8 +672,19 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
             layers, audio_remove = [], layers
     elif pc.layers:
         layers = list(pc.layers)
-    else:
+    elif not pc.audio_ranking:
         raise ImportanceError("nothing to prune: give --from RANKING (ranking.json or its directory) or --layers 3,13,...")
+    else:
+        layers = []
+    if pc.audio_ranking:
+        if audio_remove:
+            raise ImportanceError(f"prune.audio_ranking={pc.audio_ranking} and "
+                                  f"{'prune.ranking (component=audio)' if pc.ranking else 'prune.prune_audio_layers'} "
+                                  f"both name audio-encoder layers to remove: give one of them")
+        audio_remove, audio_doc = _ranking_layers(pc.audio_ranking, src_fp, pc.audio_count)
+        if audio_doc.get("component", "decoder") != "audio":
+            raise ImportanceError(f"prune.audio_ranking={pc.audio_ranking} ranks decoder layers; give an audio-encoder "
+                                  f"ranking (`stc importance importance.component=audio`) or pass it as prune.ranking")
     if out.resolve() == model_dir.resolve():
         raise ImportanceError(f"prune.out {out} is the source model directory; write the pruned model elsewhere")
     if out.exists() and any(out.iterdir()):
@@ -688,8 +701,9 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
         raise ImportanceError(f"prune layers: {e}") from None
     audio_original: list[int] | None = None
     if audio_remove:   # checked against config.json before any weight is read
-        where = f"prune.ranking={pc.ranking} (component=audio)" if ranking_doc_ is not None and \
-            not pc.prune_audio_layers else "prune.prune_audio_layers"
+        where = (f"prune.audio_ranking={pc.audio_ranking}" if pc.audio_ranking else
+                 f"prune.ranking={pc.ranking} (component=audio)" if ranking_doc_ is not None and
+                 not pc.prune_audio_layers else "prune.prune_audio_layers")
         n_audio, audio_original = _audio_info(model_dir, where)
         try:
             audio_remove = surgery.normalise_indices(audio_remove, n_audio, "audio layer")
@@ -735,6 +749,7 @@ def run_prune(recipe: cfg.Recipe, *, dry_run: bool = False) -> dict | None:
               "ranking": str(pc.ranking) if pc.ranking else None,
               "ranking_metric": ranking_doc_.get("metric") if ranking_doc_ else None,
               "ranking_method": ranking_doc_.get("method") if ranking_doc_ else None,
+              "audio_ranking": str(pc.audio_ranking) if pc.audio_ranking else None,
               "dtype": dtype, "dtype_from": dtype_why}
     counts = {"before": {"total": before["total"], "stored": before["stored"], "stored_bytes": before["stored_bytes"],
                          "storage_bytes": bytes_before},

@@ -254,17 +254,26 @@ def predict_model(model: Any, *, dtype: str, quant: str = "none", quantize: Sequ
 
 def predict(model_path: str, *, removed: int = 0, dtype: str = "bf16", quant: str = "none",
             quantize: Sequence[str] = (), double_quant: bool = True, trust_remote_code: bool = False,
-            vocab_rows: int | None = None) -> Breakdown:
+            vocab_rows: int | None = None, audio_removed: int = 0) -> Breakdown:
     """The breakdown of the model at ``model_path`` (``config.json`` alone is enough) with ``removed``
-    decoder layers taken out and, when given, its vocabulary cut to ``vocab_rows`` rows."""
+    decoder layers and ``audio_removed`` audio-encoder layers taken out and, when given, its vocabulary
+    cut to ``vocab_rows`` rows."""
     from transformers import AutoConfig
 
     from .counts import meta_model
     from .load import detect_kind
 
     kind = detect_kind(model_path)
-    config = families.get(kind).own_config(
+    fam = families.get(kind)
+    config = fam.own_config(
         AutoConfig.from_pretrained(model_path, local_files_only=True, trust_remote_code=trust_remote_code))
+    if audio_removed:
+        audio = getattr(config, fam.audio_config, None) if fam.audio_config else None
+        na = getattr(audio, fam.audio_layer_count, None) if audio is not None else None
+        if not isinstance(na, int) or not 0 <= audio_removed < na:
+            raise StorageError(f"{model_path}: cannot remove {audio_removed} audio-encoder layers "
+                               f"(it has {na if isinstance(na, int) else 'no audio encoder'})")
+        setattr(audio, fam.audio_layer_count, na - audio_removed)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = int(text.num_hidden_layers)
     if removed:
