@@ -742,3 +742,29 @@ def test_progressive_pipeline_end_to_end(tiny, tmp_path):
     rows = {row["system"]: row for row in json.loads((out / "report/report.json").read_text())["systems"]}
     assert rows["loop-50"]["removed_layers"] == sorted(first["removed_original"] + second["removed_original"])
     assert rows["loop-50"]["decoder_layers"] == 2 and "in steps" in rows["loop-50"]["label"]
+
+
+@pytest.mark.slow
+def test_audio_encoder_student_end_to_end(tiny, tmp_path):
+    """pipeline.audio on the tiny model: the encoder is scanned on the teacher, the student lacks the main
+    ranking's decoder layers and the encoder ranking's audio layer, reloads as a smaller model, and the report
+    names both and compares it with the student of the same decoder layers."""
+    out = tmp_path / "run"
+    r = stc("pipeline", "--config", tiny["recipe"], "--nproc", "1", f"run.out_dir={out}", "pipeline.audio=[0.5]",
+            "pipeline.students=[0.5]", "pipeline.ablations=false", "pipeline.shuffle_check=false", timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-8000:]
+    audio = json.loads((out / "importance-audio/ranking.json").read_text())
+    dec = json.loads((out / "importance/ranking.json").read_text())
+    assert audio["component"] == "audio" and len(audio["removed"]) == 1
+    pr = json.loads((out / "students/r50-a50/pruned/meta.json").read_text())["pruned"]
+    assert pr["audio_removed_original"] == audio["removed"] and pr["removed"] == dec["removed"][:2]
+    conf = json.loads((out / "students/r50-a50/kd/export/config.json").read_text())
+    assert conf["audio_config"]["encoder_layers"] == 1 and conf["text_config"]["num_hidden_layers"] == 2
+    rep = json.loads((out / "report/report.json").read_text())
+    rows = {row["system"]: row for row in rep["systems"]}
+    a, k = rows["kd-50-a50"], rows["kd-50"]
+    assert a["audio_removed_layers"] == audio["removed"] and a["removed_layers"] == k["removed_layers"]
+    assert 0 < a["storage_bytes"] < k["storage_bytes"]
+    assert {(g["kind"], g["baseline"]) for g in rep["significance"] if g["system"] == "kd-50-a50"} == \
+        {("reference", "teacher"), ("audio", "kd-50")}
+    assert "removed audio-encoder layers" in (out / "report/report.md").read_text()
