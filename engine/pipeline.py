@@ -29,7 +29,8 @@ The steps::
     student of the fraction before it (kd of the first fraction, then loop-R):
       merge-R           the previous healed student merged into whole weights (export, no quantisation)
       importance-loop-R the importance scan on it, removing the layers still missing to reach R
-      prune-loop-R, distill-loop-R, export-loop-R, eval-loop-R   (healed like kd-R, the same teacher cache)
+      prune-loop-R, distill-loop-R, export-loop-R, eval-loop-R   (healed like kd-R, the same teacher cache;
+                        the report compares loop-R with kd-R: in steps against at once)
     audio-encoder pruning of the first fraction (pipeline.audio, audio-language models):
       importance-audio  the iterative scan of the teacher's audio-encoder layers (importance.component=audio)
       prune-R-aQ        the decoder layers of prune-R and the first round(Q x encoder layers) of that scan
@@ -309,14 +310,15 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     def evaluate(system: str, model: Path, model_in: Input, *, label: str, removal: float, healing: str,
                  quant: str, removed_from: str | list[str] = "", shuffle: bool = False, removed: int = 0,
                  storage: str = "", storage_of: str = "", audio_removal: float = 0.0, audio_of: str = "",
-                 audio_removed: int = 0) -> Step:
+                 audio_removed: int = 0, oneshot: str = "") -> Step:
         ovs = [*common, f"evaluate.out={eval_out}", f"evaluate.models={_list([f'{system}={model}'])}",
                f"evaluate.shuffle_audio={'true' if shuffle else 'false'}"]
         return make(f"eval-{system}", "evaluate", ovs, (model_in, ext_data),
                     system={"name": system, "label": label, "removal": removal, "healing": healing, "quant": quant,
                             "removed_from": removed_from, "model": str(model), "storage": storage,
                             **({"storage_of": storage_of} if storage_of else {}),
-                            **({"audio_removal": audio_removal, "audio_of": audio_of} if audio_removal else {})},
+                            **({"audio_removal": audio_removal, "audio_of": audio_of} if audio_removal else {}),
+                            **({"oneshot": oneshot} if oneshot else {})},
                     removed=removed, audio_removed=audio_removed)
 
     steps.append(evaluate("teacher", teacher, t_in, label="teacher", removal=0.0, healing="none",
@@ -551,7 +553,8 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
             steps += [dstep, estep,
                       evaluate(f"loop-{p}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
                                label=f"{p}% removed in steps (from {prev_tag}, healed), {kd_label}", removal=r,
-                               healing=kd_healing, quant=exp_quant, removed_from=list(chain), removed=k)]
+                               healing=kd_healing, quant=exp_quant, removed_from=list(chain), removed=k,
+                               oneshot=f"kd-{p}")]
             prev_tag, prev_k, prev_final = f"loop-{p}", k, dstep.out / "final"
     if pc.report:
         rep = run / "report"

@@ -29,8 +29,9 @@ What the report computes (all of it also in ``report.json``):
 * ``significance``: a paired bootstrap (``report.bootstrap`` resamples, seed ``run.seed``; 0 = off) of the
   primary metric per direction (chrF++, chrF for Chinese), for every system against ``report.reference``
   every healed variant against the CE-only system of the same removal, every other export against its
-  source, and a student pruned in the audio encoder too against its decoder-only twin and against the
-  decoder-only student of about its size (:func:`comparison_pairs`),
+  source, a student pruned in the audio encoder too against its decoder-only twin and against the
+  decoder-only student of about its size, and a student pruned in steps against the one pruned at once
+  (:func:`comparison_pairs`),
   on the two systems' hypotheses aligned by key (different key sets are an error naming both files).
   Each entry: ``kind, baseline, system, direction, metric, n, baseline_score, system_score, delta,
   ci_low, ci_high, p_value, significant, resamples, seed`` (:func:`paired_bootstrap`); report.md prints
@@ -163,7 +164,7 @@ def plan_systems(recipe: cfg.Recipe) -> dict[str, dict]:
         if not isinstance(sysd, dict) or not sysd.get("name"):
             continue
         info = {k: sysd.get(k) for k in ("name", "label", "removal", "healing", "quant", "model", "storage",
-                                         "storage_of", "audio_removal", "audio_of")}
+                                         "storage_of", "audio_removal", "audio_of", "oneshot")}
         info["step"] = s["step"]
         removed: list = []
         audio_removed: list = []
@@ -263,7 +264,7 @@ def build_rows(systems: list[dict], reference: str) -> tuple[list[str], list[dic
             "healing": info.get("healing"), "storage": info.get("storage") or "",
             "storage_of": info.get("storage_of") or "", "notes": info.get("notes"),
             "audio_removal": info.get("audio_removal") or 0, "audio_of": info.get("audio_of") or "",
-            "audio_removed_layers": info.get("audio_removed_layers") or [],
+            "audio_removed_layers": info.get("audio_removed_layers") or [], "oneshot": info.get("oneshot") or "",
             "decoder_layers": mi.get("decoder_layers"), "params_total": mi.get("params_total"),
             "params_stored": mi.get("params_stored"), "storage_bytes": mi.get("storage_bytes"),
             "storage_mb": mi["storage_bytes"] / 1e6 if isinstance(mi.get("storage_bytes"), (int, float)) else None,
@@ -582,7 +583,8 @@ def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, s
     that lost the same decoder layers only (``audio``: ``audio_of``, what the audio layers cost) and with
     the decoder-only student of the same healing and storage nearest to it in bytes on disk, when that one
     is within :data:`SIZE_PAIR_TOLERANCE` of its size (``size``: pruning the encoder against pruning more
-    decoder layers at about equal bytes)."""
+    decoder layers at about equal bytes). A student pruned in steps (prune -> heal -> prune) is compared
+    with the student that lost its share of layers at once (``steps``: ``oneshot``)."""
     names = {r["system"] for r in rows}
     pairs = [("reference", reference, r["system"]) for r in rows if reference in names and r["system"] != reference]
     pairs += [("storage", r["storage_of"], r["system"]) for r in rows
@@ -595,6 +597,8 @@ def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, s
                     and v.get("healing") not in ("none", "ce") and (v.get("storage") or "") == (ce.get("storage") or "")
                     and (v.get("audio_removal") or 0) == (ce.get("audio_removal") or 0)):
                 pairs.append(("healing", ce["system"], v["system"]))
+    pairs += [("steps", r["oneshot"], r["system"]) for r in rows
+              if r.get("oneshot") in names and r["oneshot"] != r["system"]]
     for a in rows:
         if not a.get("audio_removal"):
             continue

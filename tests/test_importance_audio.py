@@ -322,6 +322,18 @@ print(json.dumps(m.config.audio_config.to_dict()))
 """
 
 
+def reload_plain(model_dir: Path, batch: dict, env: dict, tmp: Path) -> tuple[dict, dict]:
+    """``model_dir`` reloaded by plain transformers in a fresh process without the engine on the path: its
+    audio config and ``{"logits", "audio_layers"}`` for ``batch``."""
+    torch.save(batch, tmp / "b.pt")
+    (tmp / "reload.py").write_text(RELOAD)
+    plain = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, str(tmp / "reload.py"), str(model_dir), str(tmp / "b.pt")], env=plain,
+                       capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), torch.load(tmp / "b.pt.out", weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def cli_env():
     env = dict(os.environ)
@@ -389,15 +401,8 @@ def test_cli_audio_scan_then_prune_reloads_in_plain_transformers(aenv, cli_scan,
     full = copy.deepcopy(ref)
     surgery.drop_layers(ref, [], audio_remove=doc["removed"])
     batch = audio_prompt_batch(aenv["model"])
-    torch.save(batch, tmp_path / "b.pt")
-    (tmp_path / "reload.py").write_text(RELOAD)
-    plain = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(out), str(tmp_path / "b.pt")], env=plain,
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ac = json.loads(r.stdout.strip().splitlines()[-1])
+    ac, got = reload_plain(out, batch, cli_env, tmp_path)
     assert ac["encoder_layers"] == 2 and ac[surgery.ORIGINAL_AUDIO_KEY] == kept
-    got = torch.load(tmp_path / "b.pt.out", weights_only=True)
     assert got["audio_layers"] == 2
     with torch.no_grad():
         torch.testing.assert_close(got["logits"], ref(**batch).logits)
@@ -439,14 +444,9 @@ def test_cli_prunes_decoder_and_audio_layers_in_one_step(aenv, cli_scan, cli_env
     ref = Qwen2AudioForConditionalGeneration.from_pretrained(aenv["model"], dtype=torch.float32).eval()
     surgery.drop_layers(ref, [1], audio_remove=doc["removed"][:1])
     batch = audio_prompt_batch(aenv["model"])
-    torch.save(batch, tmp_path / "b.pt")
-    (tmp_path / "reload.py").write_text(RELOAD)
-    plain = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(out), str(tmp_path / "b.pt")], env=plain,
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _, got = reload_plain(out, batch, cli_env, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "b.pt.out", weights_only=True)["logits"], ref(**batch).logits)
+        torch.testing.assert_close(got["logits"], ref(**batch).logits)
 
     def prune(*ovs):
         return stage.run_prune(cfg.load(None, [f"model.path={aenv['model']}", f"prune.out={tmp_path / 'x'}", *ovs]))

@@ -244,6 +244,8 @@ def test_report_pairs_an_audio_pruned_student_with_its_twin_and_its_equal_size_p
     assert [p for p in pairs if p[0] == "healing"] == [("healing", "ce-25", "kd-25")]
     rows[3]["storage_bytes"] = 9e6                                     # no decoder-only peer within 10%
     assert not [p for p in comparison_pairs(rows, "teacher") if p[0] == "size"]
+    rows.append({**row("loop-50", 0.5, "kd", 6.0), "oneshot": "kd-50"})  # in steps against at once
+    assert ("steps", "kd-50", "loop-50") in comparison_pairs(rows, "teacher")
 
 
 def test_plan_progressive_prunes_the_healed_student_again(tiny):
@@ -266,6 +268,7 @@ def test_plan_progressive_prunes_the_healed_student_again(tiny):
     assert f"model.path={plan.steps[0].overrides[0].split('=', 1)[1]}" in d.overrides    # the teacher
     ev = by["eval-loop-50"]
     assert ev.system["removed_from"] == ["prune-25", "prune-loop-50"] and ev.system["removal"] == 0.5
+    assert ev.system["oneshot"] == "kd-50" and "oneshot" not in by["eval-kd-50"].system
     assert "eval-kd-50" in by                                     # the one-shot student stays beside it
     names = [s.name for s in plan.steps]
     assert names.index("distill-kd-25") < names.index("merge-50") < names.index("report")
@@ -742,6 +745,8 @@ def test_progressive_pipeline_end_to_end(tiny, tmp_path):
     rows = {row["system"]: row for row in json.loads((out / "report/report.json").read_text())["systems"]}
     assert rows["loop-50"]["removed_layers"] == sorted(first["removed_original"] + second["removed_original"])
     assert rows["loop-50"]["decoder_layers"] == 2 and "in steps" in rows["loop-50"]["label"]
+    rep = json.loads((out / "report/report.json").read_text())
+    assert {g["baseline"] for g in rep["significance"] if g["system"] == "loop-50" and g["kind"] == "steps"} == {"kd-50"}
 
 
 @pytest.mark.slow
