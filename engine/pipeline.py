@@ -53,7 +53,7 @@ and finished markers come from the stage registry (:mod:`engine.stages`).
 
 **Done, stale, skipped.** A step is done when its outputs hold the stage's finished marker and, where
 that marker's ``meta.json`` records the resolved config, the keys that change the result equal this
-run's. Not compared: operational keys (batch sizes, checkpoint cadence, ...), where things are (output
+run's (a key the record lacks, added to the engine since, counts as its default). Not compared: operational keys (batch sizes, checkpoint cadence, ...), where things are (output
 dirs and input paths: a run moved to another disk, or shards staged to node-local disk, stays done),
 and what the stages check themselves. What the paths point to is compared instead: the pipeline
 records the fingerprints of its external inputs (model.path, data.shards) in ``pipeline.json`` and a
@@ -72,6 +72,7 @@ running step gets its own (``CUDA_VISIBLE_DEVICES``), a multi-rank step ``--npro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -702,12 +703,27 @@ def compared(tree: Mapping[str, Any], stage: str) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
+@functools.lru_cache(maxsize=1)
+def _defaults() -> dict[str, Any]:
+    """Every key of a default recipe, dotted: what a key that an older engine did not record stands for."""
+    tree = json.loads(json.dumps(cfg.to_dict(cfg.Recipe())))
+    return {f"{sec}.{k}": v for sec, keys in tree.items() if isinstance(keys, Mapping) for k, v in keys.items()}
+
+
 def _diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    """The first key whose value differs between a recorded config ``a`` and this run's ``b``. A key that
+    only one side records (an engine version added it since) counts as its default there: new keys
+    default to the behaviour before them, so upgrading the engine does not make a finished run stale."""
+    dflt = _defaults()
+
+    def get(m: Mapping[str, Any], k: str) -> Any:
+        return m[k] if k in m else dflt.get(k)
+
+    diff = [k for k in sorted(set(a) | set(b)) if get(a, k) != get(b, k)]
     if not diff:
         return None
     k = diff[0]
-    return f"{k} was {a.get(k)!r}, now {b.get(k)!r}" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else "")
+    return f"{k} was {get(a, k)!r}, now {get(b, k)!r}" + (f" (+{len(diff) - 1} more)" if len(diff) > 1 else "")
 
 
 def external_fingerprints(recipe: cfg.Recipe) -> dict[str, str]:

@@ -497,6 +497,20 @@ def test_changed_config_reruns_that_step_and_what_reads_it(tiny, tmp_path):
                         n in ("eval-kd-25", "eval-ce-25", "eval-middle-25", "eval-kd-50", "report")]
 
 
+def test_a_key_the_recorded_config_lacks_counts_as_its_default(tiny, tmp_path):
+    """A finished step whose config was recorded by an engine without some key (added since) stays done while
+    this run keeps that key's default, and is stale once this run sets another value."""
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
+    assert P.run(plan, runner=FakeRunner(plan), echo=lambda m: None) == 0
+    step = plan.step("prune-25")
+    meta = json.loads(step.marker.read_text())
+    del meta["config"]["prune"]["audio_count"], meta["config"]["prune"]["audio_ranking"]
+    step.marker.write_text(json.dumps(meta))
+    assert P.states(plan)["prune-25"] == "done"
+    st = P.states(plan_for(tiny, f"run.out_dir={tmp_path / 'r'}", "prune.audio_count=2"))
+    assert st["prune-25"] == "stale: prune.audio_count was 0, now 2"
+
+
 def test_stale_step_sets_its_old_output_aside_and_a_failure_says_why_in_one_line(tiny, tmp_path):
     run = tmp_path / "r"
     plan = plan_for(tiny, f"run.out_dir={run}")
