@@ -1021,6 +1021,19 @@ def note_step(plan: Plan, step: Step) -> None:
         **({"system": dict(step.system)} if step.system else {})})
 
 
+def refresh_record(plan: Plan, step: Step) -> None:
+    """A finished step that is kept: its record takes this plan's description of the system it evaluates
+    (what ``stc report`` labels and pairs it by, which a newer engine may describe more fully), and keeps
+    what its run recorded (config, seconds)."""
+    path = plan.step_record(step)
+    rec = _meta(path)
+    if not isinstance(rec, dict) or not step.system:
+        return
+    mine = json.loads(json.dumps(dict(step.system)))
+    if rec.get("system") != mine:
+        atomic_write_json(path, {**rec, "system": mine})
+
+
 def prepare(plan: Plan, st: Mapping[str, str], step: Step, say: Callable[[str], None]) -> None:
     """Before a step (re)runs: set a stale output aside, note the step's config."""
     if st[step.name].startswith("stale"):
@@ -1082,6 +1095,7 @@ def _run_locked(plan: Plan, runner: Runner, say: Callable[[str], None]) -> int:
                 k = num[s.name]
                 if st[s.name] == "done" and not (set(s.deps) & ran):   # done, and nothing it reads was remade
                     say(f"[{k}/{n}] {s.name}: done, skipped ({s.marker})")
+                    refresh_record(plan, s)
                     rec[s.name]["state"] = "skipped"
                     pending.remove(s)
                     finished.add(s.name)

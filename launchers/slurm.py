@@ -569,6 +569,8 @@ def submit_jobs(sub: Submission, plan: pipeline.Plan | None = None, *, say=None)
         if r is None:
             append(sub.ledger, "skipped", step=name, pipeline=sub.pipeline, reason=why)
             say(f"stc submit: skip {name}: {why}")
+            if plan is not None and name in {s.name for s in plan.steps}:
+                pipeline.refresh_record(plan, plan.step(name))
             continue
         if plan is not None:
             pipeline.prepare(plan, st, plan.step(name), say)

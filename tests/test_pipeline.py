@@ -511,6 +511,20 @@ def test_a_key_the_recorded_config_lacks_counts_as_its_default(tiny, tmp_path):
     assert st["prune-25"] == "stale: prune.audio_count was 0, now 2"
 
 
+def test_a_kept_step_record_takes_the_plans_description_of_its_system(tiny, tmp_path):
+    """An evaluation that stays done keeps its record's config and seconds, but its system description (what
+    the report labels and pairs it by) follows the plan, e.g. after an engine that describes systems more fully."""
+    plan = plan_for(tiny, f"run.out_dir={tmp_path / 'r'}")
+    assert P.run(plan, runner=FakeRunner(plan), echo=lambda m: None) == 0
+    path = plan.step_record(plan.step("eval-kd-25"))
+    old = json.loads(path.read_text())
+    path.write_text(json.dumps({**old, "seconds": 12.5, "system": {"name": "kd-25", "label": "older words"}}))
+    fake = FakeRunner(plan)
+    assert P.run(plan, runner=fake, echo=lambda m: None) == 0 and fake.ran == []
+    new = json.loads(path.read_text())
+    assert new["system"] == old["system"] and new["seconds"] == 12.5 and new["config"] == old["config"]
+
+
 def test_stale_step_sets_its_old_output_aside_and_a_failure_says_why_in_one_line(tiny, tmp_path):
     run = tmp_path / "r"
     plan = plan_for(tiny, f"run.out_dir={run}")
