@@ -31,6 +31,9 @@ The steps::
       importance-loop-R the importance scan on it, removing the layers still missing to reach R
       prune-loop-R, distill-loop-R, export-loop-R, eval-loop-R   (healed like kd-R, the same teacher cache;
                         the report compares loop-R with kd-R: in steps against at once)
+      distill-kd-R-xN, export-kd-R-xN, eval-kd-R-xN   prune-R's student healed N times as long (distill.epochs
+                        and max_steps x N), N the healings loop-R had in all: in steps against at once at
+                        equal healing steps
     audio-encoder pruning of the first fraction (pipeline.audio, audio-language models):
       importance-audio  the iterative scan of the teacher's audio-encoder layers (importance.component=audio)
       prune-R-aQ        the decoder layers of prune-R and the first round(Q x encoder layers) of that scan
@@ -311,7 +314,7 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     def evaluate(system: str, model: Path, model_in: Input, *, label: str, removal: float, healing: str,
                  quant: str, removed_from: str | list[str] = "", shuffle: bool = False, removed: int = 0,
                  storage: str = "", storage_of: str = "", audio_removal: float = 0.0, audio_of: str = "",
-                 audio_removed: int = 0, oneshot: str = "") -> Step:
+                 audio_removed: int = 0, oneshot: str = "", budget_of: str = "") -> Step:
         ovs = [*common, f"evaluate.out={eval_out}", f"evaluate.models={_list([f'{system}={model}'])}",
                f"evaluate.shuffle_audio={'true' if shuffle else 'false'}"]
         return make(f"eval-{system}", "evaluate", ovs, (model_in, ext_data),
@@ -319,7 +322,8 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
                             "removed_from": removed_from, "model": str(model), "storage": storage,
                             **({"storage_of": storage_of} if storage_of else {}),
                             **({"audio_removal": audio_removal, "audio_of": audio_of} if audio_removal else {}),
-                            **({"oneshot": oneshot} if oneshot else {})},
+                            **({"oneshot": oneshot} if oneshot else {}),
+                            **({"budget_of": budget_of} if budget_of else {})},
                     removed=removed, audio_removed=audio_removed)
 
     steps.append(evaluate("teacher", teacher, t_in, label="teacher", removal=0.0, healing="none",
@@ -393,12 +397,13 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
     cache_step = make("cache", "cache build", (*common, f"cache.out={cache}"), (t_in, ext_data))
 
     def student(tag: str, pruned: Path, pruned_by: str, *, healing: str, removed: int,
-                audio_removed: int = 0) -> tuple[Step, Step, Path]:
+                audio_removed: int = 0, folder: str = "", extra: Sequence[str] = ()) -> tuple[Step, Step, Path]:
         """Distill + export of one healing: "kd" (the recipe's distill section: CE + word-level KD, + sequence-level
         KD when distill.seq_kd), "ce" (CE only: reads no cache), "word" (CE + word-level KD), "seq" (CE + sequence-
-        level KD). The students of one pruned model sit side by side: <students>/r25/{kd,ce,word,seq}."""
-        d = pruned.parent / healing
-        dist_ovs = [*common, f"distill.out={d / 'distill'}", f"distill.student={pruned}"]
+        level KD). The students of one pruned model sit side by side: <students>/r25/{kd,ce,word,seq} (``folder``:
+        another name; ``extra``: more distill overrides)."""
+        d = pruned.parent / (folder or healing)
+        dist_ovs = [*common, f"distill.out={d / 'distill'}", f"distill.student={pruned}", *extra]
         ins = [Input(pruned / "meta.json", pruned_by, "the pruned student"), ext_data]
         if healing == "ce":  # no KD term and no teacher translations, so the trainer reads no cache
             dist_ovs += ["distill.cache=", "distill.kd_weight=0", "distill.seq_kd=false"]
@@ -556,6 +561,19 @@ def build_plan(recipe: cfg.Recipe, *, config_path: Path | None = None, nproc: in
                                label=f"{p}% removed in steps (from {prev_tag}, healed), {kd_label}", removal=r,
                                healing=kd_healing, quant=exp_quant, removed_from=list(chain), removed=k,
                                oneshot=f"kd-{p}")]
+            # the same removal at once, healed as long as the loop student was in all (its chain's healings):
+            # what the steps buy beyond more training
+            times = len(chain)
+            budget = [f"distill.epochs={times * dc.epochs:g}"] + \
+                ([f"distill.max_steps={times * dc.max_steps}"] if dc.max_steps else [])
+            pruned_r = run / "students" / f"r{p}" / "pruned"
+            dstep, estep, exp = student(f"kd-{p}-x{times}", pruned_r, f"prune-{p}", healing="kd", removed=k,
+                                        folder=f"kd-x{times}", extra=budget)
+            steps += [dstep, estep,
+                      evaluate(f"kd-{p}-x{times}", exp, Input(exp / "meta.json", estep.name, "the exported student"),
+                               label=f"{p}% removed at once, {kd_label}, {times}x the healing (loop-{p}'s budget)",
+                               removal=r, healing=kd_healing, quant=exp_quant, removed_from=f"prune-{p}",
+                               removed=k, budget_of=f"loop-{p}")]
             prev_tag, prev_k, prev_final = f"loop-{p}", k, dstep.out / "final"
     if pc.report:
         rep = run / "report"

@@ -164,7 +164,7 @@ def plan_systems(recipe: cfg.Recipe) -> dict[str, dict]:
         if not isinstance(sysd, dict) or not sysd.get("name"):
             continue
         info = {k: sysd.get(k) for k in ("name", "label", "removal", "healing", "quant", "model", "storage",
-                                         "storage_of", "audio_removal", "audio_of", "oneshot")}
+                                         "storage_of", "audio_removal", "audio_of", "oneshot", "budget_of")}
         info["step"] = s["step"]
         removed: list = []
         audio_removed: list = []
@@ -265,6 +265,7 @@ def build_rows(systems: list[dict], reference: str) -> tuple[list[str], list[dic
             "storage_of": info.get("storage_of") or "", "notes": info.get("notes"),
             "audio_removal": info.get("audio_removal") or 0, "audio_of": info.get("audio_of") or "",
             "audio_removed_layers": info.get("audio_removed_layers") or [], "oneshot": info.get("oneshot") or "",
+            "budget_of": info.get("budget_of") or "",
             "decoder_layers": mi.get("decoder_layers"), "params_total": mi.get("params_total"),
             "params_stored": mi.get("params_stored"), "storage_bytes": mi.get("storage_bytes"),
             "storage_mb": mi["storage_bytes"] / 1e6 if isinstance(mi.get("storage_bytes"), (int, float)) else None,
@@ -584,7 +585,8 @@ def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, s
     the decoder-only student of the same healing and storage nearest to it in bytes on disk, when that one
     is within :data:`SIZE_PAIR_TOLERANCE` of its size (``size``: pruning the encoder against pruning more
     decoder layers at about equal bytes). A student pruned in steps (prune -> heal -> prune) is compared
-    with the student that lost its share of layers at once (``steps``: ``oneshot``)."""
+    with the student that lost its share of layers at once (``steps``: ``oneshot``), and with the one that
+    lost them at once and was healed as long in all (``steps``: the system whose ``budget_of`` names it)."""
     names = {r["system"] for r in rows}
     pairs = [("reference", reference, r["system"]) for r in rows if reference in names and r["system"] != reference]
     pairs += [("storage", r["storage_of"], r["system"]) for r in rows
@@ -599,6 +601,8 @@ def comparison_pairs(rows: list[dict], reference: str) -> list[tuple[str, str, s
                 pairs.append(("healing", ce["system"], v["system"]))
     pairs += [("steps", r["oneshot"], r["system"]) for r in rows
               if r.get("oneshot") in names and r["oneshot"] != r["system"]]
+    pairs += [("steps", r["system"], r["budget_of"]) for r in rows
+              if r.get("budget_of") in names and r["budget_of"] != r["system"]]
     for a in rows:
         if not a.get("audio_removal"):
             continue

@@ -245,7 +245,9 @@ def test_report_pairs_an_audio_pruned_student_with_its_twin_and_its_equal_size_p
     rows[3]["storage_bytes"] = 9e6                                     # no decoder-only peer within 10%
     assert not [p for p in comparison_pairs(rows, "teacher") if p[0] == "size"]
     rows.append({**row("loop-50", 0.5, "kd", 6.0), "oneshot": "kd-50"})  # in steps against at once
-    assert ("steps", "kd-50", "loop-50") in comparison_pairs(rows, "teacher")
+    rows.append({**row("kd-50-x2", 0.5, "kd", 6.0), "budget_of": "loop-50"})  # ... healed as long
+    pairs = comparison_pairs(rows, "teacher")
+    assert ("steps", "kd-50", "loop-50") in pairs and ("steps", "kd-50-x2", "loop-50") in pairs
 
 
 def test_plan_progressive_prunes_the_healed_student_again(tiny):
@@ -269,6 +271,12 @@ def test_plan_progressive_prunes_the_healed_student_again(tiny):
     ev = by["eval-loop-50"]
     assert ev.system["removed_from"] == ["prune-25", "prune-loop-50"] and ev.system["removal"] == 0.5
     assert ev.system["oneshot"] == "kd-50" and "oneshot" not in by["eval-kd-50"].system
+    # the same 50% at once, healed as long as loop-50 was in all (kd-25's healing and its own)
+    dx = by["distill-kd-50-x2"]
+    assert dx.deps == ("prune-50", "cache") and dx.out == run / "students" / "r50" / "kd-x2" / "distill"
+    rx = cfg.resolve(plan.tree, list(dx.overrides))
+    assert rx.distill.epochs == 2 * plan.recipe.distill.epochs and rx.distill.max_steps == 2 * plan.recipe.distill.max_steps
+    assert by["eval-kd-50-x2"].system["budget_of"] == "loop-50"
     assert "eval-kd-50" in by                                     # the one-shot student stays beside it
     names = [s.name for s in plan.steps]
     assert names.index("distill-kd-25") < names.index("merge-50") < names.index("report")
@@ -279,6 +287,7 @@ def test_plan_progressive_prunes_the_healed_student_again(tiny):
     b3 = {s.name: s for s in three.steps}
     assert b3["merge-75"].deps == ("distill-loop-50",) and "importance.remove=1" in b3["importance-loop-75"].overrides
     assert b3["eval-loop-75"].system["removed_from"] == ["prune-25", "prune-loop-50", "prune-loop-75"]
+    assert "distill.epochs=%g" % (3 * three.recipe.distill.epochs) in b3["distill-kd-75-x3"].overrides
     bad = plan_for(tiny, "pipeline.progressive=true", "pipeline.students=[0.5, 0.25]")
     assert any("list pipeline.students in increasing order" in p for p in P.check(bad))
 
@@ -774,7 +783,13 @@ def test_progressive_pipeline_end_to_end(tiny, tmp_path):
     assert rows["loop-50"]["removed_layers"] == sorted(first["removed_original"] + second["removed_original"])
     assert rows["loop-50"]["decoder_layers"] == 2 and "in steps" in rows["loop-50"]["label"]
     rep = json.loads((out / "report/report.json").read_text())
-    assert {g["baseline"] for g in rep["significance"] if g["system"] == "loop-50" and g["kind"] == "steps"} == {"kd-50"}
+    assert {g["baseline"] for g in rep["significance"] if g["system"] == "loop-50" and g["kind"] == "steps"} == \
+        {"kd-50", "kd-50-x2"}
+    # the equal-budget one-shot student trained twice as many steps as kd-50
+    steps_of = {n: next(json.loads(line)["total_steps"] for line in
+                        (out / f"students/r50/{n}/distill/metrics.jsonl").read_text().splitlines()
+                        if '"start"' in line) for n in ("kd", "kd-x2")}
+    assert steps_of["kd"] > 0 and abs(steps_of["kd-x2"] - 2 * steps_of["kd"]) <= 1, steps_of
 
 
 @pytest.mark.slow
