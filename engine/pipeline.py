@@ -56,8 +56,9 @@ and finished markers come from the stage registry (:mod:`engine.stages`).
 
 **Done, stale, skipped.** A step is done when its outputs hold the stage's finished marker and, where
 that marker's ``meta.json`` records the resolved config, the keys that change the result equal this
-run's (a key the record lacks, added to the engine since, counts as its default). Not compared: operational keys (batch sizes, checkpoint cadence, ...), where things are (output
-dirs and input paths: a run moved to another disk, or shards staged to node-local disk, stays done),
+run's (a key the record lacks, added to the engine since, counts as its default). Not compared:
+operational keys (batch sizes, checkpoint cadence, ...), where things are (output dirs and input paths:
+a run moved to another disk, or shards staged to node-local disk, stays done),
 and what the stages check themselves. What the paths point to is compared instead: the pipeline
 records the fingerprints of its external inputs (model.path, data.shards) in ``pipeline.json`` and a
 change makes every step that reads them stale. A step whose producer still has to run is not done
@@ -112,7 +113,8 @@ _OPERATIONAL = {"out", "resume", "save_every", "keep_last", "eval_every", "zero_
 # Keys that say where an input is: compared by content (the external inputs' fingerprints; producers'
 # reruns), never by path.
 PATH_KEYS = {"model.path", "data.shards", "shards.manifest", "cache.teacher", "distill.student", "distill.cache",
-             "prune.ranking", "prune.audio_ranking", "export.source", "evaluate.models", "finetune.ds_config", "distill.ds_config"}
+             "prune.ranking", "prune.audio_ranking", "export.source", "evaluate.models", "finetune.ds_config",
+             "distill.ds_config"}
 # Sections of the resolved config whose (non-operational) keys decide whether a stage output is current.
 _COMPARED = {"shards build": ("shards",), "finetune": ("model", "data", "finetune"),
              "importance": ("model", "data", "importance"), "prune": ("model", "prune"),
