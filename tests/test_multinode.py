@@ -25,6 +25,7 @@ import pytest
 from sine_data import build_sine_shards
 
 from engine import dist
+from node_procs import AGENT_ENV, run_nodes, told
 from slurm_fixture import job_info, slurm_cluster, wait_job  # noqa: F401  (slurm_cluster: fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,10 +172,11 @@ def test_two_torchrun_agents_equal_one_node(ws, one_node, tmp_path, zero):
     argv = ["distill", *args(ws, out, zero)]
     env = env_of()
     env["TORCH_EXTENSIONS_DIR"] = env["STC_TORCH_EXTENSIONS_DIR"]
-    procs = [subprocess.Popen(torchrun_command(1, argv, master_port=port, nnodes=2, node_rank=i), env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    env.update(AGENT_ENV)
+    logs = [tmp_path / f"node{i}.log" for i in (0, 1)]
+    codes = run_nodes([torchrun_command(1, argv, master_port=port, nnodes=2, node_rank=i) for i in (0, 1)], env,
+                      logs, timeout=300)
+    assert codes == [0, 0], told(codes, logs)
     same_run(out, one_node(zero), zero)
 
 

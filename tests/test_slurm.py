@@ -28,6 +28,7 @@ from engine import cli
 from engine import config as cfg
 from engine.errors import EXIT_FAIL
 from launchers import slurm
+from node_procs import AGENT_ENV, run_nodes, told
 from slurm_fixture import job_info, slurm_cluster, wait_job  # noqa: F401  (slurm_cluster: fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -580,12 +581,13 @@ def test_two_node_rendezvous_without_slurm(imp_one, tmp_path):
 
     out = tmp_path / "nodes"
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               **AGENT_ENV)
     argv = ["importance", *imp_one["common"], f"importance.out={out}", f"run.out_dir={tmp_path / 'run'}"]
-    procs = [subprocess.Popen(torchrun_command(1, argv, master_port=port, nnodes=2, node_rank=i), env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    logs = [tmp_path / f"node{i}.log" for i in (0, 1)]
+    codes = run_nodes([torchrun_command(1, argv, master_port=port, nnodes=2, node_rank=i) for i in (0, 1)], env,
+                      logs, timeout=300)
+    assert codes == [0, 0], told(codes, logs)
     same_scan_both_ranks_once(imp_one, out)
 
 
