@@ -315,7 +315,60 @@ def session(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistEnv]:
         # every rank done with its last collective before any rank tears its connections down: a rank
         # that closes while a peer's gloo threads still talk to it can abort that peer at exit
         barrier()
+        teardown_rendezvous()
         finalize()
+
+
+TEARDOWN_WAIT_S = 60.0
+
+
+def teardown_rendezvous(timeout_s: float = TEARDOWN_WAIT_S, key: str | None = None) -> bool:
+    """After the last barrier and before the process group is destroyed: wait until every rank has
+    returned from that barrier.
+
+    The barrier alone does not ensure it. A rank leaves it as soon as it holds its peers' messages, and
+    one that then closes its connections while a slower peer's transport is still finishing the same
+    barrier can make that peer fail at exit. gloo keeps this open as "barrier followed by context
+    destruction causes some participants to fail". On two torchrun agents, the node whose rank
+    succeeded then waits 5 minutes in torchrun's exit barrier for the failed one.
+
+    This rendezvous goes over the process group's key-value store, which does not use those
+    connections. Each rank counts itself in and waits for all. Rank 0 waits last, until every rank
+    has seen the full count: under a bare ``srun``, rank 0's own process hosts the store, so it must
+    not exit while another rank still asks the store.
+
+    Returns False, after a warning, where the store failed or some rank did not arrive within
+    ``timeout_s``; teardown then goes on as before. ``key`` defaults to the number of this call in the
+    process and the torchrun attempt: the same on every rank, new for every process group."""
+    if not is_initialized():
+        return True
+    tdist = _tdist()
+    try:
+        store = tdist.distributed_c10d._get_default_store()
+        world, me = tdist.get_world_size(), tdist.get_rank()
+        if key is None:
+            _STATE["teardowns"] = _STATE.get("teardowns", 0) + 1
+            key = f"stc/teardown/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_STATE['teardowns']}"
+        end = time.monotonic() + timeout_s
+        store.add(f"{key}/in", 1)
+        _wait_for_count(store, f"{key}/in", world, end, "arrived")
+        store.add(f"{key}/seen", 1)
+        if me == 0:
+            _wait_for_count(store, f"{key}/seen", world, end, "saw the count")
+        return True
+    except Exception as e:      # the work is done and written; a failed extra wait must not fail the stage
+        from . import log
+
+        log.get().warning(f"rank {env().rank}: the rendezvous before the process group's teardown failed "
+                          f"({type(e).__name__}: {e}); tearing it down anyway")
+        return False
+
+
+def _wait_for_count(store: Any, key: str, world: int, end: float, what: str) -> None:
+    while (n := store.add(key, 0)) < world:
+        if time.monotonic() > end:
+            raise TimeoutError(f"{n} of {world} ranks {what} in time")
+        time.sleep(0.01)
 
 
 def agree(error: str | None, cls: type[StcError] = StcError) -> None:

@@ -99,3 +99,43 @@ def test_stale_jit_build_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
     os.utime(stale, (old, old))
     assert dist.clear_stale_build_locks() == [str(stale)]
     assert not stale.exists() and fresh.exists()
+
+
+TEARDOWN = r"""
+import json, time
+from engine import dist
+with dist.session() as d:
+    store = __import__("torch").distributed.distributed_c10d._get_default_store()
+    both = dist.teardown_rendezvous(key="both")
+    counts = (store.add("both/in", 0), store.add("both/seen", 0))   # rank 0 returns only after both saw the count
+    dist.barrier()
+    t0 = time.monotonic()
+    alone = dist.teardown_rendezvous(timeout_s=1.0, key="alone") if d.rank == 1 else None
+    waited = time.monotonic() - t0
+    dist.barrier()
+    print(json.dumps({"rank": d.rank, "both": both, "counts": counts, "alone": alone, "waited": waited}), flush=True)
+print("exited the session", flush=True)     # the session's own teardown rendezvous, then the group destroyed
+"""
+
+
+@pytest.mark.slow
+def test_teardown_rendezvous_waits_for_every_rank_and_gives_up_after_its_timeout(tmp_path, stc_env):
+    """Two gloo ranks under torchrun: the store rendezvous before teardown returns True once both ranks
+    are in, rank 0 last (both have seen the full count by then); a rank left alone warns and returns
+    False after its timeout instead of hanging; a whole session then tears down and exits 0."""
+    from launchers.local import torchrun_command
+
+    script = tmp_path / "t.py"
+    script.write_text(TEARDOWN)
+    cmd = torchrun_command(2, [])
+    cmd = cmd[:cmd.index("-m", 3)] + [str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=stc_env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    docs = {d["rank"]: d for d in (json.loads(x) for x in out.stdout.splitlines() if x.startswith("{"))}
+    assert sorted(docs) == [0, 1] and out.stdout.count("exited the session") == 2
+    assert docs[0]["both"] is docs[1]["both"] is True
+    assert docs[0]["counts"] == [2, 2] and docs[1]["counts"][0] == 2
+    assert docs[1]["alone"] is False and 1.0 <= docs[1]["waited"] < 10
+    assert "rendezvous before the process group's teardown failed" in out.stderr + out.stdout
+    assert "1 of 2 ranks arrived in time" in out.stderr + out.stdout
+    assert out.stderr.count("teardown failed") == 1      # the session's own rendezvous (default key) did not
