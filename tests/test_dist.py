@@ -70,16 +70,22 @@ dist.finalize()
 """
 
 
-@pytest.mark.slow
-def test_two_rank_gloo_via_torchrun(tmp_path, stc_env):
+def on_two_ranks(code: str, tmp_path, env: dict) -> subprocess.CompletedProcess:
+    """``code`` as a script on two gloo ranks under torchrun; fails the test unless both exit 0."""
     from launchers.local import torchrun_command
 
-    script = tmp_path / "s.py"
-    script.write_text(SCRIPT)
+    script = tmp_path / "script.py"
+    script.write_text(code)
     cmd = torchrun_command(2, [])
     cmd = cmd[:cmd.index("-m", 3)] + [str(script)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=stc_env, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_via_torchrun(tmp_path, stc_env):
+    out = on_two_ranks(SCRIPT, tmp_path, stc_env)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"world": 2, "ranks": [0, 1], "sum": 3.0, "flag": True, "bcast": {"from": 0}, "launcher": "torchrun"}
 
@@ -123,14 +129,7 @@ def test_teardown_rendezvous_waits_for_every_rank_and_gives_up_after_its_timeout
     """Two gloo ranks under torchrun: the store rendezvous before teardown returns True once both ranks
     are in, rank 0 last (both have seen the full count by then); a rank left alone warns and returns
     False after its timeout instead of hanging; a whole session then tears down and exits 0."""
-    from launchers.local import torchrun_command
-
-    script = tmp_path / "t.py"
-    script.write_text(TEARDOWN)
-    cmd = torchrun_command(2, [])
-    cmd = cmd[:cmd.index("-m", 3)] + [str(script)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=stc_env, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = on_two_ranks(TEARDOWN, tmp_path, stc_env)
     docs = {d["rank"]: d for d in (json.loads(x) for x in out.stdout.splitlines() if x.startswith("{"))}
     assert sorted(docs) == [0, 1] and out.stdout.count("exited the session") == 2
     assert docs[0]["both"] is docs[1]["both"] is True
