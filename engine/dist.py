@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import datetime
 import glob
+import logging
 import os
 import re
 import socket
@@ -357,10 +358,9 @@ def teardown_rendezvous(timeout_s: float = TEARDOWN_WAIT_S, key: str | None = No
             _wait_for_count(store, f"{key}/seen", world, end, "saw the count")
         return True
     except Exception as e:      # the work is done and written; a failed extra wait must not fail the stage
-        from . import log
-
-        log.get().warning(f"rank {env().rank}: the rendezvous before the process group's teardown failed "
-                          f"({type(e).__name__}: {e}); tearing it down anyway")
+        logging.getLogger("stc").warning(
+            f"rank {env().rank}: the rendezvous before the process group's teardown failed ({type(e).__name__}: {e}); "
+            f"tearing it down anyway")
         return False
 
 
