@@ -70,14 +70,15 @@ dist.finalize()
 """
 
 
-def on_two_ranks(code: str, tmp_path, env: dict) -> subprocess.CompletedProcess:
-    """``code`` as a script on two gloo ranks under torchrun; fails the test unless both exit 0."""
+def on_two_ranks(code: str, tmp_path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``code`` as a script (with ``args``) on two gloo ranks under torchrun; fails the test unless both
+    exit 0."""
     from launchers.local import torchrun_command
 
     script = tmp_path / "script.py"
     script.write_text(code)
     cmd = torchrun_command(2, [])
-    cmd = cmd[:cmd.index("-m", 3)] + [str(script)]
+    cmd = cmd[:cmd.index("-m", 3)] + [str(script), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -108,8 +109,9 @@ def test_stale_jit_build_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
 
 
 TEARDOWN = r"""
-import json, time
+import json, pathlib, sys, time
 from engine import dist
+out = pathlib.Path(sys.argv[1])
 with dist.session() as d:
     store = __import__("torch").distributed.distributed_c10d._get_default_store()
     both = dist.teardown_rendezvous(key="both")
@@ -119,8 +121,10 @@ with dist.session() as d:
     alone = dist.teardown_rendezvous(timeout_s=1.0, key="alone") if d.rank == 1 else None
     waited = time.monotonic() - t0
     dist.barrier()
-    print(json.dumps({"rank": d.rank, "both": both, "counts": counts, "alone": alone, "waited": waited}), flush=True)
-print("exited the session", flush=True)     # the session's own teardown rendezvous, then the group destroyed
+    doc = {"rank": d.rank, "both": both, "counts": counts, "alone": alone, "waited": waited}
+# the session's own teardown rendezvous ran and the group is destroyed; one file per rank, because two
+# ranks printing to one pipe at once can interleave their lines
+(out / f"rank{d.rank}.json").write_text(json.dumps({**doc, "exited": True}))
 """
 
 
@@ -129,9 +133,9 @@ def test_teardown_rendezvous_waits_for_every_rank_and_gives_up_after_its_timeout
     """Two gloo ranks under torchrun: the store rendezvous before teardown returns True once both ranks
     are in, rank 0 last (both have seen the full count by then); a rank left alone warns and returns
     False after its timeout instead of hanging; a whole session then tears down and exits 0."""
-    out = on_two_ranks(TEARDOWN, tmp_path, stc_env)
-    docs = {d["rank"]: d for d in (json.loads(x) for x in out.stdout.splitlines() if x.startswith("{"))}
-    assert sorted(docs) == [0, 1] and out.stdout.count("exited the session") == 2
+    out = on_two_ranks(TEARDOWN, tmp_path, stc_env, str(tmp_path))
+    docs = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert [docs[r]["rank"] for r in (0, 1)] == [0, 1] and docs[0]["exited"] is docs[1]["exited"] is True
     assert docs[0]["both"] is docs[1]["both"] is True
     assert docs[0]["counts"] == [2, 2] and docs[1]["counts"][0] == 2
     assert docs[1]["alone"] is False and 1.0 <= docs[1]["waited"] < 10
