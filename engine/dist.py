@@ -351,11 +351,11 @@ def teardown_rendezvous(timeout_s: float = TEARDOWN_WAIT_S, key: str | None = No
             _STATE["teardowns"] = _STATE.get("teardowns", 0) + 1
             key = f"stc/teardown/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_STATE['teardowns']}"
         end = time.monotonic() + timeout_s
-        store.add(f"{key}/in", 1)
-        _wait_for_count(store, f"{key}/in", world, end, "arrived")
-        store.add(f"{key}/seen", 1)
+        _count_in(store, key, "in", world)
+        _wait_for_all(store, key, "in", world, end, "arrived")
+        _count_in(store, key, "seen", world)
         if me == 0:
-            _wait_for_count(store, f"{key}/seen", world, end, "saw the count")
+            _wait_for_all(store, key, "seen", world, end, "saw the count")
         return True
     except Exception as e:      # the work is done and written; a failed extra wait must not fail the stage
         logging.getLogger("stc").warning(
@@ -364,11 +364,23 @@ def teardown_rendezvous(timeout_s: float = TEARDOWN_WAIT_S, key: str | None = No
         return False
 
 
-def _wait_for_count(store: Any, key: str, world: int, end: float, what: str) -> None:
-    while (n := store.add(key, 0)) < world:
-        if time.monotonic() > end:
-            raise TimeoutError(f"{n} of {world} ranks {what} in time")
-        time.sleep(0.01)
+def _count_in(store: Any, key: str, what: str, world: int) -> None:
+    """Add this rank to ``key/what``; the rank that completes the count sets the flag ``key/what/all``,
+    on which the others block in the store (no polling: with hundreds of ranks, polling would load the
+    one store server that every rank shares)."""
+    if store.add(f"{key}/{what}", 1) == world:
+        store.set(f"{key}/{what}/all", "1")
+
+
+def _wait_for_all(store: Any, key: str, what: str, world: int, end: float, said: str) -> None:
+    left = max(end - time.monotonic(), 0.001)
+    try:
+        store.wait([f"{key}/{what}/all"], datetime.timedelta(seconds=left))
+    except Exception:
+        n = store.add(f"{key}/{what}", 0)
+        if n < world:
+            raise TimeoutError(f"{n} of {world} ranks {said} in time") from None
+        raise
 
 
 def agree(error: str | None, cls: type[StcError] = StcError) -> None:
