@@ -202,7 +202,7 @@ def worker_main() -> None:
         Path(out).write_text(json.dumps(res))
     from engine import dist
 
-    dist.finalize()
+    dist.end_process(0)     # as stc ends a rank (engine.dist): without the interpreter's finalization
 
 
 # ============================================================================================ driver

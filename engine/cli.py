@@ -41,13 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def entry_point(argv: list[str] | None = None) -> int:
-    """The ``stc`` program: a stop request (SIGTERM/SIGUSR1) is noted from the first instruction, so one
-    that arrives while the stage is still importing ends it with 75, not 143; after the stage returned
-    one no longer stops anything (:mod:`engine.stages`)."""
+def _run(argv: list[str] | None) -> int:
     stages.note_stop_requests()
     code = main(argv)
     stages.done_with_signals()
+    return code
+
+
+def entry_point(argv: list[str] | None = None) -> int:
+    """The ``stc`` program: a stop request (SIGTERM/SIGUSR1) is noted from the first instruction, so one
+    that arrives while the stage is still importing ends it with 75, not 143; after the stage returned
+    one no longer stops anything (:mod:`engine.stages`). A rank that ran a process group ends here,
+    without the interpreter's finalization (:func:`engine.dist.end_process`)."""
+    code = _run(argv)
+    dist.end_process(code)
     return code
 
 
@@ -57,12 +64,13 @@ def _main_recording_exit(argv: list[str] | None = None) -> int:
 
     code = EXIT_FAIL
     try:
-        code = entry_point(argv)
+        code = _run(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAIL)
         raise
     finally:
         record_exit(code)
+    dist.end_process(code)
     return code
 
 

@@ -22,6 +22,16 @@ A rank that dies takes the job down through the launcher: torchrun (``stc run``)
 when one exits, and the SLURM jobs run ``srun --kill-on-bad-exit=1``; a survivor blocked in a gloo
 collective also gets "connection closed by peer" at once. The process-group timeout
 (``DEFAULT_TIMEOUT_S``) is the last resort only, for a peer that hangs without dying.
+
+**Ending a process that ran a process group.** A stage's process ends through :func:`end_process`:
+``os._exit`` with the stage's exit code once the streams and log files are flushed, without the
+interpreter's finalization. destroy_process_group does not always free the backend: once DeepSpeed,
+``torch._dynamo`` or ``torch.distributed._shard`` has been imported while a group is up (seen with torch
+2.13), something in C++ keeps the gloo backend, and its worker threads live on into interpreter
+shutdown. A worker still releasing the tensors of a finished collective then needs the GIL while the
+interpreter finalizes; Python before 3.14 ends such a thread with ``pthread_exit`` inside a C++
+destructor, and the rank aborts ("terminate called without an active exception", exit 134) after its
+work was written, failing the SLURM job or the torchrun launch.
 """
 from __future__ import annotations
 
@@ -295,8 +305,27 @@ def provenance() -> dict[str, Any]:
 
 def finalize() -> None:
     if is_initialized():
+        _STATE["had_group"] = True
         _tdist().destroy_process_group()
     _STATE["env"] = None
+
+
+def end_process(code: int) -> None:
+    """End this process now with ``code`` if it ran a process group; return if it never did.
+
+    Tears down a group still up (without the barrier: an error path), flushes the log handlers and the
+    standard streams, then ``os._exit(code)``: no interpreter finalization, so no backend thread that
+    outlived its group can abort the process at exit (see the module docstring). Everything a stage
+    writes is written atomically and closed before its stage returns; ``atexit`` handlers do not run."""
+    if is_initialized():
+        finalize()
+    if not _STATE.get("had_group"):
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):    # a closed or broken pipe must not change the exit code
+            stream.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager

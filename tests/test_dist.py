@@ -142,3 +142,48 @@ def test_teardown_rendezvous_waits_for_every_rank_and_gives_up_after_its_timeout
     assert "rendezvous before the process group's teardown failed" in out.stderr + out.stdout
     assert "1 of 2 ranks arrived in time" in out.stderr + out.stdout
     assert out.stderr.count("teardown failed") == 1      # the session's own rendezvous (default key) did not
+
+
+SITECUSTOMIZE = r"""
+import atexit, json, os, sys
+def _finalized():
+    with open(os.path.join(os.environ["STC_TEST_ATEXIT_DIR"], f"{os.getpid()}.json"), "w") as f:
+        json.dump({"rank": os.environ.get("RANK"), "argv": sys.argv}, f)
+if os.environ.get("STC_TEST_ATEXIT_DIR"):
+    atexit.register(_finalized)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_ran_a_process_group_ends_without_interpreter_finalization(tmp_path, stc_cmd, stc_env):
+    """Two ranks of a stage end through os._exit with their code, after the streams are flushed: no atexit
+    handler (a stand-in for the interpreter's finalization, where a gloo thread that outlived its group
+    can abort the rank) runs in a rank. One rank, which starts no group, ends as usual."""
+    from tests.sine_data import build_sine_shards
+
+    sh = build_sine_shards(tmp_path, 8, 8)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    marks = tmp_path / "atexit"
+    marks.mkdir()
+    env = {**stc_env, "STC_TEST_ATEXIT_DIR": str(marks),
+           "PYTHONPATH": str(site) + os.pathsep + stc_env["PYTHONPATH"]}
+    stream = ["shards", "stream", "--shards", str(sh), "--split", "train", "data.batch_size=2", "data.num_workers=0"]
+
+    def finalized() -> list[dict]:
+        found = [json.loads(p.read_text()) for p in marks.glob("*.json")]
+        for p in marks.glob("*.json"):
+            p.unlink()
+        return found
+
+    one = subprocess.run([*stc_cmd, *stream, f"run.out_dir={tmp_path / 'one'}"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert [m["rank"] for m in finalized()] == [None]        # no group: the interpreter finalized as usual
+    two = subprocess.run([*stc_cmd, "run", "--nproc", "2", *stream, f"run.out_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env=env, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ranks = [m["rank"] for m in finalized()]
+    assert None in ranks and "0" not in ranks and "1" not in ranks, ranks   # only the launcher finalized
+    assert two.stderr.rstrip().endswith("samples delivered this epoch"), two.stderr[-2000:]  # rank 0's last line

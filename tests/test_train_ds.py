@@ -98,7 +98,7 @@ params = {n: train_ckpt.full_param(p) for n, p in t.named_trainable}
 if dist.is_main():
     torch.save({"loss": m["loss"], "ce": m["ce"], "kd": m["kd"], "params": params}, out)
 dist.barrier()
-dist.finalize()
+dist.end_process(0)   # as stc ends a rank: no interpreter finalization (engine.dist)
 '''
 
 
