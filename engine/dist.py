@@ -26,12 +26,13 @@ collective also gets "connection closed by peer" at once. The process-group time
 **Ending a process that ran a process group.** A stage's process ends through :func:`end_process`:
 ``os._exit`` with the stage's exit code once the streams and log files are flushed, without the
 interpreter's finalization. destroy_process_group does not always free the backend: once DeepSpeed,
-``torch._dynamo`` or ``torch.distributed._shard`` has been imported while a group is up (seen with torch
-2.13), something in C++ keeps the gloo backend, and its worker threads live on into interpreter
-shutdown. A worker still releasing the tensors of a finished collective then needs the GIL while the
-interpreter finalizes; Python before 3.14 ends such a thread with ``pthread_exit`` inside a C++
-destructor, and the rank aborts ("terminate called without an active exception", exit 134) after its
-work was written, failing the SLURM job or the torchrun launch.
+``torch._dynamo`` or ``torch.distributed.fsdp`` has been imported while a group is up (measured with
+torch 2.13), something in C++ keeps the gloo backend, and its worker threads live on into interpreter
+shutdown and the C++ static destructors. Ranks of DeepSpeed stages were seen to abort there ("terminate
+called without an active exception", exit 134) after their work was written, failing the SLURM job or
+the torchrun launch; the likely path is a backend thread that asks for the GIL while the interpreter
+finalizes, which Python before 3.14 ends with ``pthread_exit`` inside a C++ destructor. ``os._exit``
+runs neither, whatever holds the backend.
 """
 from __future__ import annotations
 
